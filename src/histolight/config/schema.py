@@ -1,0 +1,96 @@
+"""Dataclass schemas for config sections whose mistakes would otherwise be silent.
+
+Each schema validates itself in ``__post_init__`` and raises ``ValueError`` naming the field, the
+bad value and what is allowed; :func:`from_config` adds the config path (``task.tile_px``) and
+rejects unknown keys with a suggestion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence, TypeVar
+
+from histolight.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def to_dict(node: Any) -> dict:
+    """A plain, resolved dict from a DictConfig / mapping / None."""
+    if node is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(node)
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ``ValueError('<key>=<value!r> is invalid: <allowed>')`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def is_pos_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def check_labels(key: str, labels: Any, min_len: int = 1) -> list[str] | None:
+    """A list of unique, non-empty strings (or None)."""
+    if labels is None:
+        return None
+    check(isinstance(labels, (list, tuple)), key, labels, "must be a list of class names, e.g. [tumor, stroma]")
+    labels = list(labels)
+    check(len(labels) >= min_len, key, labels, f"needs at least {min_len} label(s)")
+    for lab in labels:
+        check(isinstance(lab, str) and lab.strip() != "", key, labels, "every label must be a non-empty string")
+    dups = sorted({lab for lab in labels if labels.count(lab) > 1})
+    check(not dups, key, labels, f"labels must be unique (repeated: {dups})")
+    check("background" not in labels, key, labels, "'background' is implicit (class 0); do not list it")
+    return labels
+
+
+def from_config(cls: type[T], node: Any, prefix: str, ignore: Sequence[str] = ()) -> T:
+    """Build dataclass ``cls`` from a config section, raising :class:`ConfigError` with full key paths."""
+    d = to_dict(node)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = [k for k in d if k not in names and k not in ignore]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f" Did you mean '{prefix}.{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown key '{prefix}.{k}'.{hint} Allowed keys: {', '.join(names)}")
+    try:
+        return cls(**{k: v for k, v in d.items() if k in names})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid config '{prefix}': {e}") from None
+
+
+@dataclass
+class DatasetConfig:
+    """The cohort (config group ``dataset``)."""
+
+    slides: Any
+    name: str = "cohort"
+    rois: Any = None
+    annotations: str | None = None
+    mpp_override: float | None = None
+    recursive: bool = False
+    labels: list[str] | None = None
+    demo: dict | None = field(default=None)
+
+    def __post_init__(self):
+        check(self.slides not in (None, "", []), "slides", self.slides, "must be a folder or slide file (or a list)")
+        check(self.mpp_override is None or is_pos_num(self.mpp_override), "mpp_override", self.mpp_override,
+              "must be null or a positive number of microns per pixel (e.g. 0.25 for 40x, 0.5 for 20x)")
+        self.labels = check_labels("labels", self.labels)

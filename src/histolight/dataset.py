@@ -1,0 +1,239 @@
+"""A cohort: slides found in folders, their ROI files and a slide annotations table.
+
+>>> ds = Dataset("data/demo/slides", rois="data/demo/rois", annotations="data/demo/annotations.csv")
+>>> ds.names[:2], ds.rois("demo_000")[0].label
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from histolight.errors import ConfigError, HistolightError, ROIError, SlideError
+from histolight.roi import ROI, ROI_EXTENSIONS, read_rois
+from histolight.wsi import SLIDE_EXTENSIONS, Slide, slide_name
+
+log = logging.getLogger(__name__)
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (str, os.PathLike)):
+        return [v]
+    return list(v)
+
+
+class Dataset:
+    """Slides, ROIs and annotations of one cohort.
+
+    Args:
+        slides: a folder (searched for :data:`SLIDE_EXTENSIONS`), a slide file, or a list of either.
+        rois: folder(s) holding ``<slide>.geojson|.json|.csv`` ROI files (first match wins, in that order).
+        annotations: CSV with at least a ``slide`` column; ``patient``, ``label``, ``split`` and an
+            optional ``mpp`` (per-slide override, um/px) are used when present.
+        mpp_override: base um/px applied to every slide (wins over the file and the CSV).
+        recursive: search slide folders recursively.
+    """
+
+    def __init__(
+        self,
+        slides: str | os.PathLike | Sequence[str | os.PathLike],
+        rois: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        annotations: str | os.PathLike | pd.DataFrame | None = None,
+        mpp_override: float | None = None,
+        recursive: bool = False,
+    ):
+        self.slide_sources = [Path(p) for p in _as_list(slides)]
+        self.roi_dirs = [Path(p) for p in _as_list(rois)]
+        self.mpp_override = mpp_override
+        if mpp_override is not None and not float(mpp_override) > 0:
+            raise ConfigError(f"mpp_override must be a positive number of um/px, got {mpp_override!r}")
+        self._paths = self._discover(recursive)
+        for d in self.roi_dirs:
+            if not d.is_dir():
+                raise ConfigError(f"ROI folder '{d}' does not exist (set dataset.rois to a folder of <slide>.csv/.geojson files, or null)")
+        self.annotations = self._load_annotations(annotations)
+        self._warn_orphan_rois()
+
+    # ------------------------------------------------------------------ discovery
+    def _discover(self, recursive: bool) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for src in self.slide_sources:
+            if src.is_file():
+                files = [src]
+            elif src.is_dir():
+                it = src.rglob("*") if recursive else src.iterdir()
+                files = sorted(p for p in it if p.is_file() and _is_slide_file(p))
+            else:
+                raise ConfigError(f"slide source '{src}' does not exist (dataset.slides must be a folder or a slide file)")
+            for p in files:
+                name = slide_name(p)
+                if name in found and found[name] != p:
+                    raise HistolightError(f"two slides share the name '{name}': {found[name]} and {p}. "
+                                          "Slide names (file names without extension) must be unique in a cohort.")
+                found[name] = p
+        return dict(sorted(found.items()))
+
+    def _load_annotations(self, ann) -> pd.DataFrame | None:
+        if ann is None:
+            return None
+        if isinstance(ann, pd.DataFrame):
+            df = ann.copy()
+            src = "annotations DataFrame"
+        else:
+            src = str(ann)
+            if not Path(ann).exists():
+                raise ConfigError(f"annotations file '{ann}' does not exist (dataset.annotations)")
+            try:
+                df = pd.read_csv(ann, dtype={"slide": str, "patient": str})
+            except Exception as e:  # noqa: BLE001
+                raise HistolightError(f"{src}: cannot read CSV ({e})") from e
+        df.columns = [str(c).strip() for c in df.columns]
+        if "slide" not in df.columns:
+            raise HistolightError(f"{src}: missing required column 'slide' (found {list(df.columns)})")
+        if df["slide"].duplicated().any():
+            dups = df.loc[df["slide"].duplicated(), "slide"].tolist()[:5]
+            raise HistolightError(f"{src}: slides listed twice: {dups}")
+        if "patient" not in df.columns:
+            df["patient"] = df["slide"]
+        df = df.set_index("slide", drop=False)
+        missing = sorted(set(df.index) - set(self._paths))
+        if missing:
+            log.warning("%s: %d slide(s) in the annotations have no slide file: %s", src, len(missing), missing[:10])
+        return df
+
+    def _warn_orphan_rois(self) -> None:
+        for d in self.roi_dirs:
+            orphans = sorted(p.name for p in d.iterdir() if p.suffix.lower() in ROI_EXTENSIONS and p.stem not in self._paths)
+            if orphans:
+                log.warning("ROI folder %s: %d file(s) match no slide in the cohort (ignored): %s", d, len(orphans), orphans[:10])
+
+    # ------------------------------------------------------------------ slides
+    @property
+    def names(self) -> list[str]:
+        """Slide names, sorted."""
+        return list(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def path(self, name: str) -> Path:
+        try:
+            return self._paths[name]
+        except KeyError:
+            raise HistolightError(f"slide '{name}' is not in this cohort ({len(self)} slides)") from None
+
+    def mpp_for(self, name: str) -> float | None:
+        """The base um/px to force for ``name``: the global override, else the annotations' ``mpp`` column."""
+        if self.mpp_override is not None:
+            return float(self.mpp_override)
+        df = self.annotations
+        if df is not None and "mpp" in df.columns and name in df.index:
+            v = df.at[name, "mpp"]
+            if pd.notna(v):
+                return float(v)
+        return None
+
+    def open(self, name: str) -> Slide:
+        """Open slide ``name`` with its mpp override applied. Raises :class:`SlideError`."""
+        return Slide(self.path(name), mpp=self.mpp_for(name))
+
+    # ------------------------------------------------------------------ ROIs
+    def roi_path(self, name: str) -> Path | None:
+        """The ROI file of ``name`` (``.geojson``, ``.json`` then ``.csv`` in each ROI folder), or None."""
+        for d in self.roi_dirs:
+            for ext in ROI_EXTENSIONS:
+                p = d / f"{name}{ext}"
+                if p.exists():
+                    return p
+        return None
+
+    def has_rois(self, name: str) -> bool:
+        return self.roi_path(name) is not None
+
+    def rois(self, name: str, slide_dims: tuple[int, int] | None = None) -> list[ROI]:
+        """ROIs of ``name`` in base px (clipped to ``slide_dims`` if given); [] when it has no ROI file."""
+        p = self.roi_path(name)
+        return [] if p is None else read_rois(p, slide_dims=slide_dims)
+
+    # ------------------------------------------------------------------ annotations
+    def patient(self, name: str) -> str:
+        df = self.annotations
+        if df is not None and name in df.index:
+            return str(df.at[name, "patient"])
+        return name
+
+    def column(self, name: str, column: str):
+        """Value of annotations ``column`` for slide ``name`` (None if absent)."""
+        df = self.annotations
+        if df is None or column not in df.columns or name not in df.index:
+            return None
+        v = df.at[name, column]
+        return None if pd.isna(v) else v
+
+    def filter(self, slides: Iterable[str] | None = None, **column_values) -> "Dataset":
+        """A copy restricted to ``slides`` and/or annotation columns equal to the given value(s)
+        (e.g. ``split='train'`` or ``split=['train', 'val']``)."""
+        keep = set(self.names if slides is None else slides)
+        for col, val in column_values.items():
+            vals = set(_as_list(val))
+            if self.annotations is None or col not in self.annotations.columns:
+                raise HistolightError(f"cannot filter by '{col}': no such annotations column")
+            ok = set(self.annotations.index[self.annotations[col].astype(str).isin({str(v) for v in vals})])
+            keep &= ok
+        new = object.__new__(Dataset)
+        new.__dict__.update(self.__dict__)
+        new._paths = {k: v for k, v in self._paths.items() if k in keep}
+        return new
+
+    # ------------------------------------------------------------------ summary
+    def info(self, check_read: bool = True) -> pd.DataFrame:
+        """One row per slide: vendor, size, levels, mpp, ROI count, and the error if it cannot be read."""
+        rows = []
+        for name in self.names:
+            row = {"slide": name, "path": str(self.path(name)), "error": None, "warning": None}
+            try:
+                with self.open(name) as s:
+                    row.update(s.describe())
+                    if check_read:  # decode a few pixels: files that open may still fail here
+                        lvl = s.level_count - 1
+                        s.read_region((0, 0), lvl, (min(64, s.level_dimensions[lvl][0]), min(64, s.level_dimensions[lvl][1])))
+                    if not s.has_mpp:
+                        row["warning"] = f"no mpp: {s._mpp_note}; set dataset.mpp_override or an mpp column"
+                    dims = s.dimensions
+                row["roi_file"] = self.roi_path(name).name if self.has_rois(name) else None
+                try:
+                    rois = self.rois(name, slide_dims=dims)
+                    row["rois"] = len(rois)
+                    row["roi_labels"] = ",".join(sorted({r.label for r in rois if r.label})) or None
+                except ROIError as e:
+                    row["rois"] = None
+                    row["error"] = str(e)
+            except SlideError as e:
+                row["error"] = e.reason
+            rows.append(row)
+        cols = ["slide", "vendor", "width", "height", "levels", "mpp", "mpp_source", "rois", "roi_labels", "error", "warning"]
+        df = pd.DataFrame(rows)
+        for c in cols:
+            if c not in df.columns:
+                df[c] = None
+        for c in ("width", "height", "levels", "rois"):
+            df[c] = pd.to_numeric(df[c]).astype("Int64")
+        return df[cols + [c for c in df.columns if c not in cols]]
+
+    def __repr__(self) -> str:
+        return f"Dataset({len(self)} slides from {[str(s) for s in self.slide_sources]}, rois={[str(d) for d in self.roi_dirs]})"
+
+
+def _is_slide_file(p: Path) -> bool:
+    n = p.name.lower()
+    if n.startswith("."):
+        return False
+    return any(n.endswith("." + ext) for ext in SLIDE_EXTENSIONS)

@@ -1,0 +1,1 @@
+"""Small shared helpers: one `instantiate` path for Hydra objects, W&B mode handling, seeding."""

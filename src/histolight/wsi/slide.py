@@ -1,0 +1,399 @@
+"""Whole-slide image access with explicit units.
+
+Conventions used everywhere in histolight:
+
+- *base px*: pixel coordinates at pyramid level 0 (``x`` to the right, ``y`` down).
+- *level px*: pixel coordinates at a given pyramid level.
+- *mpp*: microns per pixel (um/px); the base mpp is ``Slide.mpp``.
+- Images are ``H x W x 3`` ``uint8`` RGB numpy arrays; transparent areas are white.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from histolight.errors import MissingMPPError, SlideError
+
+log = logging.getLogger(__name__)
+
+#: File extensions OpenSlide can open (lower case, without the dot).
+SLIDE_EXTENSIONS = (
+    "svs", "tif", "tiff", "ndpi", "vms", "vmu", "scn", "mrxs", "svslide", "bif", "dcm", "czi", "qptiff",
+)
+
+#: Base mpp values outside this range are treated as missing (e.g. TIFF resolution tags in dpi
+#: of a screen image). Real scanners range roughly 0.1-2 um/px at level 0.
+PLAUSIBLE_MPP = (0.02, 50.0)
+
+
+def slide_name(path: str | os.PathLike) -> str:
+    """Slide name used in tile ids and ROI file matching: the file name without its extension(s).
+
+    ``a/b/CMU-1.svs`` -> ``CMU-1``; ``x.ome.tiff`` -> ``x``.
+    """
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def resize_area(img: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """Resize ``img`` to ``(w, h)``: area interpolation when shrinking, bilinear when enlarging."""
+    w, h = int(size_wh[0]), int(size_wh[1])
+    if img.shape[1] == w and img.shape[0] == h:
+        return img
+    shrink = w <= img.shape[1] and h <= img.shape[0]
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+class BaseSlide:
+    """Shared logic of every slide: level choice, reads at a target mpp, thumbnails.
+
+    Subclasses implement :meth:`_read_level` and set ``level_dimensions`` (w, h per level),
+    ``level_downsamples`` and ``_file_mpp``.
+    """
+
+    path: str
+    name: str
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    _file_mpp: float | None
+    _mpp_note: str = ""
+
+    def __init__(self, mpp: float | None = None):
+        if mpp is not None:
+            mpp = float(mpp)
+            if not (mpp > 0 and math.isfinite(mpp)):
+                raise SlideError(getattr(self, "path", "<memory>"), f"mpp override must be a positive number, got {mpp!r}")
+        self._mpp_override = mpp
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 size ``(width, height)`` in base px."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def mpp(self) -> float:
+        """Base (level-0) microns per pixel: the override if given, else the file's value.
+
+        Raises :class:`MissingMPPError` naming the slide when neither exists.
+        """
+        if self._mpp_override is not None:
+            return self._mpp_override
+        if self._file_mpp is None:
+            err = MissingMPPError(self.path)
+            if self._mpp_note:
+                err.args = (f"{err.args[0]} ({self._mpp_note})",)
+            raise err
+        return self._file_mpp
+
+    @property
+    def has_mpp(self) -> bool:
+        return self._mpp_override is not None or self._file_mpp is not None
+
+    @property
+    def mpp_source(self) -> str:
+        """``'override'``, ``'file'`` or ``'missing'``."""
+        if self._mpp_override is not None:
+            return "override"
+        return "file" if self._file_mpp is not None else "missing"
+
+    def level_mpp(self, level: int) -> float:
+        """Microns per pixel at ``level``."""
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """Deepest level whose downsample is <= ``downsample`` (never upsamples from a coarser level)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-3):
+                best = i
+        return best
+
+    def best_level_for_mpp(self, mpp: float) -> int:
+        """Deepest level whose mpp is <= the target ``mpp`` (um/px)."""
+        return self.best_level_for_downsample(mpp / self.mpp)
+
+    def size_at_mpp(self, mpp: float) -> tuple[int, int]:
+        """Whole-slide ``(width, height)`` in px when read at ``mpp``."""
+        f = self.mpp / mpp
+        w, h = self.dimensions
+        return max(1, round(w * f)), max(1, round(h * f))
+
+    # ------------------------------------------------------------------ reading
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Read ``(w, h)`` level px whose top-left is at level px ``(x, y)``. Returns ``h x w x 3`` uint8."""
+        raise NotImplementedError
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """OpenSlide-style read: ``location`` = top-left in **base px**, ``size`` = ``(w, h)`` in **level px**.
+
+        Areas outside the slide are white. Returns ``h x w x 3`` uint8 RGB.
+        """
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} out of range for {self.name} (0..{self.level_count - 1})")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"read size must be positive, got {size}")
+        ds = self.level_downsamples[level]
+        x0 = int(math.floor(location[0] / ds))
+        y0 = int(math.floor(location[1] / ds))
+        lw, lh = self.level_dimensions[level]
+        # clip to the level; pad the rest with white
+        cx0, cy0 = max(0, x0), max(0, y0)
+        cx1, cy1 = min(lw, x0 + w), min(lh, y0 + h)
+        if cx0 == x0 and cy0 == y0 and cx1 == x0 + w and cy1 == y0 + h:
+            return self._read_level(level, x0, y0, w, h)
+        out = np.full((h, w, 3), 255, np.uint8)
+        if cx1 > cx0 and cy1 > cy0:
+            out[cy0 - y0: cy1 - y0, cx0 - x0: cx1 - x0] = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+        return out
+
+    def read(
+        self,
+        location: tuple[float, float],
+        size: tuple[float, float],
+        mpp: float,
+        out_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Read the base-px box ``location`` (top-left) + ``size`` (w, h) at ``mpp`` um/px.
+
+        Reads from the deepest level that is at least as fine as ``mpp`` and resizes (area
+        interpolation when shrinking). Output is ``out_size`` (w, h) if given, else the box size
+        scaled to ``mpp``. Returns ``H x W x 3`` uint8.
+        """
+        bx, by = location
+        bw, bh = size
+        if out_size is None:
+            f = self.mpp / mpp
+            out_size = (max(1, round(bw * f)), max(1, round(bh * f)))
+        level = self.best_level_for_mpp(mpp)
+        ds = self.level_downsamples[level]
+        lx, ly = int(math.floor(bx / ds)), int(math.floor(by / ds))
+        lw = max(1, int(math.ceil((bx + bw) / ds)) - lx)
+        lh = max(1, int(math.ceil((by + bh) / ds)) - ly)
+        img = self.read_region((round(lx * ds), round(ly * ds)), level, (lw, lh))
+        return resize_area(img, out_size)
+
+    def size_at_downsample(self, downsample: float) -> tuple[int, int]:
+        """Whole-slide ``(width, height)`` in px at ``downsample`` relative to level 0."""
+        w, h = self.dimensions
+        return max(1, round(w / downsample)), max(1, round(h / downsample))
+
+    def iter_strips(self, mpp: float | None = None, strip_px: int = 1024, downsample: float | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(y0, strip)`` covering the whole slide at ``mpp`` um/px (or ``downsample``), ``strip_px`` rows at a time.
+
+        Memory is bounded by one strip (plus the source rows it comes from), whatever the slide size.
+        """
+        ds_out = downsample if downsample is not None else mpp / self.mpp
+        out_w, out_h = self.size_at_downsample(ds_out)
+        level = self.best_level_for_downsample(ds_out)
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        sy = lh / out_h  # level rows per output row (>= ~1)
+        for y0 in range(0, out_h, strip_px):
+            y1 = min(out_h, y0 + strip_px)
+            ly0 = int(math.floor(y0 * sy))
+            ly1 = min(lh, max(ly0 + 1, int(math.ceil(y1 * sy))))
+            src = self.read_region((0, round(ly0 * ds)), level, (lw, ly1 - ly0))
+            yield y0, resize_area(src, (out_w, y1 - y0))
+
+    def thumbnail(self, mpp: float | None = None, max_size: int | None = None) -> np.ndarray:
+        """Whole slide at ``mpp`` um/px, or fitting ``max_size`` px on its long side (works without mpp).
+
+        Streams strips, so memory is the output plus one strip. Returns ``H x W x 3`` uint8.
+        """
+        if mpp is not None:
+            ds = mpp / self.mpp
+        elif max_size is not None:
+            ds = max(1.0, max(self.dimensions) / float(max_size))
+        else:
+            raise ValueError("thumbnail needs mpp (um/px) or max_size (px)")
+        out_w, out_h = self.size_at_downsample(ds)
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        for y0, strip in self.iter_strips(downsample=ds):
+            out[y0: y0 + strip.shape[0]] = strip
+        return out
+
+    # ------------------------------------------------------------------ misc
+    def describe(self) -> dict:
+        """Summary dict used by ``task=info``."""
+        return {
+            "slide": self.name,
+            "vendor": self.vendor,
+            "width": self.dimensions[0],
+            "height": self.dimensions[1],
+            "levels": self.level_count,
+            "downsamples": ",".join(f"{d:g}" for d in self.level_downsamples),
+            "mpp": round(self.mpp, 4) if self.has_mpp else None,
+            "mpp_source": self.mpp_source,
+        }
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp:.4g}" if self.has_mpp else "missing"
+        return f"{type(self).__name__}({self.name!r}, {self.dimensions[0]}x{self.dimensions[1]} px, {self.level_count} levels, mpp={mpp})"
+
+
+def _parse_mpp(props: dict) -> tuple[float | None, str]:
+    """Base mpp from OpenSlide properties, with a note explaining why it is missing."""
+    vals = []
+    for key in ("openslide.mpp-x", "openslide.mpp-y"):
+        v = props.get(key)
+        if v is None:
+            continue
+        try:
+            vals.append(float(v))
+        except ValueError:
+            return None, f"{key}={v!r} is not a number"
+    if not vals:
+        obj = props.get("openslide.objective-power")
+        note = "the file has no openslide.mpp-x"
+        if obj:
+            note += f"; it says objective power {obj}x, which is often ~{10.0 / float(obj):.3g} um/px, but check your scanner"
+        return None, note
+    mpp = float(np.mean(vals))
+    lo, hi = PLAUSIBLE_MPP
+    if not (lo <= mpp <= hi):
+        return None, f"the file's mpp {mpp:g} um/px is implausible for a slide (expected {lo}-{hi}); likely resolution tags of a non-slide TIFF"
+    return mpp, ""
+
+
+class Slide(BaseSlide):
+    """A whole-slide image read through OpenSlide.
+
+    Args:
+        path: slide file.
+        mpp: optional base microns-per-pixel override (used when the file has none or is wrong).
+
+    Raises:
+        SlideError: the file is missing, unsupported or corrupt (message has OpenSlide's reason).
+    """
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+        import openslide
+
+        self.path = str(path)
+        self.name = slide_name(path)
+        if not os.path.exists(self.path):
+            raise SlideError(self.path, "file not found")
+        try:
+            self._osr = openslide.OpenSlide(self.path)
+        except openslide.OpenSlideUnsupportedFormatError as e:
+            raise SlideError(self.path, f"unsupported or unrecognized format ({e or 'OpenSlide cannot read this file'})") from e
+        except openslide.OpenSlideError as e:
+            raise SlideError(self.path, f"OpenSlide error: {e}") from e
+        except Exception as e:  # noqa: BLE001 - anything OpenSlide throws is a slide error
+            raise SlideError(self.path, f"{type(e).__name__}: {e}") from e
+        props = dict(self._osr.properties)
+        self.properties = props
+        self.vendor = props.get("openslide.vendor", "unknown")
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self._file_mpp, self._mpp_note = _parse_mpp(props)
+        bg = props.get("openslide.background-color")
+        self._background = tuple(int(bg[i: i + 2], 16) for i in (0, 2, 4)) if bg and len(bg) == 6 else (255, 255, 255)
+        super().__init__(mpp)
+
+    @property
+    def objective_power(self) -> float | None:
+        v = self.properties.get("openslide.objective-power")
+        try:
+            return float(v) if v else None
+        except ValueError:
+            return None
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        import openslide
+
+        ds = self.level_downsamples[level]
+        try:
+            img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
+        except openslide.OpenSlideError as e:
+            raise SlideError(self.path, f"reading pixels failed at level {level}, base ({round(x * ds)}, {round(y * ds)}): {e}") from e
+        return rgba_to_rgb(np.asarray(img), self._background)
+
+    def associated_images(self) -> dict[str, np.ndarray]:
+        """Label, macro and thumbnail images stored in the file, as RGB arrays."""
+        return {k: rgba_to_rgb(np.asarray(v)) for k, v in self._osr.associated_images.items()}
+
+    def close(self) -> None:
+        osr = getattr(self, "_osr", None)
+        if osr is not None:
+            osr.close()
+            self._osr = None
+
+
+def rgba_to_rgb(rgba: np.ndarray, background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
+    """Composite an ``H x W x 4`` uint8 RGBA array over ``background``. Passes RGB through."""
+    if rgba.ndim == 3 and rgba.shape[2] == 3:
+        return rgba
+    rgb = rgba[..., :3]
+    a = rgba[..., 3]
+    if a.min() == 255:
+        return np.ascontiguousarray(rgb)
+    af = a[..., None].astype(np.float32) / 255.0
+    bg = np.asarray(background, np.float32)
+    return (rgb.astype(np.float32) * af + bg * (1 - af) + 0.5).astype(np.uint8)
+
+
+class VirtualSlide(BaseSlide):
+    """An in-memory slide over a numpy ``H x W x 3`` uint8 array, for tests and arrays from elsewhere.
+
+    Args:
+        image: level-0 pixels.
+        mpp: base um/px (None to simulate a slide without mpp).
+        downsamples: pyramid levels to build (area-resized copies).
+        name: slide name.
+    """
+
+    def __init__(self, image: np.ndarray, mpp: float | None = 0.5, downsamples: Sequence[int] = (1, 4, 16), name: str = "virtual"):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"VirtualSlide needs an H x W x 3 uint8 array, got shape {image.shape} dtype {image.dtype}")
+        self.path = f"<memory:{name}>"
+        self.name = name
+        self.vendor = "virtual"
+        self.properties = {}
+        h, w = image.shape[:2]
+        self._levels = []
+        dims, dss = [], []
+        for ds in downsamples:
+            lw, lh = max(1, w // ds), max(1, h // ds)
+            if ds > 1 and (lw < 2 or lh < 2):
+                break
+            self._levels.append(image if ds == 1 else resize_area(image, (lw, lh)))
+            dims.append((lw, lh))
+            dss.append(float(w) / lw if ds > 1 else 1.0)
+        self.level_dimensions = tuple(dims)
+        self.level_downsamples = tuple(dss)
+        self._file_mpp = float(mpp) if mpp is not None else None
+        super().__init__(None)
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return np.ascontiguousarray(self._levels[level][y: y + h, x: x + w])
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
+    """Open ``path`` as a :class:`Slide` (raises :class:`SlideError` with the reason)."""
+    return Slide(path, mpp=mpp)
