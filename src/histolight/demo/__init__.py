@@ -125,17 +125,18 @@ def _layout(cfg: DemoConfig, rng: np.random.Generator, index: int) -> list[ROI]:
             for part in parts:
                 if isinstance(part, Polygon) and part.area > 0.001 * W * H:
                     rois.append(ROI(f"roi_{len(rois)}", shapely.set_precision(part, 1.0), label))
-    tumors = [r for r in rois if r.label == "tumor"]
-    if tumors:  # central necrosis: a tumor ROI with a hole, a necrosis ROI in it
-        t = max(tumors, key=lambda r: r.area)
-        pole = shapely.ops.polylabel(t.geometry, tolerance=2.0)
-        d = pole.distance(t.geometry.exterior)
-        if d > 80:
-            core = shapely.set_precision(_blob(pole.x, pole.y, 0.5 * d, rng, wobble=0.1), 1.0)
-            core = core.intersection(t.geometry.buffer(-8))
-            if isinstance(core, Polygon) and not core.is_empty:
-                t.geometry = shapely.set_precision(t.geometry.difference(core), 1.0)
-                rois.append(ROI(f"roi_{len(rois)}", core, "necrosis", "central necrosis"))
+    # central necrosis: the widest tumor ROI (else the widest ROI) gets a hole holding another ROI
+    cands = [r for r in rois if r.label == "tumor"] or rois
+    poles = [(shapely.ops.polylabel(r.geometry, tolerance=2.0), r) for r in cands]
+    pole, t = max(poles, key=lambda pr: pr[0].distance(pr[1].geometry.exterior))
+    d = pole.distance(t.geometry.exterior)
+    if d > max(12.0, 0.015 * min(W, H)):
+        core = shapely.set_precision(_blob(pole.x, pole.y, 0.5 * d, rng, wobble=0.1), 1.0)
+        core = core.intersection(t.geometry.buffer(-4))
+        if isinstance(core, Polygon) and not core.is_empty:
+            t.geometry = shapely.set_precision(t.geometry.difference(core), 1.0)
+            inner = "necrosis" if t.label != "necrosis" else "tumor"
+            rois.append(ROI(f"roi_{len(rois)}", core, inner, f"central {inner}"))
     return rois
 
 

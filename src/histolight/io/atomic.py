@@ -9,7 +9,8 @@ import contextlib
 import json
 import os
 import secrets
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 import numpy as np
 

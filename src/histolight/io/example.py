@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from histolight.errors import HistolightError
 
 __all__ = ["ExampleDecodeError", "encode_example", "decode_example", "decode_example_typed"]
 
-Value = Union[bytes, int, float, list]
+Value = bytes | int | float | list
 
 _BYTES, _FLOAT, _INT = 1, 2, 3  # Feature oneof field numbers
 _KIND_NAMES = {"bytes": _BYTES, "byte": _BYTES, "float": _FLOAT, "int": _INT, "int64": _INT}

@@ -22,6 +22,7 @@ import gzip
 import logging
 import os
 import struct
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -111,6 +112,13 @@ def _iter_frames(f, path: str, verify: bool, size: int | None) -> Iterator[tuple
     size: total stream size in bytes when known (plain files), used to report truncation early.
     Offsets for GZIP streams are offsets in the decompressed stream.
     """
+    try:
+        yield from _frames(f, path, verify, size)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # damaged GZIP stream
+        raise TFRecordError(path, f"corrupt GZIP stream ({type(e).__name__}: {e})") from None
+
+
+def _frames(f, path: str, verify: bool, size: int | None) -> Iterator[tuple[int, memoryview]]:
     off = 0
     while True:
         header = _read_exact(f, HEADER_BYTES)
@@ -445,8 +453,8 @@ class TFRecordReader:
         os.lseek(fd, off, os.SEEK_SET)  # pragma: no cover - platforms without pread
         return os.read(fd, n)
 
-    def read_raw(self, i: int) -> memoryview:
-        """Serialized `tf.train.Example` bytes of record i (negative i counts from the end)."""
+    def _frame(self, i: int) -> tuple[memoryview, int]:
+        """(record data, byte offset) of record i via the index."""
         if self._gzip:
             raise TFRecordError(self.path, "random access is not supported for GZIP-compressed TFRecords; "
                                 "iterate sequentially or decompress the file")
@@ -454,6 +462,7 @@ class TFRecordReader:
         n = idx.shape[0]
         if not -n <= i < n:
             raise IndexError(f"record {i} out of range for '{self.path}' ({n} records)")
+        i = i % n
         off, total = (int(v) for v in idx[i])
         buf = self._pread(total, off)
         if len(buf) != total:
@@ -469,12 +478,16 @@ class TFRecordReader:
                 raise TFRecordError(self.path, f"record {i}: length checksum mismatch", off)
             if masked_crc32c(data) != struct.unpack_from("<I", buf, HEADER_BYTES + length)[0]:
                 raise TFRecordError(self.path, f"record {i}: data checksum mismatch", off)
-        return data
+        return data, off
+
+    def read_raw(self, i: int) -> bytes:
+        """Serialized `tf.train.Example` bytes of record i (negative i counts from the end)."""
+        return bytes(self._frame(i)[0])
 
     def read(self, i: int, unwrap: bool = True) -> dict:
         """Decoded record i: {name: bytes | int | float | list} (see `decode_example`)."""
-        data = self.read_raw(i)
-        return _decode(data, self.path, int(self._index[i, 0]), unwrap)
+        data, off = self._frame(i)
+        return _decode(data, self.path, off, unwrap)
 
     __getitem__ = read
 
@@ -526,12 +539,15 @@ class TFRecordWriter:
     renamed onto `path` by `close()` (or a clean `with` exit), followed by `<stem>.index.npz`.
 
     On an exception inside `with`, or `abort()`, the temp file is removed and `path` is untouched.
-    slide: default slide name for `write_tile`.
+    slide: default slide name for `write_tile`. overwrite=False: refuse an existing `path`.
     """
 
     def __init__(self, path: str | os.PathLike, slide: str | None = None, *, write_index: bool = True,
-                 fsync: bool = True):
+                 overwrite: bool = True, fsync: bool = True):
         self.path = os.fspath(path)
+        self.closed = True
+        if not overwrite and os.path.exists(self.path):
+            raise FileExistsError(f"'{self.path}' exists; pass overwrite=True to replace it")
         self.slide = slide
         self.write_index = write_index
         self._af = AtomicFile(self.path, "wb", buffering=1 << 20, fsync=fsync)
@@ -621,8 +637,10 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     import cv2
 
     arr = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(arr, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if arr.size else None
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # newer OpenCV decodes straight to RGB
+    flags = (cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag) | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(arr, flags) if arr.size else None
     if img is None:
         head = bytes(arr[:8]).hex()
         raise ImageDecodeError(f"cannot decode image ({arr.size} bytes, starting {head!r}); expected JPEG or PNG")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img if rgb_flag is not None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

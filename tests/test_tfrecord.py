@@ -1,0 +1,606 @@
+"""TFRecord I/O: TensorFlow/Slideflow byte compatibility (known bytes, no TensorFlow), index, atomicity."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+
+import crc32c
+import cv2
+import numpy as np
+import pytest
+
+from histolight.errors import HistolightError
+from histolight.io import (
+    ExampleDecodeError,
+    ImageDecodeError,
+    TFRecordError,
+    TFRecordReader,
+    TFRecordWriter,
+    atomic_save_npz,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    build_index,
+    decode_example,
+    decode_example_typed,
+    decode_image,
+    encode_example,
+    find_index,
+    frame_record,
+    index_path_for,
+    iter_records,
+    load_index,
+    masked_crc32c,
+)
+
+# --- known bytes --------------------------------------------------------------------------------
+
+# Printed by `tf.train.Example.SerializeToString()` in the TensorFlow "TFRecord and tf.train.Example"
+# tutorial: {feature0: int64 0, feature1: int64 4, feature2: bytes b"goat", feature3: float 0.9876}.
+TF_TUTORIAL_EXAMPLE = (
+    b"\nR\n\x11\n\x08feature0\x12\x05\x1a\x03\n\x01\x00\n\x11\n\x08feature1\x12\x05\x1a\x03\n\x01\x04"
+    b"\n\x14\n\x08feature2\x12\x08\n\x06\n\x04goat\n\x14\n\x08feature3\x12\x08\x12\x06\n\x04[\xd3|?"
+)
+# Read back by tf.data.TFRecordDataset in the same tutorial: map entries NOT sorted by key.
+TF_TUTORIAL_UNSORTED = (
+    b"\nS\n\x15\n\x08feature2\x12\t\n\x07\n\x05horse\n\x11\n\x08feature1\x12\x05\x1a\x03\n\x01\x03"
+    b"\n\x14\n\x08feature3\x12\x08\x12\x06\n\x04\x95\xce\xbd>\n\x11\n\x08feature0\x12\x05\x1a\x03\n\x01\x00"
+)
+# Two records of a TFRecord (event file) written by TensorFlow, as dumped with xxd in TensorBoard's
+# tests (tensorboard/data/server/tf_record.rs): header, length CRC, payload, payload CRC.
+TF_FILE_PAYLOADS = [
+    b"\x09\x00\x00\x80\x38\x99\xd6\xd7\x41\x1a\x0dbrain.Event:2",
+    b"\x09\xc4\x05\xb7\x3d\x99\xd6\xd7\x41\x10\x4d\x2a\x25\x0a\x23\x0a\x08accuracy"
+    b"\x42\x0a\x08\x01\x12\x00\x22\x04\xa4\x70\x7d\x3f\x4a\x0b\x0a\x09\x0a\x07scalars",
+]
+TF_FILE_BYTES = (
+    b"\x18\x00\x00\x00\x00\x00\x00\x00" b"\xa3\x7f\x4b\x22" + TF_FILE_PAYLOADS[0] + b"\x12\x4b\x36\xab"
+    + b"\x32\x00\x00\x00\x00\x00\x00\x00" b"\x24\x19\x56\xec" + TF_FILE_PAYLOADS[1] + b"\xa5\x5b\x64\x33"
+)
+
+
+# Minimal independent protobuf writer for hand-built test messages.
+def _vi(v: int) -> bytes:
+    v &= (1 << 64) - 1
+    out = b""
+    while True:
+        b, v = v & 0x7F, v >> 7
+        out += bytes([b | (0x80 if v else 0)])
+        if not v:
+            return out
+
+
+def _tag(field: int, wt: int) -> bytes:
+    return _vi(field << 3 | wt)
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    return _tag(field, 2) + _vi(len(payload)) + payload
+
+
+def _jpeg(seed: int, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    ok, buf = cv2.imencode(".jpg", rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def _write_tiles(path, n, slide="slideA", seed=0):
+    rng = random.Random(seed)
+    expected = []
+    with TFRecordWriter(path, slide=slide) as w:
+        for _ in range(n):
+            img = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300)))
+            x, y = rng.randint(0, 200_000), rng.randint(0, 200_000)
+            w.write_tile(img, x, y)
+            expected.append({"image_raw": img, "slide": slide.encode(), "loc_x": x, "loc_y": y})
+        assert len(w) == n
+    return expected
+
+
+def _slideflow_scan(path):
+    """Slideflow's create_index loop (slideflow/util/tfrecord2idx.py), re-implemented: [start, tell()-start]."""
+    rows = []
+    with open(path, "rb") as f:
+        while True:
+            cur = f.tell()
+            byte_len = f.read(8)
+            if len(byte_len) == 0:
+                break
+            f.read(4)
+            proto_len = struct.unpack("q", byte_len)[0]
+            f.read(proto_len)
+            f.read(4)
+            rows.append([cur, f.tell() - cur])
+    return np.array(rows)
+
+
+# --- checksums and framing ------------------------------------------------------------------------
+
+def test_masked_crc_known_values():
+    assert crc32c.crc32c(b"123456789") == 0xE3069283
+    c = 0xE3069283
+    assert masked_crc32c(b"123456789") == ((((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF) == 0xC78AB0E5
+    # From a real TensorFlow event file (TensorBoard's masked_crc.rs test vector).
+    assert masked_crc32c(b"\x1a\x11CRC test, one two") == 0x5794D08A
+    # Header CRC of a 24-byte record in a real TF file.
+    assert masked_crc32c(struct.pack("<Q", 24)) == 0x224B7FA3
+    assert masked_crc32c(b"") == ((0 + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def test_reads_and_reproduces_tensorflow_written_file(tmp_path):
+    assert b"".join(frame_record(p) for p in TF_FILE_PAYLOADS) == TF_FILE_BYTES
+    p = tmp_path / "events.tfrecord"
+    p.write_bytes(TF_FILE_BYTES)
+    assert list(iter_records(p, raw=True)) == TF_FILE_PAYLOADS
+    r = TFRecordReader(p)
+    assert len(r) == 2
+    assert np.array_equal(r.index, [[0, 24 + 16], [40, 50 + 16]])
+    assert bytes(r.read_raw(1)) == TF_FILE_PAYLOADS[1]
+    assert bytes(r.read_raw(-2)) == TF_FILE_PAYLOADS[0]
+    assert r.locations is None  # Event protos carry no loc_x/loc_y
+
+
+# --- tf.train.Example codec -----------------------------------------------------------------------
+
+def test_encoder_reproduces_tensorflow_bytes():
+    feats = {"feature3": 0.9876, "feature1": 4, "feature2": b"goat", "feature0": False}
+    assert encode_example(feats) == TF_TUTORIAL_EXAMPLE
+    dec = decode_example(TF_TUTORIAL_EXAMPLE)
+    assert dec == {"feature0": 0, "feature1": 4, "feature2": b"goat", "feature3": pytest.approx(0.9876, abs=1e-7)}
+
+
+def test_decoder_accepts_tensorflow_unsorted_map():
+    dec = decode_example(TF_TUTORIAL_UNSORTED)
+    assert list(dec) == ["feature2", "feature1", "feature3", "feature0"]
+    assert dec["feature2"] == b"horse" and dec["feature1"] == 3 and dec["feature0"] == 0
+    assert dec["feature3"] == struct.unpack("<f", b"\x95\xce\xbd>")[0]
+    assert decode_example(TF_TUTORIAL_UNSORTED, unwrap=False)["feature1"] == [3]
+
+
+def test_negative_int64_literal_bytes():
+    # Example{a: Int64List[-1]}: -1 is a 10-byte varint (two's complement).
+    lit = b"\x0a\x15\x0a\x13\x0a\x01a\x12\x0e\x1a\x0c\x0a\x0a" + b"\xff" * 9 + b"\x01"
+    assert encode_example({"a": -1}) == lit
+    assert decode_example(lit) == {"a": -1}
+    big = [-(2**63), -(2**31) - 1, -1, 0, 1, 2**31, 2**62 + 12345, 2**63 - 1]
+    assert decode_example(encode_example({"v": big}))["v"] == big
+    with pytest.raises(OverflowError):
+        encode_example({"v": 2**63})
+    with pytest.raises(OverflowError):
+        encode_example({"v": -(2**63) - 1})
+
+
+def test_decoder_unpacked_unknown_fields_and_merges():
+    i64_unpacked = _ld(3, _tag(1, 0) + _vi(-5) + _tag(1, 0) + _vi(7) + _ld(1, _vi(-(2**63)) + _vi(9)))
+    f_unpacked = _ld(2, _tag(1, 5) + struct.pack("<f", 1.5) + _ld(1, struct.pack("<2f", -2.0, 0.25)))
+    bytes_two = _ld(1, _ld(1, b"x") + _ld(1, b"") + _tag(7, 0) + _vi(99))  # unknown field in BytesList
+    feature_unknown = _tag(9, 0) + _vi(1) + _ld(3, _ld(1, _vi(42))) + _tag(10, 5) + b"abcd"
+    entries = [
+        _ld(2, i64_unpacked) + _ld(1, b"ints"),                   # value before key
+        _ld(1, b"floats") + _ld(2, f_unpacked),
+        _ld(1, b"strs") + _ld(2, bytes_two),
+        _ld(1, b"empty") + _ld(2, b""),                           # Feature with no kind
+        _ld(1, b"dup") + _ld(2, _ld(3, _ld(1, _vi(1)))),
+        _ld(1, b"unk") + _ld(2, feature_unknown),
+        _ld(1, b"dup") + _ld(2, _ld(1, _ld(1, b"last"))),         # duplicate key: last wins
+        _ld(1, "naïve".encode()) + _ld(2, _ld(3, b"")),           # empty packed int list
+    ]
+    features = b"".join(_ld(1, e) for e in entries)
+    # Unknown top-level fields of every wire type, and Features split in two (protobuf merges them).
+    example = (_tag(5, 0) + _vi(300) + _tag(6, 1) + b"8bytes!!" + _ld(1, features[: len(_ld(1, entries[0]))])
+               + _tag(15, 3) + _tag(1, 0) + _vi(1) + _tag(15, 4)  # a group
+               + _ld(1, features[len(_ld(1, entries[0])):]) + _tag(7, 5) + b"\x00\x00\x00\x00")
+    dec = decode_example(example)
+    assert dec["ints"] == [-5, 7, -(2**63), 9]
+    assert dec["floats"] == [1.5, -2.0, 0.25]
+    assert dec["strs"] == [b"x", b""]
+    assert dec["empty"] == [] and dec["naïve"] == []
+    assert dec["dup"] == b"last"
+    assert dec["unk"] == 42
+    typed = decode_example_typed(example)
+    assert typed["empty"] == (None, []) and typed["naïve"] == ("int", []) and typed["floats"][0] == "float"
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x0a\x05\x0a\x03",                     # length runs past end
+    b"\x0a",                                 # truncated varint
+    b"\x0a\x02\x0a\xff",                     # nested truncated
+    b"\x0f",                                 # wire type 7
+    b"\x08" + b"\xff" * 11,                  # varint too long
+])
+def test_decoder_rejects_garbage(bad):
+    with pytest.raises(ExampleDecodeError):
+        decode_example(bad)
+
+
+def test_against_protobuf_runtime():
+    """Cross-check with the protobuf library (an independent codec) using TF's exact .proto definitions."""
+    pytest.importorskip("google.protobuf")
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="hl_tf_example.proto", package="hltf", syntax="proto3")
+    for name, ftype in (("BytesList", F.TYPE_BYTES), ("FloatList", F.TYPE_FLOAT), ("Int64List", F.TYPE_INT64)):
+        m = fdp.message_type.add(name=name)
+        fld = m.field.add(name="value", number=1, label=F.LABEL_REPEATED, type=ftype)
+        if ftype != F.TYPE_BYTES:
+            fld.options.packed = True
+    feat = fdp.message_type.add(name="Feature")
+    feat.oneof_decl.add(name="kind")
+    for num, (fname, tname) in enumerate((("bytes_list", "BytesList"), ("float_list", "FloatList"),
+                                          ("int64_list", "Int64List")), 1):
+        feat.field.add(name=fname, number=num, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE,
+                       type_name=f".hltf.{tname}", oneof_index=0)
+    feats = fdp.message_type.add(name="Features")
+    entry = feats.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_STRING)
+    entry.field.add(name="value", number=2, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE, type_name=".hltf.Feature")
+    feats.field.add(name="feature", number=1, label=F.LABEL_REPEATED, type=F.TYPE_MESSAGE,
+                    type_name=".hltf.Features.FeatureEntry")
+    ex = fdp.message_type.add(name="Example")
+    ex.field.add(name="features", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE, type_name=".hltf.Features")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    Example = message_factory.GetMessageClass(pool.FindMessageTypeByName("hltf.Example"))
+
+    rng = random.Random(1)
+    for _ in range(50):
+        vals = {}
+        for k in range(rng.randint(0, 6)):
+            kind = rng.choice("bif")
+            n = rng.randint(1, 4)
+            if kind == "b":
+                vals[f"k{k}é"] = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 20))) for _ in range(n)]
+            elif kind == "i":
+                vals[f"k{k}"] = [rng.randint(-(2**63), 2**63 - 1) for _ in range(n)]
+            else:
+                vals[f"k{k}"] = np.float32(np.array([rng.uniform(-1e6, 1e6) for _ in range(n)])).tolist()
+        ours = encode_example(vals)
+        msg = Example.FromString(ours)
+        got = {}
+        for key, f in msg.features.feature.items():
+            got[key] = list(getattr(f, f.WhichOneof("kind")).value)
+        assert got == vals
+        assert msg.SerializeToString(deterministic=True) == ours  # byte-identical to protobuf's canonical form
+        assert decode_example(msg.SerializeToString(), unwrap=False) == vals
+
+
+# --- writer / reader ------------------------------------------------------------------------------
+
+def test_roundtrip_500_random_access_equals_sequential(tmp_path):
+    p = tmp_path / "slideA.tfrecords"
+    expected = _write_tiles(p, 500)
+    r = TFRecordReader(p)
+    assert len(r) == 500
+    seq = list(r)
+    assert seq == expected
+    order = list(range(500))
+    random.Random(3).shuffle(order)
+    for i in order:
+        assert r.read(i) == seq[i]
+    assert r[-1] == expected[-1]
+    with pytest.raises(IndexError):
+        r.read(500)
+    assert np.array_equal(r.locations, [[e["loc_x"], e["loc_y"]] for e in expected])
+    e = expected[123]
+    assert r.get_record_by_location(e["loc_x"], e["loc_y"]) == e
+    with pytest.raises(KeyError):
+        r.get_record_by_location(-1, -1)
+    t = r.read_tile(5)
+    assert t.image_raw == expected[5]["image_raw"] and t.slide == "slideA" and t.loc_x == expected[5]["loc_x"]
+    assert [tt.loc_y for tt in r.iter_tiles()] == [e["loc_y"] for e in expected]
+    # pickled (spawned DataLoader workers) and fresh readers work without an open handle
+    r2 = pickle.loads(pickle.dumps(r))
+    assert r2._fd is None and r2.read(42) == expected[42]
+    r.close()
+    assert r.read(7) == expected[7]  # reopens lazily
+
+
+def test_reader_after_fork(tmp_path):
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    p = tmp_path / "s.tfrecords"
+    expected = _write_tiles(p, 20)
+    r = TFRecordReader(p)
+    assert r.read(0) == expected[0]
+    parent_fd = r._fd
+    pid = os.fork()
+    if pid == 0:  # child: must reopen its own handle and read correctly
+        try:
+            ok = r.read(13) == expected[13] and r._fd != parent_fd and r._pid == os.getpid()
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert r._fd == parent_fd and r.read(19) == expected[19]
+
+
+def test_generic_write_and_index_without_locations(tmp_path):
+    p = tmp_path / "gen.tfrecords"
+    with TFRecordWriter(p) as w:
+        w.write({"label": 3, "emb": np.arange(4, dtype=np.float32), "name": "x"})
+        w.write({"label": -1, "emb": [], "name": b"y"}, kinds={"emb": "float"})
+    with np.load(index_path_for(p)) as z:
+        assert sorted(z.files) == ["arr_0", "locations"]
+        assert z["locations"].size == 0  # Slideflow writes an empty array when there are no locations
+    r = TFRecordReader(p)
+    assert r.read(0) == {"label": 3, "emb": [0.0, 1.0, 2.0, 3.0], "name": b"x"}
+    assert r.read(1) == {"label": -1, "emb": [], "name": b"y"}
+    assert r.locations is None
+    with pytest.raises(ValueError):
+        TFRecordWriter(tmp_path / "n.tfrecords").write_tile(b"img", 1, 2)  # no slide name
+
+
+def test_index_matches_slideflow_layout(tmp_path):
+    p = tmp_path / "TCGA-XX.tfrecords"
+    expected = _write_tiles(p, 37)
+    ipath = tmp_path / "TCGA-XX.index.npz"
+    assert index_path_for(p) == str(ipath) and find_index(p) == str(ipath)
+    with np.load(ipath, allow_pickle=False) as z:
+        assert sorted(z.files) == ["arr_0", "locations"]
+        arr, locs = z["arr_0"], z["locations"]
+    assert arr.dtype == np.int64 and arr.shape == (37, 2)
+    assert np.array_equal(arr, _slideflow_scan(p))  # [start offset, total bytes incl. 16 framing bytes]
+    assert arr[0, 0] == 0 and arr[-1].sum() == os.path.getsize(p)
+    assert locs.dtype == np.int64 and np.array_equal(locs, [[e["loc_x"], e["loc_y"]] for e in expected])
+    idx, l2 = load_index(ipath)
+    assert np.array_equal(idx, arr) and np.array_equal(l2, locs)
+    assert np.array_equal(build_index(p, write=False)[0], arr)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_reads_slideflow_text_and_npy_indices(tmp_path):
+    p = tmp_path / "old.tfrecords"
+    expected = _write_tiles(p, 9)
+    arr = _slideflow_scan(p)
+    os.unlink(tmp_path / "old.index.npz")
+    # Slideflow < 1.3 text index: "offset length" per line (tfrecord2idx.py)
+    (tmp_path / "old.index").write_text("".join(f"{a} {b}\n" for a, b in arr))
+    r = TFRecordReader(p)
+    assert len(r) == 9 and r.read(8) == expected[8]
+    assert not (tmp_path / "old.index.npz").exists()  # valid text index used as is
+    assert np.array_equal(r.locations, [[e["loc_x"], e["loc_y"]] for e in expected])  # computed by one scan
+    assert (tmp_path / "old.index.npz").exists()
+    # .npy (Slideflow with SF_ALLOW_ZIP=0) and a one-record text index (loads 1-D)
+    os.unlink(tmp_path / "old.index.npz")
+    os.unlink(tmp_path / "old.index")
+    np.save(tmp_path / "old.index.npy", arr)
+    assert TFRecordReader(p).read(4) == expected[4]
+    q = tmp_path / "one.tfrecords"
+    with TFRecordWriter(q, "one", write_index=False) as w:
+        w.write_tile(b"abc", 5, 6)
+    (tmp_path / "one.index").write_text(f"0 {os.path.getsize(q)}\n")
+    r1 = TFRecordReader(q)
+    assert len(r1) == 1 and r1.read(0)["loc_y"] == 6
+    # An npz written by Slideflow before locations were stored (arr_0 only)
+    np.savez(tmp_path / "old.index", arr)  # -> old.index.npz with arr_0
+    os.unlink(tmp_path / "old.index.npy")
+    assert len(TFRecordReader(p)) == 9
+
+
+def _set_mtimes(tfr, idx, tfr_s, idx_s):
+    os.utime(tfr, (tfr_s, tfr_s))
+    os.utime(idx, (idx_s, idx_s))
+
+
+def test_missing_and_stale_index_rebuilt(tmp_path):
+    p = tmp_path / "s.tfrecords"
+    ip = tmp_path / "s.index.npz"
+    _write_tiles(p, 10)
+    os.unlink(ip)
+    assert len(TFRecordReader(p)) == 10 and ip.exists()  # missing -> rebuilt and saved
+
+    # file rewritten without index: record count and size change
+    saved = ip.read_bytes()
+    exp20 = _write_tiles(p, 20, seed=1)
+    ip.write_bytes(saved)
+    _set_mtimes(p, ip, 1_000_000, 2_000_000)  # index even claims to be newer
+    r = TFRecordReader(p)
+    assert len(r) == 20 and r.read(19) == exp20[19]
+    assert len(load_index(ip)[0]) == 20
+
+    # offsets beyond the file
+    atomic_save_npz(ip, arr_0=np.array([[0, 10**9]], np.int64), locations=np.array([[1, 2]]))
+    _set_mtimes(p, ip, 1_000_000, 2_000_000)
+    assert len(TFRecordReader(p)) == 20
+
+    # same layout but the TFRecord is newer than its index: rebuilt (locations would be stale)
+    rng = random.Random(1)
+    with TFRecordWriter(p, slide="slideA", write_index=False) as w:
+        for e in exp20:
+            w.write_tile(e["image_raw"], e["loc_x"] + 1, e["loc_y"])
+            rng.random()
+    _set_mtimes(p, ip, 3_000_000, 2_000_000)
+    r = TFRecordReader(p)
+    assert r.locations[0, 0] == exp20[0]["loc_x"] + 1
+
+    # garbage index file
+    ip.write_bytes(b"not a zip")
+    assert len(TFRecordReader(p)) == 20
+    # read-only use: nothing written
+    os.unlink(ip)
+    assert len(TFRecordReader(p, write_index=False)) == 20 and not ip.exists()
+
+
+def test_truncated_and_corrupt_files_raise_with_offset(tmp_path):
+    p = tmp_path / "t.tfrecords"
+    expected = _write_tiles(p, 5)
+    arr = load_index(index_path_for(p))[0]
+    data = p.read_bytes()
+    cut = int(arr[3, 0]) + 20  # inside record 3's payload
+    p.write_bytes(data[:cut])
+    with pytest.raises(TFRecordError) as ei:
+        list(iter_records(p))
+    err = ei.value
+    assert err.offset == arr[3, 0] and err.path == str(p)
+    assert str(p) in str(err) and f"offset {arr[3, 0]}" in str(err) and "truncated" in str(err)
+    assert isinstance(err, HistolightError) and isinstance(err, ValueError)
+    # header cut short
+    p.write_bytes(data[: int(arr[2, 0]) + 5])
+    with pytest.raises(TFRecordError, match=rf"offset {arr[2, 0]}.*truncated record header"):
+        list(TFRecordReader(p, write_index=False))
+    # the stale index is rejected; the rebuild scan reports the truncation
+    with pytest.raises(TFRecordError, match="truncated"):
+        len(TFRecordReader(p, write_index=False))
+
+    # flipped payload byte (last byte of the slide name): CRC error when verifying, readable when not
+    bad = bytearray(data)
+    bad[int(arr[1].sum()) - 5] ^= 0x01
+    p.write_bytes(bytes(bad))
+    _set_mtimes(p, index_path_for(p), 1_000_000, 2_000_000)
+    with pytest.raises(TFRecordError, match=rf"offset {arr[1, 0]}: data checksum mismatch"):
+        list(iter_records(p))
+    with pytest.raises(TFRecordError, match=rf"offset {arr[1, 0]}: record 1: data checksum"):
+        TFRecordReader(p).read(1)
+    assert TFRecordReader(p, verify=False).read(2) == expected[2]
+    assert [r["slide"] for r in iter_records(p, verify=False)][1] == b"slide@"
+    # corrupted length field: length CRC catches it
+    bad = bytearray(data)
+    bad[int(arr[4, 0]) + 1] ^= 0x01
+    p.write_bytes(bytes(bad))
+    with pytest.raises(TFRecordError, match=rf"offset {arr[4, 0]}: length checksum mismatch"):
+        list(iter_records(p))
+    # payload that is not an Example
+    p.write_bytes(frame_record(b"\x0a\x05\x0a"))
+    with pytest.raises(TFRecordError, match="not a valid tf.train.Example"):
+        list(iter_records(p))
+
+
+def test_interrupted_writer_leaves_no_final_file(tmp_path):
+    p = tmp_path / "w.tfrecords"
+    with pytest.raises(RuntimeError):
+        with TFRecordWriter(p, slide="s") as w:
+            for i in range(10):
+                w.write_tile(b"img", i, i)
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    # an existing dataset survives a failed rewrite untouched
+    expected = _write_tiles(p, 3)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    with pytest.raises(KeyboardInterrupt):
+        with TFRecordWriter(p, slide="s") as w:
+            w.write_tile(b"new", 0, 0)
+            raise KeyboardInterrupt
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+    assert list(TFRecordReader(p)) == expected
+    with pytest.raises(FileExistsError):
+        TFRecordWriter(p, slide="s", overwrite=False)
+    # abandoned writer (never closed) is cleaned up
+    w = TFRecordWriter(tmp_path / "x.tfrecords", slide="s")
+    w.write_tile(b"a", 1, 1)
+    del w
+    assert sorted(os.listdir(tmp_path)) == sorted(before)
+    # a killed process leaves at most a hidden temp file, never the final file
+    q = tmp_path / "killed.tfrecords"
+    code = textwrap.dedent(f"""
+        import os
+        from histolight.io import TFRecordWriter
+        w = TFRecordWriter({str(q)!r}, slide="s")
+        for i in range(100):
+            w.write_tile(b"x" * 1000, i, i)
+        w._af.file.flush()
+        os._exit(3)
+    """)
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 3
+    assert not q.exists() and not (tmp_path / "killed.index.npz").exists()
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".killed.tfrecords.tmp-")]
+
+
+def test_writer_replaces_stale_slideflow_indices(tmp_path):
+    p = tmp_path / "s.tfrecords"
+    (tmp_path / "s.index").write_text("0 999\n")
+    np.save(tmp_path / "s.index.npy", np.array([[0, 999]]))
+    expected = _write_tiles(p, 4)
+    assert sorted(os.listdir(tmp_path)) == ["s.index.npz", "s.tfrecords"]
+    assert list(TFRecordReader(p)) == expected
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "e.tfrecords"
+    with TFRecordWriter(p, slide="e"):
+        pass
+    assert p.stat().st_size == 0
+    r = TFRecordReader(p)
+    assert len(r) == 0 and list(r) == [] and r.locations is None
+    assert load_index(index_path_for(p))[0].shape == (0, 2)
+
+
+def test_gzip_compressed_sequential(tmp_path):
+    p = tmp_path / "g.tfrecords"
+    expected = _write_tiles(p, 25)
+    raw = p.read_bytes()
+    os.unlink(index_path_for(p))
+    p.write_bytes(gzip.compress(raw))
+    r = TFRecordReader(p)
+    assert list(r) == expected
+    assert len(r) == 25
+    assert np.array_equal(r.locations, [[e["loc_x"], e["loc_y"]] for e in expected])
+    with pytest.raises(TFRecordError, match="GZIP"):
+        r.read(0)
+    assert not os.path.exists(index_path_for(p))
+    p.write_bytes(gzip.compress(raw[:-3]))
+    with pytest.raises(TFRecordError, match="truncated"):
+        list(iter_records(p))
+    p.write_bytes(gzip.compress(raw)[:-50])  # damaged compressed stream
+    with pytest.raises(TFRecordError, match="GZIP"):
+        list(iter_records(p))
+
+
+# --- images and atomic helpers ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("rgb_flag", [True, False])
+def test_decode_image_jpeg_png_rgb(rgb_flag, monkeypatch):
+    if not rgb_flag:  # older OpenCV without IMREAD_COLOR_RGB: BGR decode + conversion
+        monkeypatch.delattr(cv2, "IMREAD_COLOR_RGB", raising=False)
+    elif not hasattr(cv2, "IMREAD_COLOR_RGB"):
+        pytest.skip("OpenCV without IMREAD_COLOR_RGB")
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red
+    rgb[2, 3] = (10, 20, 30)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    out = decode_image(png.tobytes())
+    assert out.dtype == np.uint8 and out.shape == (6, 8, 3) and np.array_equal(out, rgb)
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(np.full((16, 16, 3), (200, 30, 40), np.uint8), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, 95])
+    out = decode_image(memoryview(jpg.tobytes()))
+    assert out.shape == (16, 16, 3) and np.abs(out.astype(int) - (200, 30, 40)).max() <= 6
+    ok, gray = cv2.imencode(".png", np.full((4, 5), 77, np.uint8))
+    assert decode_image(gray.tobytes()).shape == (4, 5, 3)
+    assert decode_image(_jpeg(0)).shape == (32, 32, 3)
+    with pytest.raises(ImageDecodeError):
+        decode_image(b"not an image")
+    with pytest.raises(ImageDecodeError):
+        decode_image(b"")
+
+
+def test_atomic_helpers(tmp_path):
+    t = tmp_path / "a.txt"
+    atomic_write_text(t, "héllo")
+    assert t.read_text(encoding="utf-8") == "héllo"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (t.stat().st_mode & 0o777) == (0o666 & ~umask)
+    with pytest.raises(ZeroDivisionError):
+        with atomic_write(t, "w") as f:
+            f.write("partial")
+            raise ZeroDivisionError
+    assert t.read_text(encoding="utf-8") == "héllo" and os.listdir(tmp_path) == ["a.txt"]
+    atomic_write_json(tmp_path / "c.json", {"b": [1, 2]})
+    assert json.loads((tmp_path / "c.json").read_text()) == {"b": [1, 2]}
+    atomic_save_npz(tmp_path / "d.npz", x=np.arange(3))
+    with np.load(tmp_path / "d.npz") as z:
+        assert z["x"].tolist() == [0, 1, 2]
+    with atomic_write(tmp_path / "e.bin") as f:
+        f.write(b"\x00\x01")
+    assert (tmp_path / "e.bin").read_bytes() == b"\x00\x01"
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
