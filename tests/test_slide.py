@@ -94,3 +94,16 @@ def test_virtual_slide_units():
     np.testing.assert_array_equal(parts, full)
     with pytest.raises(MissingMPPError):
         _ = VirtualSlide(img, mpp=None).mpp
+
+
+def test_read_with_non_integer_downsample_is_not_shifted():
+    """boxes.tiff's level 2 has downsample 4.016: reads must start at the requested level pixel."""
+    s = Slide(shared_slide("boxes.tiff"), mpp=1.0, fast=False)
+    ds = s.level_downsamples[2]
+    assert ds != int(ds)
+    full = s.read_region((0, 0), 2, s.level_dimensions[2])
+    for lx in range(1, 20):
+        from histolight.wsi.slide import level_origin
+
+        got = s.read_region((level_origin(lx, ds), 0), 2, (5, 5))
+        np.testing.assert_array_equal(got, full[:5, lx:lx + 5])

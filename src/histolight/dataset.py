@@ -231,6 +231,27 @@ class Dataset:
     def __repr__(self) -> str:
         return f"Dataset({len(self)} slides from {[str(s) for s in self.slide_sources]}, rois={[str(d) for d in self.roi_dirs]})"
 
+    # ------------------------------------------------------------------ tiles
+    def extract_tiles(self, **kw):
+        """Extract tiles to TFRecords (see :func:`histolight.extract.extract_tiles` for the options)."""
+        from histolight.extract import extract_tiles
+
+        return extract_tiles(self, **kw)
+
+    def get_tile_dataframe(self, *args, **kw) -> pd.DataFrame:
+        """Tile table indexed by tile id (see :func:`histolight.extract.get_tile_dataframe`)."""
+        from histolight.extract import get_tile_dataframe
+
+        return get_tile_dataframe(self, *args, **kw)
+
+    # ------------------------------------------------------------------ segmentation
+    def generate_rois(self, model, dest=None, overwrite: bool = False, **kw) -> list[dict]:
+        """Write ROIs predicted by a segmentation model (path or SegmentModel) as CSV + GeoJSON per slide
+        (see :func:`histolight.segment.rois.generate_dataset_rois`)."""
+        from histolight.segment.rois import generate_dataset_rois
+
+        return generate_dataset_rois(self, model, dest=dest, overwrite=overwrite, **kw)
+
 
 def _is_slide_file(p: Path) -> bool:
     n = p.name.lower()

@@ -22,7 +22,7 @@ class MissingMPPError(SlideError):
         super().__init__(
             path,
             "no microns-per-pixel (mpp) in the file. Pass one with `mpp=<um/px>` "
-            "(config: data.mpp_override=<um/px>, or an `mpp` column in the slide annotations CSV).",
+            "(config: dataset.mpp_override=<um/px>, or an `mpp` column in the slide annotations CSV).",
         )
 
 

@@ -13,6 +13,13 @@ from histolight.errors import ConfigError
 TASKS: dict[str, str] = {
     "info": "histolight.tasks.info:run",
     "demo_data": "histolight.tasks.demo_data:run",
+    "extract": "histolight.tasks.extract:run",
+    "train_tiles": "histolight.tasks.train_tiles:run",
+    "predict": "histolight.tasks.predict:run",
+    "export_masks": "histolight.tasks.export_masks:run",
+    "train_seg": "histolight.tasks.train_seg:run",
+    "segment": "histolight.tasks.segment:run",
+    "generate_rois": "histolight.tasks.generate_rois:run",
 }
 
 

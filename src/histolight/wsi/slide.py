@@ -44,6 +44,14 @@ def slide_name(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
+def level_origin(level_px: int, downsample: float) -> int:
+    """The base-px coordinate that :meth:`BaseSlide.read_region` maps back to level px ``level_px``.
+
+    ``ceil`` (not ``round``) keeps non-integer downsamples (e.g. 4.016) from landing one level px early.
+    """
+    return int(math.ceil(level_px * downsample - 1e-6))
+
+
 def resize_area(img: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     """Resize ``img`` to ``(w, h)``: area interpolation when shrinking, bilinear when enlarging."""
     w, h = int(size_wh[0]), int(size_wh[1])
@@ -149,8 +157,8 @@ class BaseSlide:
         if w <= 0 or h <= 0:
             raise ValueError(f"read size must be positive, got {size}")
         ds = self.level_downsamples[level]
-        x0 = int(math.floor(location[0] / ds))
-        y0 = int(math.floor(location[1] / ds))
+        x0 = int(math.floor(location[0] / ds + 1e-6))
+        y0 = int(math.floor(location[1] / ds + 1e-6))
         lw, lh = self.level_dimensions[level]
         # clip to the level; pad the rest with white
         cx0, cy0 = max(0, x0), max(0, y0)
@@ -185,7 +193,7 @@ class BaseSlide:
         lx, ly = int(math.floor(bx / ds)), int(math.floor(by / ds))
         lw = max(1, int(math.ceil((bx + bw) / ds)) - lx)
         lh = max(1, int(math.ceil((by + bh) / ds)) - ly)
-        img = self.read_region((round(lx * ds), round(ly * ds)), level, (lw, lh))
+        img = self.read_region((level_origin(lx, ds), level_origin(ly, ds)), level, (lw, lh))
         return resize_area(img, out_size)
 
     def size_at_downsample(self, downsample: float) -> tuple[int, int]:
@@ -208,7 +216,7 @@ class BaseSlide:
             y1 = min(out_h, y0 + strip_px)
             ly0 = int(math.floor(y0 * sy))
             ly1 = min(lh, max(ly0 + 1, int(math.ceil(y1 * sy))))
-            src = self.read_region((0, round(ly0 * ds)), level, (lw, ly1 - ly0))
+            src = self.read_region((0, level_origin(ly0, ds)), level, (lw, ly1 - ly0))
             yield y0, resize_area(src, (out_w, y1 - y0))
 
     def thumbnail(self, mpp: float | None = None, max_size: int | None = None) -> np.ndarray:
@@ -286,12 +294,15 @@ class Slide(BaseSlide):
     Args:
         path: slide file.
         mpp: optional base microns-per-pixel override (used when the file has none or is wrong).
+        fast: read tiled-JPEG TIFF pyramids (Aperio SVS, generic tiled TIFF) directly from their stored tiles
+            (:mod:`histolight.wsi.tiff_tiles`: OpenSlide's pixels, several times faster) when the file allows it;
+            OpenSlide otherwise. ``tile_reader`` is the direct reader or None, ``tile_reader_note`` says why.
 
     Raises:
         SlideError: the file is missing, unsupported or corrupt (message has OpenSlide's reason).
     """
 
-    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None, fast: bool = True):
         import openslide
 
         self.path = str(path)
@@ -315,6 +326,11 @@ class Slide(BaseSlide):
         bg = props.get("openslide.background-color")
         self._background = tuple(int(bg[i: i + 2], 16) for i in (0, 2, 4)) if bg and len(bg) == 6 else (255, 255, 255)
         super().__init__(mpp)
+        self.tile_reader, self.tile_reader_note = None, "disabled (fast=False)"
+        if fast:
+            from histolight.wsi.tiff_tiles import open_tile_reader
+
+            self.tile_reader, self.tile_reader_note = open_tile_reader(self._osr, self.path, self._background)
 
     @property
     def objective_power(self) -> float | None:
@@ -327,6 +343,13 @@ class Slide(BaseSlide):
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         import openslide
 
+        if self.tile_reader is not None:
+            from histolight.wsi.tiff_tiles import TileReadError
+
+            try:
+                return self.tile_reader.read_level(level, x, y, w, h)
+            except TileReadError as e:  # a bad stored tile: let OpenSlide read it (or raise its SlideError)
+                log.debug("%s: direct tile read failed (%s); using OpenSlide", self.name, e)
         ds = self.level_downsamples[level]
         try:
             img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
@@ -339,6 +362,8 @@ class Slide(BaseSlide):
         return {k: rgba_to_rgb(np.asarray(v)) for k, v in self._osr.associated_images.items()}
 
     def close(self) -> None:
+        if getattr(self, "tile_reader", None) is not None:
+            self.tile_reader.close()
         osr = getattr(self, "_osr", None)
         if osr is not None:
             osr.close()

@@ -1,0 +1,407 @@
+"""Tile datasets over TFRecords (ours and Slideflow's), read through their index files.
+
+- :func:`find_tfrecords`, :func:`index_tfrecords`: the tiles of a set of TFRecords as a table
+  (tile id -> file, record number, slide, loc_x, loc_y) from the ``.index.npz`` locations, no decoding.
+- :class:`TileDataset` (map-style): random access ``pread`` of single records.
+- :class:`StreamingTileDataset` (iterable): per worker, an interleave across slides read in file
+  order, with a shuffle buffer; sharded across DataLoader workers and DDP ranks without overlap.
+- :class:`WeightedDistributedSampler`, :class:`EvalDistributedSampler`: sampling for map-style use
+  that is correct under DDP (weighted draws per rank; evaluation without padded duplicates).
+
+Decoding (JPEG/PNG) and augmentation run in the DataLoader workers. Each worker process opens its
+own file handles (readers are created lazily per process and never shared across a fork).
+Items are dicts: ``image`` (uint8 tensor 3 x H x W; mean/std normalization runs on the batch, on the
+device: :func:`histolight.classify.augment.normalize_batch`), ``label`` (int64, -1 when unlabelled),
+``index`` (position in the dataset), ``slide`` (slide number in the dataset's ``slides`` list).
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
+
+from histolight.errors import ConfigError, HistolightError
+from histolight.io.tfrecord import TFRecordReader, decode_image
+
+log = logging.getLogger(__name__)
+
+TFRECORD_EXTENSIONS = (".tfrecords", ".tfrecord")
+
+
+# ------------------------------------------------------------------------------------------ discovery
+
+
+def tfrecord_slide_name(path: str | os.PathLike) -> str:
+    """Slide name of a TFRecord file: the file name without ``.tfrecords`` (Slideflow convention)."""
+    name = os.path.basename(os.fspath(path))
+    for ext in TFRECORD_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def find_tfrecords(src: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """TFRecord files from a folder, a glob pattern, a file, or a list of those (sorted, unique)."""
+    items = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    out: list[str] = []
+    for it in items:
+        s = os.fspath(it)
+        if os.path.isdir(s):
+            out += [str(p) for p in Path(s).iterdir() if p.is_file() and p.name.lower().endswith(TFRECORD_EXTENSIONS)
+                    and not p.name.startswith(".")]
+        elif os.path.isfile(s):
+            out.append(s)
+        elif any(c in s for c in "*?["):
+            out += [p for p in glob.glob(s) if p.lower().endswith(TFRECORD_EXTENSIONS)]
+        else:
+            raise ConfigError(f"TFRecords '{s}' not found (expected a folder of <slide>.tfrecords, a file or a glob)")
+    return sorted(dict.fromkeys(out))
+
+
+def index_tfrecords(paths: Sequence[str | os.PathLike], slides: Sequence[str] | None = None) -> pd.DataFrame:
+    """The tiles stored in ``paths``: one row per record, from each file's index (built if missing).
+
+    Returns a DataFrame indexed by tile id ``"{slide}-{loc_x}-{loc_y}"`` with columns ``tfrecord``
+    (path), ``record`` (record number in the file), ``slide``, ``loc_x``, ``loc_y`` (tile centre, base px).
+    ``slides`` restricts to those slide names.
+    """
+    keep = None if slides is None else set(slides)
+    frames = []
+    for p in paths:
+        p = os.fspath(p)
+        slide = tfrecord_slide_name(p)
+        if keep is not None and slide not in keep:
+            continue
+        r = TFRecordReader(p, verify=False)
+        n = len(r)
+        if n == 0:
+            continue
+        locs = r.locations
+        r.close()
+        if locs is None:
+            raise HistolightError(f"TFRecord '{p}' has records without loc_x/loc_y; tiles cannot be matched to labels")
+        frames.append(pd.DataFrame({"tfrecord": p, "record": np.arange(n, dtype=np.int64), "slide": slide,
+                                    "loc_x": locs[:, 0].astype(np.int64), "loc_y": locs[:, 1].astype(np.int64)}))
+    if not frames:
+        return pd.DataFrame({"tfrecord": pd.Series(dtype=object), "record": pd.Series(dtype=np.int64),
+                             "slide": pd.Series(dtype=object), "loc_x": pd.Series(dtype=np.int64),
+                             "loc_y": pd.Series(dtype=np.int64)}, index=pd.Index([], name="tile_id", dtype=object))
+    df = pd.concat(frames, ignore_index=True)
+    df.index = pd.Index(df["slide"].astype(str) + "-" + df["loc_x"].astype(str) + "-" + df["loc_y"].astype(str),
+                        name="tile_id")
+    dup = df.index.duplicated()
+    if dup.any():
+        log.warning("%d duplicate tile id(s) across TFRecords (kept the first), e.g. %s", int(dup.sum()), df.index[dup][0])
+        df = df[~dup]
+    return df
+
+
+# ------------------------------------------------------------------------------------------ readers
+
+
+class _ReaderPool:
+    """Per-process LRU of open :class:`TFRecordReader` s (at most ``max_open`` file handles)."""
+
+    def __init__(self, paths: Sequence[str], verify: bool = False, max_open: int = 128):
+        self.paths = list(paths)
+        self.verify = verify
+        self.max_open = max(1, int(max_open))
+        self._pid: int | None = None
+        self._open: OrderedDict[int, TFRecordReader] = OrderedDict()
+
+    def __getstate__(self):
+        st = self.__dict__.copy()
+        st["_open"] = OrderedDict()
+        st["_pid"] = None
+        return st
+
+    def get(self, f: int) -> TFRecordReader:
+        if self._pid != os.getpid():  # a fresh process (worker): never reuse the parent's handles
+            self._open = OrderedDict()
+            self._pid = os.getpid()
+        r = self._open.get(f)
+        if r is not None:
+            self._open.move_to_end(f)
+            return r
+        r = TFRecordReader(self.paths[f], verify=self.verify, write_index=False)
+        self._open[f] = r
+        if len(self._open) > self.max_open:
+            _, old = self._open.popitem(last=False)
+            old.close()
+        return r
+
+    def image_bytes(self, f: int, record: int) -> bytes:
+        rec = self.get(f).read(int(record))
+        img = rec.get("image_raw")
+        if not isinstance(img, (bytes, bytearray)):
+            raise HistolightError(f"record {record} of '{self.paths[f]}' has no 'image_raw' bytes feature")
+        return img
+
+    def close(self) -> None:
+        for r in self._open.values():
+            r.close()
+        self._open.clear()
+
+
+def load_tile(data: bytes, tile_px: int | None) -> np.ndarray:
+    """Decode JPEG/PNG bytes to H x W x 3 uint8; resized (area) to ``tile_px`` when it differs."""
+    img = decode_image(data)
+    if tile_px and (img.shape[0] != tile_px or img.shape[1] != tile_px):
+        import cv2
+
+        interp = cv2.INTER_AREA if img.shape[0] > tile_px else cv2.INTER_LINEAR
+        img = cv2.resize(img, (tile_px, tile_px), interpolation=interp)
+    return img
+
+
+def default_transform(img: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x H x W uint8 tensor (used when no transform is given)."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+class _TileArrays:
+    """What every tile dataset holds: parallel numpy arrays (cheap to pickle, no per-item Python objects)."""
+
+    def _init_arrays(self, table: pd.DataFrame, labels: np.ndarray | None, slides: Sequence[str] | None,
+                     transform: Callable | None, tile_px: int | None, verify: bool, max_open: int):
+        for c in ("tfrecord", "record", "slide"):
+            if c not in table.columns:
+                raise HistolightError(f"tile table needs a '{c}' column (see index_tfrecords)")
+        files = pd.Categorical(table["tfrecord"].astype(str))
+        self.files: list[str] = [str(c) for c in files.categories]
+        self.file_idx = np.asarray(files.codes, np.int32)
+        self.record_idx = table["record"].to_numpy(np.int64)
+        self.slides: list[str] = list(slides) if slides is not None else sorted(table["slide"].astype(str).unique())
+        smap = {s: i for i, s in enumerate(self.slides)}
+        self.slide_idx = table["slide"].astype(str).map(smap).fillna(-1).to_numpy(np.int64)
+        self.labels = (np.full(len(table), -1, np.int64) if labels is None else np.asarray(labels, np.int64))
+        if len(self.labels) != len(table):
+            raise ValueError("labels must align with the tile table")
+        self.tile_ids = np.asarray(table.index.astype(str))
+        self.transform = transform
+        self.tile_px = tile_px
+        self._pool = _ReaderPool(self.files, verify=verify, max_open=max_open)
+
+    def _item(self, i: int, data: bytes) -> dict:
+        img = load_tile(data, self.tile_px)
+        x = self.transform(img) if self.transform is not None else default_transform(img)
+        return {"image": x, "label": int(self.labels[i]), "index": int(i), "slide": int(self.slide_idx[i])}
+
+
+class TileDataset(_TileArrays, Dataset):
+    """Map-style tiles: item ``i`` is record ``table.record[i]`` of ``table.tfrecord[i]``, random access.
+
+    Args:
+        table: tile table (``tfrecord``, ``record``, ``slide`` columns; index tile id), e.g. from
+            :func:`index_tfrecords` joined with labels.
+        labels: int class index per row (None: -1).
+        slides: slide list defining ``item['slide']`` numbers (default: sorted slides of the table).
+        transform: ``H x W x 3 uint8 -> 3 x H x W tensor`` (run in the worker; default: uint8 CHW).
+        tile_px: resize decoded tiles to this size when they differ.
+        verify: check record CRCs on every read.
+        max_open: open file handles per worker.
+    """
+
+    def __init__(self, table: pd.DataFrame, labels: np.ndarray | None = None, slides: Sequence[str] | None = None,
+                 transform: Callable | None = None, tile_px: int | None = None, verify: bool = False,
+                 max_open: int = 128):
+        self._init_arrays(table, labels, slides, transform, tile_px, verify, max_open)
+
+    def __len__(self) -> int:
+        return len(self.record_idx)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        return self._item(i, self._pool.image_bytes(int(self.file_idx[i]), int(self.record_idx[i])))
+
+    def raw(self, i: int) -> bytes:
+        """Encoded image bytes of tile ``i`` (no decoding)."""
+        return self._pool.image_bytes(int(self.file_idx[i]), int(self.record_idx[i]))
+
+
+def _dist_info(rank: int | None, world: int | None) -> tuple[int, int]:
+    if rank is not None and world is not None:
+        return int(rank), int(world)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StreamingTileDataset(_TileArrays, IterableDataset):
+    """Streaming tiles: an interleave across slides, each read in file order, through a shuffle buffer.
+
+    Every (DDP rank, DataLoader worker) pair is one shard. With at least two files per shard, whole
+    files are dealt to shards (balanced by record count, so each file is opened by one worker); else
+    records are dealt round-robin. Each shard yields exactly ``ceil(samples_per_epoch / shards)``
+    tiles per epoch, so every rank sees the same number of batches under DDP.
+
+    Sampling: at each step a slide (file) is drawn with probability proportional to its total
+    sampling weight (its tile count without ``weights``), and its next record in file order is read
+    (a rejection step with probability ``w / max w`` of that file applies per-tile weights). A file
+    that runs out starts over (at a new random offset), so the stream never starves. Tiles then pass
+    through a ``shuffle_buffer``-sized buffer before decoding.
+
+    Args: see :class:`TileDataset`, plus
+        weights: per-tile sampling weights (class / slide balancing) or None.
+        samples_per_epoch: tiles per epoch over all shards (default: the number of tiles).
+        shuffle_buffer: buffered encoded tiles per worker (0/1 = no shuffling beyond the interleave).
+        seed: base seed; the epoch (:meth:`set_epoch`, shared with persistent workers) and shard vary it.
+        rank, world_size: DDP rank and size (default: from ``torch.distributed`` when initialised).
+    """
+
+    def __init__(self, table: pd.DataFrame, labels: np.ndarray | None = None, slides: Sequence[str] | None = None,
+                 transform: Callable | None = None, tile_px: int | None = None, verify: bool = False,
+                 max_open: int = 128, weights: np.ndarray | None = None, samples_per_epoch: int | None = None,
+                 shuffle_buffer: int = 1024, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+        self._init_arrays(table, labels, slides, transform, tile_px, verify, max_open)
+        n = len(self.record_idx)
+        if n == 0:
+            raise HistolightError("streaming dataset has no tiles")
+        self.weights = None if weights is None else np.asarray(weights, np.float64)
+        if self.weights is not None and (len(self.weights) != n or (self.weights < 0).any() or self.weights.sum() <= 0):
+            raise ValueError("weights must be non-negative, one per tile, not all zero")
+        self.samples_per_epoch = int(samples_per_epoch or n)
+        self.shuffle_buffer = max(1, int(shuffle_buffer))
+        self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch (visible to persistent workers: the counter lives in shared memory)."""
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def shard_length(self, n_shards: int) -> int:
+        return math.ceil(self.samples_per_epoch / n_shards)
+
+    def __len__(self) -> int:
+        """Tiles per epoch delivered to this rank (all its workers together)."""
+        rank, world = _dist_info(self.rank, self.world_size)
+        return math.ceil(self.samples_per_epoch / world)
+
+    def _shard(self, shard: int, n_shards: int) -> np.ndarray:
+        """Positions (into the arrays) owned by ``shard``."""
+        n_files = len(self.files)
+        if n_files >= 2 * n_shards:
+            counts = np.bincount(self.file_idx, minlength=n_files)
+            load = np.zeros(n_shards, np.int64)
+            owner = np.empty(n_files, np.int64)
+            for f in sorted(range(n_files), key=lambda f: (-counts[f], f)):
+                s = int(np.argmin(load))
+                owner[f] = s
+                load[s] += counts[f]
+            return np.flatnonzero(owner[self.file_idx] == shard)
+        return np.arange(shard, len(self.record_idx), n_shards)
+
+    def __iter__(self) -> Iterator[dict]:
+        wi = get_worker_info()
+        n_workers, worker = (wi.num_workers, wi.id) if wi is not None else (1, 0)
+        rank, world = _dist_info(self.rank, self.world_size)
+        n_shards, shard = world * n_workers, rank * n_workers + worker
+        pos = self._shard(shard, n_shards)
+        n_out = self.shard_length(n_shards)
+        rng = np.random.default_rng([self.seed, self.epoch, shard])
+        if len(pos) == 0:
+            log.warning("streaming shard %d of %d has no tiles (more shards than tiles?)", shard, n_shards)
+            return
+        # per file: positions in file order
+        order = np.lexsort((self.record_idx[pos], self.file_idx[pos]))
+        pos = pos[order]
+        files, starts = np.unique(self.file_idx[pos], return_index=True)
+        groups = np.split(pos, starts[1:])
+        w = self.weights
+        mass = np.array([len(g) if w is None else w[g].sum() for g in groups], np.float64)
+        if mass.sum() <= 0:
+            return
+        p_file = mass / mass.sum()
+        accept = [None if w is None else w[g] / w[g].max() for g in groups]
+        cursor = [int(rng.integers(len(g))) for g in groups]  # random start per file, then file order
+        buf: list[tuple[int, bytes]] = []
+        buf_size = max(1, min(self.shuffle_buffer, len(pos), n_out))
+        yielded = 0
+        draws = iter(())
+        while yielded < n_out:
+            try:
+                k = next(draws)
+            except StopIteration:
+                draws = iter(rng.choice(len(groups), size=1024, p=p_file).tolist())
+                continue
+            g = groups[k]
+            while True:  # next accepted record of file k (rejection on per-tile weight)
+                j = cursor[k]
+                cursor[k] = (j + 1) % len(g)
+                if accept[k] is None or rng.random() < accept[k][j]:
+                    break
+            i = int(g[j])
+            buf.append((i, self._pool.image_bytes(int(self.file_idx[i]), int(self.record_idx[i]))))
+            if len(buf) < buf_size:
+                continue
+            r = int(rng.integers(len(buf)))
+            i_out, d_out = buf[r]
+            buf[r] = buf[-1]
+            buf.pop()
+            yield self._item(i_out, d_out)
+            yielded += 1
+        # the loop always exits with the quota met; the buffer is discarded
+
+
+# ------------------------------------------------------------------------------------------ samplers
+
+
+class WeightedDistributedSampler(DistributedSampler):
+    """Weighted sampling with replacement, ``num_samples`` draws per epoch split across ranks.
+
+    Each rank draws ``ceil(num_samples / world)`` indices from its own seeded generator
+    (``seed``, epoch, rank), so ranks never share a random stream. Works without DDP (``num_replicas=1``).
+    """
+
+    def __init__(self, weights: np.ndarray, num_samples: int | None = None, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0):
+        self.weights = torch.as_tensor(np.asarray(weights, np.float64), dtype=torch.double)
+        self.num_replicas, self.rank, self.seed, self.epoch = int(num_replicas), int(rank), int(seed), 0
+        self.total = int(num_samples or len(self.weights))
+        self.num_samples = math.ceil(self.total / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+        self.shuffle, self.drop_last, self.dataset = True, False, None
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + self.rank)
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Every index exactly once across ranks (rank r gets r, r + world, ...): no padding duplicates,
+    so evaluation metrics gathered across ranks count each tile once. Ranks may differ by one item."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0):
+        self.n, self.num_replicas, self.rank, self.epoch = int(n), int(num_replicas), int(rank), 0
+        self.num_samples = len(range(self.rank, self.n, self.num_replicas))
+        self.total_size, self.shuffle, self.drop_last, self.seed, self.dataset = self.n, False, False, 0, None
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+__all__ = [
+    "TFRECORD_EXTENSIONS", "find_tfrecords", "index_tfrecords", "tfrecord_slide_name", "load_tile",
+    "default_transform", "TileDataset", "StreamingTileDataset", "WeightedDistributedSampler",
+    "EvalDistributedSampler",
+]

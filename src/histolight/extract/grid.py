@@ -1,0 +1,199 @@
+"""The tile grid of one slide, in base (level-0) px, and how each tile is read.
+
+Two modes:
+
+- **microns** (``tile_um`` a number): the tile footprint is ``extract_px = round(tile_um / slide.mpp)``
+  base px; pixels come from the deepest pyramid level at least as fine as ``tile_um / tile_px`` um/px
+  and are resized to exactly ``tile_px`` (area interpolation when shrinking) -- the same pixels as
+  ``slide.read((x, y), (extract_px, extract_px), tile_um / tile_px, out_size=(tile_px, tile_px))``.
+- **magnification** (``tile_um="10x"``, 10x = 1.0 um/px): the pyramid level nearest to the target um/px
+  (in log scale; ties go to the finer level) is read without resizing: ``tile_px`` level px, so
+  ``extract_px = round(tile_px * downsample)`` -- the same pixels as
+  ``slide.read_region((x, y), level, (tile_px, tile_px))``.
+
+Tile origins step by ``extract_px / stride_div`` base px (rounded); tiles must lie fully inside the
+slide unless ``edge_tiles`` (then the last row/column reaching the border is kept and padded white).
+``loc_x, loc_y = x + extract_px // 2, y + extract_px // 2`` is the tile centre in base px.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from histolight.wsi.slide import level_origin, resize_area
+
+log = logging.getLogger(__name__)
+
+
+def nearest_level(slide, mpp: float) -> int:
+    """Pyramid level whose um/px is nearest to ``mpp`` in log scale (ties: the finer level)."""
+    best, best_d = 0, math.inf
+    for lvl in range(slide.level_count):
+        d = abs(math.log(slide.level_mpp(lvl) / mpp))
+        if d < best_d - 1e-9:
+            best, best_d = lvl, d
+    return best
+
+
+def _positions(size: int, extract_px: int, stride: float, edge: bool) -> np.ndarray:
+    """Tile origins (base px) along one axis of ``size`` px."""
+    out = []
+    k = 0
+    while True:
+        p = int(round(k * stride))
+        if p + extract_px <= size:
+            out.append(p)
+        elif edge and p < size:
+            out.append(p)
+            break
+        else:
+            break
+        if p + extract_px >= size:
+            break
+        k += 1
+    return np.asarray(out, np.int64)
+
+
+@dataclass
+class TileGrid:
+    """All candidate tiles of one slide (row-major: ``grid_y`` then ``grid_x``).
+
+    Attributes:
+        x, y: tile top-left in base px (int64, shape (n,)).
+        grid_x, grid_y: column / row index of each tile.
+        extract_px: tile footprint side in base px.
+        stride_px: distance between tile origins in base px (before rounding).
+        tile_px: output tile side in px.
+        level: pyramid level the pixels come from.
+        read_mpp: um/px requested from ``slide.read`` (microns mode), or the level's um/px.
+        tile_mpp: effective um/px of the output tiles (``extract_px * slide.mpp / tile_px``).
+        mag: target magnification (magnification mode) or None.
+        slide_dims: slide ``(width, height)`` in base px.
+        level_ds: downsample of ``level``.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    grid_x: np.ndarray
+    grid_y: np.ndarray
+    extract_px: int
+    stride_px: float
+    tile_px: int
+    level: int
+    read_mpp: float
+    tile_mpp: float
+    mag: float | None
+    slide_dims: tuple[int, int]
+    level_ds: float = 1.0
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def loc_x(self) -> np.ndarray:
+        """Tile centres, base px."""
+        return self.x + self.extract_px // 2
+
+    @property
+    def loc_y(self) -> np.ndarray:
+        return self.y + self.extract_px // 2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the grid."""
+        return (int(self.grid_y.max()) + 1 if len(self) else 0, int(self.grid_x.max()) + 1 if len(self) else 0)
+
+    # ----------------------------------------------------------------- reading
+    def _level_box(self, slide, x: int, y: int) -> tuple[int, int, int, int]:
+        """What reading tile (x, y) requests from ``slide.read_region``: base origin and level size."""
+        if self.mag is not None:  # as slide.read_region((x, y), level, (tile_px, tile_px))
+            return x, y, self.tile_px, self.tile_px
+        ds = slide.level_downsamples[self.level]  # as slide.read((x, y), (e, e), read_mpp, ...)
+        lx, ly = int(math.floor(x / ds)), int(math.floor(y / ds))
+        e = self.extract_px
+        lw = max(1, int(math.ceil((x + e) / ds)) - lx)
+        lh = max(1, int(math.ceil((y + e) / ds)) - ly)
+        return level_origin(lx, ds), level_origin(ly, ds), lw, lh
+
+    def read_tile(self, slide, i: int) -> np.ndarray:
+        """Pixels of tile ``i``: ``tile_px x tile_px x 3`` uint8 (white outside the slide)."""
+        bx, by, lw, lh = self._level_box(slide, int(self.x[i]), int(self.y[i]))
+        img = slide.read_region((bx, by), self.level, (lw, lh))
+        return resize_area(img, (self.tile_px, self.tile_px))
+
+    def read_run(self, slide, idx: list[int]) -> list[np.ndarray]:
+        """Pixels of several tiles of one row (same ``y``), read with one ``read_region`` call.
+
+        Identical to ``[read_tile(slide, i) for i in idx]``; memory is one strip of the row span.
+        """
+        if len(idx) == 1:
+            return [self.read_tile(slide, idx[0])]
+        ds = slide.level_downsamples[self.level]
+        boxes = [self._level_box(slide, int(self.x[i]), int(self.y[i])) for i in idx]
+        # the level origin read_region actually uses for each request
+        origins = [int(math.floor(bx / ds + 1e-6)) for bx, _, _, _ in boxes]
+        lw_run = max(o + b[2] for o, b in zip(origins, boxes)) - origins[0]
+        by, lh = boxes[0][1], boxes[0][3]
+        strip = slide.read_region((boxes[0][0], by), self.level, (lw_run, lh))
+        out = []
+        for o, (_, _, lw, _) in zip(origins, boxes):
+            off = o - origins[0]
+            out.append(resize_area(np.ascontiguousarray(strip[:, off: off + lw]), (self.tile_px, self.tile_px)))
+        return out
+
+    def runs(self, idx: np.ndarray, max_px: int = 4096) -> list[list[int]]:
+        """Group tile indices (row-major) into runs read at once: same row, touching or overlapping,
+        spanning at most ``max_px`` level px (so memory stays bounded whatever the slide width)."""
+        limit = max(self.extract_px, max_px * self.level_ds)  # base px
+        out: list[list[int]] = []
+        cur: list[int] = []
+        for i in np.asarray(idx).tolist():
+            if cur:
+                j0, j = cur[0], cur[-1]
+                if (self.y[i] == self.y[j] and self.x[i] <= self.x[j] + self.extract_px
+                        and self.x[i] + self.extract_px - self.x[j0] <= limit):
+                    cur.append(i)
+                    continue
+                out.append(cur)
+            cur = [i]
+        if cur:
+            out.append(cur)
+        return out
+
+
+def make_grid(slide, tile_px: int, tile_um: float | None = None, mag: float | None = None, stride_div: float = 1,
+              edge_tiles: bool = False) -> TileGrid:
+    """The tile grid of ``slide`` (see module docstring). Needs ``slide.mpp`` (raises MissingMPPError)."""
+    if (tile_um is None) == (mag is None):
+        raise ValueError("give exactly one of tile_um (microns) or mag (magnification)")
+    W, H = slide.dimensions
+    mpp = slide.mpp
+    if mag is not None:
+        target = 10.0 / mag
+        level = nearest_level(slide, target)
+        ds = slide.level_downsamples[level]
+        lvl_mpp = slide.level_mpp(level)
+        if abs(math.log(lvl_mpp / target)) > math.log(1.1):
+            log.warning("%s: no pyramid level at %gx (%.3g um/px); using level %d at %.3g um/px (%.3gx) without resizing",
+                        slide.name, mag, target, level, lvl_mpp, 10.0 / lvl_mpp)
+        extract_px = max(1, int(round(tile_px * ds)))
+        read_mpp = lvl_mpp
+    else:
+        extract_px = max(1, int(round(tile_um / mpp)))
+        read_mpp = tile_um / tile_px
+        level = slide.best_level_for_mpp(read_mpp)
+        ds = slide.level_downsamples[level]
+    stride = extract_px / float(stride_div)
+    xs = _positions(W, extract_px, stride, edge_tiles)
+    ys = _positions(H, extract_px, stride, edge_tiles)
+    gy, gx = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+    gx, gy = gx.ravel().astype(np.int64), gy.ravel().astype(np.int64)
+    g = TileGrid(
+        x=xs[gx] if len(xs) else np.zeros(0, np.int64), y=ys[gy] if len(ys) else np.zeros(0, np.int64),
+        grid_x=gx, grid_y=gy, extract_px=extract_px, stride_px=stride, tile_px=int(tile_px), level=level,
+        read_mpp=read_mpp, tile_mpp=extract_px * mpp / tile_px, mag=mag, slide_dims=(W, H), level_ds=float(ds),
+    )
+    return g

@@ -1,0 +1,102 @@
+"""Otsu tissue detection (Slideflow's ``qc.Otsu``): background is masked.
+
+The slide is read at a low resolution (by default its lowest pyramid level, shrunk further if
+that level is larger than ``max_px`` on its long side), converted to HSV, the saturation channel
+is median-blurred (kernel 7) and thresholded with Otsu's method. Pixels at or below the threshold
+(unsaturated: glass, white background) are masked (``True`` = drop).
+"""
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+from histolight.qc.base import QCMask
+
+log = logging.getLogger(__name__)
+
+
+def otsu_tissue(rgb: np.ndarray, median: int = 7, min_threshold: int = 0) -> tuple[np.ndarray, int]:
+    """Tissue mask of an ``H x W x 3`` uint8 RGB image.
+
+    Returns ``(tissue, threshold)``: ``tissue`` is ``H x W`` bool (True = tissue, i.e. saturation
+    above Otsu's threshold on the median-blurred HSV saturation), ``threshold`` in 0-255.
+    ``min_threshold`` (0-255) is a floor for the threshold, so a blank slide is not half "tissue".
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 RGB image, got shape {rgb.shape}")
+    sat = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[:, :, 1]
+    if median and median > 1 and min(sat.shape) >= 2:
+        sat = cv2.medianBlur(sat, int(median) | 1)
+    thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    thr = max(int(thr), int(min_threshold))
+    return sat > thr, thr
+
+
+def lowres_downsample(slide, mpp: float | None = None, level: int | None = None, max_px: int = 4096) -> float:
+    """Downsample (relative to level 0) at which a low-resolution QC pass reads ``slide``.
+
+    ``mpp`` (um/px) wins; else pyramid ``level`` (default: the lowest-resolution level); the result
+    is then coarsened so the long side is at most ``max_px``.
+    """
+    if mpp is not None:
+        ds = float(mpp) / slide.mpp
+    else:
+        lvl = slide.level_count - 1 if level is None else int(level)
+        if not 0 <= lvl < slide.level_count:
+            raise ValueError(f"level {level} out of range for {slide.name} (0..{slide.level_count - 1})")
+        ds = float(slide.level_downsamples[lvl])
+    if max_px:
+        ds = max(ds, max(slide.dimensions) / float(max_px))
+    return max(ds, 1e-6)
+
+
+def read_lowres(slide, downsample: float) -> np.ndarray:
+    """The whole slide at ``downsample``, streamed strip by strip (memory = output + one strip)."""
+    w, h = slide.size_at_downsample(downsample)
+    out = np.empty((h, w, 3), np.uint8)
+    for y0, strip in slide.iter_strips(downsample=downsample, strip_px=1024):
+        out[y0: y0 + strip.shape[0]] = strip
+    return out
+
+
+class Otsu:
+    """Otsu's thresholding on HSV saturation at low resolution; background masked.
+
+    Args:
+        mpp: um/px to work at (default: the slide's lowest pyramid level, see ``level``).
+        level: pyramid level to work at when ``mpp`` is None (default: the last, lowest-resolution).
+        max_px: cap on the long side of the working image (px).
+        median: median-blur kernel (px, odd).
+        min_threshold: floor for Otsu's threshold on saturation (0-255; 0 = pure Otsu as in Slideflow).
+
+    Calling it on a slide returns a :class:`QCMask` named ``otsu`` (True = background).
+    """
+
+    name = "otsu"
+    role = "tissue"
+
+    def __init__(self, mpp: float | None = None, level: int | None = None, max_px: int = 4096, median: int = 7,
+                 min_threshold: int = 0):
+        if mpp is not None and not float(mpp) > 0:
+            raise ValueError(f"otsu mpp must be a positive number of um/px, got {mpp!r}")
+        if not 0 <= int(min_threshold) <= 255:
+            raise ValueError(f"otsu min_threshold must be in 0..255, got {min_threshold!r}")
+        self.mpp = mpp
+        self.level = level
+        self.max_px = int(max_px)
+        self.median = int(median)
+        self.min_threshold = int(min_threshold)
+
+    def __repr__(self) -> str:
+        return f"Otsu(mpp={self.mpp!r}, level={self.level!r}, max_px={self.max_px}, median={self.median})"
+
+    def __call__(self, slide) -> QCMask:
+        ds = lowres_downsample(slide, self.mpp, self.level, self.max_px)
+        img = read_lowres(slide, ds)
+        tissue, thr = otsu_tissue(img, self.median, self.min_threshold)
+        log.debug("%s: Otsu saturation threshold %d at downsample %.3g (%dx%d px)", slide.name, thr, ds, img.shape[1], img.shape[0])
+        m = QCMask(~tissue, slide.mpp * ds, self.name)
+        m.threshold = thr  # type: ignore[attr-defined]
+        return m

@@ -1,0 +1,193 @@
+"""Thumbnails and ROI masks for segmentation training (Slideflow's ``export_thumbs_and_masks``).
+
+On-disk format (one pair of files per slide in the export folder)::
+
+    <dest>/<slide>.npz    numpy ``savez_compressed`` archive:
+                            image  uint8 (H, W, 3)  RGB thumbnail at ``mpp`` um/px
+                            mask   uint8            binary:     (H, W), 1 = inside an ROI (of ``labels`` if given)
+                                                    multiclass: (H, W), 0 = background, i + 1 = labels[i]
+                                                    multilabel: (N, H, W), channel i = labels[i] (0/1)
+    <dest>/<slide>.json   sidecar: format, slide, mpp, base_mpp, mode, labels, slide_dims (w, h base px),
+                          thumb_size (w, h px), mask_shape, mask_encoding, label_pixels, roi_file,
+                          roi_sha1 and slide_stat (used to tell when a cached export is stale)
+
+Pixel ``(i, j)`` of the thumbnail covers base px ``[j * d, (j + 1) * d) x [i * d, (i + 1) * d)``
+with ``d = mpp / base_mpp`` (the slide's ``size_at_mpp`` grid). ROIs are rasterized with
+:func:`histolight.roi.rasterize_rois` (holes respected). Files are written atomically; an
+export whose sidecar matches the slide, ROI file and settings is reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from histolight.errors import ConfigError, HistolightError
+from histolight.io.atomic import atomic_save_npz, atomic_write_json
+from histolight.roi import rasterize_rois
+
+log = logging.getLogger(__name__)
+
+FORMAT = "histolight.segment.thumbs_masks/1"
+
+
+@dataclass
+class ThumbMask:
+    """One exported slide: thumbnail ``image`` (H, W, 3) uint8 and ``mask`` (see module docstring)."""
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+    meta: dict
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape[:2]
+
+
+def export_key(mpp: float, mode: str, labels: Sequence[str] | None) -> str:
+    """Sub-folder name of an export: ``mpp4_multiclass_<hash of labels>``."""
+    lab = ",".join(labels) if labels else "*"
+    h = hashlib.sha1(lab.encode()).hexdigest()[:8]
+    return f"mpp{mpp:g}_{mode}_{h}"
+
+
+def _sha1(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _slide_stat(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, int(st.st_mtime)]
+
+
+def mask_encoding(mode: str) -> str:
+    return {"binary": "uint8 (H, W): 1 = foreground",
+            "multiclass": "uint8 (H, W): 0 = background, i + 1 = labels[i]",
+            "multilabel": "uint8 (N, H, W): channel i = labels[i]"}[mode]
+
+
+def rasterize_slide_mask(rois, thumb_hw: tuple[int, int], scale: float, mode: str, labels: Sequence[str] | None) -> np.ndarray:
+    """The training mask for ``rois`` (base px) on a ``thumb_hw`` grid, ``scale`` = thumbnail px per base px."""
+    if mode == "binary":
+        return rasterize_rois(rois, thumb_hw, scale, labels=list(labels) if labels else None, mode="binary")
+    return rasterize_rois(rois, thumb_hw, scale, labels=list(labels), mode=mode)
+
+
+def export_slide(dataset, name: str, mpp: float, dest: str | os.PathLike, labels: Sequence[str] | None = None,
+                 mode: str = "binary", overwrite: bool = False, normalizer=None) -> Path:
+    """Export slide ``name`` of ``dataset`` (thumbnail at ``mpp`` um/px + ROI mask) into ``dest``; returns the .npz path.
+
+    Reuses an up-to-date export unless ``overwrite``. Raises :class:`HistolightError` subclasses for
+    unreadable slides or ROI files.
+    """
+    dest = Path(dest)
+    npz, side = dest / f"{name}.npz", dest / f"{name}.json"
+    roi_path = dataset.roi_path(name)
+    slide_path = dataset.path(name)
+    want = {"format": FORMAT, "slide": name, "mpp": float(mpp), "mode": mode, "labels": list(labels) if labels else None,
+            "roi_file": str(roi_path) if roi_path else None, "roi_sha1": _sha1(roi_path),
+            "slide_stat": _slide_stat(slide_path)}
+    if not overwrite and npz.exists() and side.exists():
+        try:
+            meta = json.loads(side.read_text())
+            if all(meta.get(k) == v for k, v in want.items()):
+                return npz
+        except (OSError, ValueError):
+            pass
+    with dataset.open(name) as slide:
+        w, h = slide.size_at_mpp(mpp)
+        image = slide.thumbnail(mpp=mpp)
+        rois = dataset.rois(name, slide_dims=slide.dimensions)
+        scale = slide.mpp / mpp
+        mask = rasterize_slide_mask(rois, (h, w), scale, mode, labels)
+        meta = {**want, "base_mpp": slide.mpp, "slide_dims": list(slide.dimensions), "thumb_size": [w, h],
+                "mask_shape": list(mask.shape), "mask_encoding": mask_encoding(mode), "n_rois": len(rois),
+                "label_pixels": _label_pixels(mask, mode, labels)}
+    if roi_path is None:
+        log.warning("%s: no ROI file, the whole slide is background in its mask", name)
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_save_npz(npz, compressed=True, image=image, mask=mask)
+    atomic_write_json(side, meta)
+    return npz
+
+
+def _label_pixels(mask: np.ndarray, mode: str, labels) -> dict:
+    if mode == "binary":
+        return {"foreground": int(mask.sum())}
+    if mode == "multiclass":
+        counts = np.bincount(mask.ravel(), minlength=len(labels) + 1)
+        return {lab: int(counts[i + 1]) for i, lab in enumerate(labels)}
+    return {lab: int(mask[i].sum()) for i, lab in enumerate(labels)}
+
+
+def export_thumbs_and_masks(dataset, mpp: float, dest: str | os.PathLike, labels: Sequence[str] | None = None,
+                            mode: str = "binary", overwrite: bool = False, slides: Sequence[str] | None = None,
+                            strict: bool = False) -> dict[str, Path]:
+    """Export thumbnails and ROI masks of every slide (Slideflow's ``sf.segment.export_thumbs_and_masks``).
+
+    Args:
+        dataset: a :class:`histolight.dataset.Dataset`.
+        mpp: thumbnail resolution in um/px (20 is typical for real slides).
+        dest: output folder (see the module docstring for the format).
+        labels: ROI labels to rasterize (required for multiclass/multilabel; binary: null = any ROI).
+        mode: ``binary``, ``multiclass`` or ``multilabel``.
+        overwrite: re-export even when an up-to-date export exists.
+        slides: restrict to these slide names.
+        strict: raise on the first failing slide instead of logging and skipping it.
+
+    Returns: ``{slide: npz path}`` for the slides exported (failures are logged and left out).
+    """
+    from tqdm.auto import tqdm
+
+    from histolight.segment.config import MODES
+
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is invalid: must be one of {list(MODES)}")
+    if mode != "binary" and not labels:
+        raise ConfigError(f"mode '{mode}' needs a list of labels")
+    names = list(slides) if slides is not None else dataset.names
+    out: dict[str, Path] = {}
+    for name in tqdm(names, desc=f"thumbs+masks @ {mpp:g} um/px", leave=False):
+        try:
+            out[name] = export_slide(dataset, name, mpp, dest, labels, mode, overwrite)
+        except HistolightError as e:
+            if strict:
+                raise
+            log.error("%s: export failed, skipped: %s", name, e)
+    return out
+
+
+def load_thumb_mask(path: str | os.PathLike) -> ThumbMask:
+    """Read one exported ``<slide>.npz`` (and its sidecar)."""
+    path = Path(path)
+    with np.load(path) as z:
+        image, mask = z["image"], z["mask"]
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text()) if side.exists() else {}
+    return ThumbMask(path.stem, image, mask, meta)
+
+
+def check_labels_present(items: Sequence[ThumbMask], labels: Sequence[str] | None, mode: str) -> None:
+    """Raise :class:`ConfigError` when a configured label has no pixel in any exported mask (usually a typo)."""
+    if not labels or not items:
+        return
+    totals = {lab: 0 for lab in labels}
+    for it in items:
+        for lab, n in (it.meta.get("label_pixels") or {}).items():
+            if lab in totals:
+                totals[lab] += n
+    if mode == "binary":
+        return
+    missing = [lab for lab, n in totals.items() if n == 0]
+    if missing:
+        raise ConfigError(f"data.labels={list(labels)} is invalid: no ROI of label(s) {missing} in any training/validation "
+                          "slide. Check the spelling against the ROI files (python run.py task=info lists their labels).")

@@ -1,0 +1,262 @@
+"""Training data: random crops of slide thumbnails and their masks, augmented identically.
+
+- Train: ``crops_per_epoch`` crops of ``size`` px per epoch (Slideflow draws one per slide per
+  epoch). Each crop comes from a slide drawn uniformly; with probability ``fg_crop_prob`` it is
+  centred near a random labelled pixel, else placed uniformly. Thumbnails smaller than ``size``
+  are padded with white; padded pixels have weight 0 (ignored by losses and metrics).
+- Augmentation (albumentations; geometry applied to image, mask and weights alike): flips, 90
+  degree rotations, optional zoom; colour: brightness/contrast, hue/saturation, H&E stain jitter.
+- Validation: whole thumbnails of the validation slides (one per batch); the LightningModule runs
+  them through the same tiled inference as :meth:`SegmentModel.run_tiled_inference`.
+
+Batches are dicts: ``image`` float (B, 3, H, W) in [0, 1], ``mask`` (B, H, W) int64 (binary /
+multiclass) or (B, N, H, W) uint8 (multilabel), ``weight`` float (B, H, W) (0 = ignore) and
+``name`` (slide names).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from histolight.segment.config import SegmentConfig
+from histolight.segment.data import ThumbMask
+from histolight.segment.losses import edge_weight_map
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+
+def stain_jitter(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """H&E augmentation (Tellez et al. 2018): colour deconvolution (Ruifrok & Johnston), then per stain
+    ``od * alpha + beta`` with ``alpha in 1 +- strength``, ``beta in +- strength / 5`` (optical density).
+
+    ``img`` (H, W, 3) uint8 RGB. Background (total optical density < 0.3) is left unchanged.
+    """
+    if strength <= 0:
+        return img
+    rgb_from_hed = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
+    rgb_from_hed /= np.linalg.norm(rgb_from_hed, axis=1, keepdims=True)
+    hed_from_rgb = np.linalg.inv(rgb_from_hed)
+    od = -np.log((img.reshape(-1, 3).astype(np.float32) + 1.0) / 256.0)
+    hed = od @ hed_from_rgb
+    alpha = rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
+    beta = rng.uniform(-strength / 5, strength / 5, 3).astype(np.float32)
+    tissue = (od.sum(-1, keepdims=True) > 0.3).astype(np.float32)
+    hed = hed + tissue * (hed * (alpha - 1) + beta)
+    out = np.exp(-(hed @ rgb_from_hed)) * 256.0 - 1.0
+    return np.clip(out + 0.5, 0, 255).reshape(img.shape).astype(np.uint8)
+
+
+def build_transforms(aug: dict):
+    """albumentations ``Compose`` for image + masks; the stain jitter is applied separately (see :class:`CropDataset`)."""
+    import albumentations as A
+
+    t = []
+    if aug.get("flip"):
+        t += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if aug.get("rotate90"):
+        t.append(A.RandomRotate90(p=0.5))
+    if aug.get("scale", 0) > 0:
+        s = aug["scale"]
+        t.append(A.Affine(scale=(1 - s, 1 + s), fill=255, fill_mask=0, p=0.5))
+    if aug.get("brightness_contrast", 0) > 0:
+        b = aug["brightness_contrast"]
+        t.append(A.RandomBrightnessContrast(brightness_limit=b, contrast_limit=b, p=0.5))
+    if aug.get("hue_saturation", 0) > 0:
+        h = aug["hue_saturation"]
+        t.append(A.HueSaturationValue(hue_shift_limit=int(round(h * 180)), sat_shift_limit=int(round(h * 255)),
+                                      val_shift_limit=0, p=0.5))
+    if aug.get("blur", 0) > 0:
+        t.append(A.GaussianBlur(blur_limit=(3, 5), p=aug["blur"]))
+    return A.Compose(t) if t else None
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def _pad_to(image: np.ndarray, mask: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad (bottom/right) to at least (h, w): image white, mask 0, valid 0 in the padding."""
+    ih, iw = image.shape[:2]
+    ph, pw = max(0, h - ih), max(0, w - iw)
+    valid = np.ones((ih, iw), np.uint8)
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=255)
+        valid = np.pad(valid, ((0, ph), (0, pw)))
+        if mask.ndim == 3:
+            mask = np.pad(mask, ((0, 0), (0, ph), (0, pw)))
+        else:
+            mask = np.pad(mask, ((0, ph), (0, pw)))
+    return image, mask, valid
+
+
+def _sample(image, mask, valid, cfg: SegmentConfig) -> dict:
+    """To tensors: image float (3, H, W) in [0, 1]; mask int64 or uint8; weight float (H, W)."""
+    if cfg.edge_weight > 0:
+        weight = edge_weight_map(mask, cfg.edge_weight, cfg.edge_sigma) * valid
+    else:
+        weight = valid.astype(np.float32)
+    m = torch.from_numpy(np.ascontiguousarray(mask))
+    m = m.to(torch.uint8) if cfg.mode == "multilabel" else m.long()
+    return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0),
+            "mask": m, "weight": torch.from_numpy(np.ascontiguousarray(weight, np.float32))}
+
+
+class CropDataset(Dataset):
+    """``n`` random augmented crops of ``cfg.size`` from ``items`` (length = ``n``; new crops each epoch)."""
+
+    def __init__(self, items: Sequence[ThumbMask], cfg: SegmentConfig, n: int, augment: bool = True, seed: int | None = None):
+        if not items:
+            raise ValueError("CropDataset needs at least one slide")
+        self.items = list(items)
+        self.cfg = cfg
+        self.n = int(n)
+        self.augment = augment
+        self.transform = build_transforms(cfg.augmentation) if augment else None
+        self.seed = seed
+        self._rng: np.random.Generator | None = None
+        # candidate centres for foreground crops: labelled pixels, subsampled
+        self._fg = []
+        for it in self.items:
+            fg = it.mask.any(0) if it.mask.ndim == 3 else it.mask > 0
+            ys, xs = np.nonzero(fg)
+            step = max(1, len(ys) // 20000)
+            self._fg.append(np.stack([ys[::step], xs[::step]], 1) if len(ys) else np.zeros((0, 2), int))
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:  # one stream per process (DataLoader workers get distinct torch seeds)
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self._rng = np.random.default_rng(seed)
+        return self._rng
+
+    def crop(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        it = self.items[k]
+        s = self.cfg.size
+        image, mask, valid = _pad_to(it.image, it.mask, s, s)
+        h, w = image.shape[:2]
+        fg = self._fg[k]
+        if len(fg) and rng.random() < self.cfg.fg_crop_prob:
+            cy, cx = fg[rng.integers(len(fg))]
+            y0 = int(np.clip(cy - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, h - s))
+            x0 = int(np.clip(cx - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, w - s))
+        else:
+            y0 = int(rng.integers(0, h - s + 1))
+            x0 = int(rng.integers(0, w - s + 1))
+        sl = (slice(y0, y0 + s), slice(x0, x0 + s))
+        m = mask[(slice(None), *sl)] if mask.ndim == 3 else mask[sl]
+        return image[sl], m, valid[sl]
+
+    def __getitem__(self, i: int) -> dict:
+        rng = self.rng
+        k = int(rng.integers(len(self.items)))
+        image, mask, valid = self.crop(k, rng)
+        if self.transform is not None:
+            # masks as a list of 2-D arrays: every channel and the validity map get the same geometry
+            chans = list(mask) if mask.ndim == 3 else [mask]
+            r = self.transform(image=image, masks=[*chans, valid])
+            image = r["image"]
+            ms = r["masks"]
+            mask = np.stack(ms[:-1]) if self.cfg.mode == "multilabel" else ms[0]
+            valid = ms[-1]
+        if self.augment and self.cfg.augmentation.get("stain", 0) > 0 and rng.random() < 0.5:
+            image = stain_jitter(image, self.cfg.augmentation["stain"], rng)
+        out = _sample(image, mask, valid, self.cfg)
+        out["name"] = self.items[k].name
+        return out
+
+
+class WholeDataset(Dataset):
+    """Whole thumbnails (padded to a multiple of 32), one per item: validation and overlays."""
+
+    def __init__(self, items: Sequence[ThumbMask], cfg: SegmentConfig):
+        self.items = list(items)
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        h, w = it.shape
+        image, mask, valid = _pad_to(it.image, it.mask, math.ceil(h / 32) * 32, math.ceil(w / 32) * 32)
+        out = _sample(image, mask, valid, self.cfg)
+        out["weight"] = torch.from_numpy(valid.astype(np.float32))  # metrics: plain validity, no edge weighting
+        out["name"] = it.name
+        return out
+
+
+def _collate(batch: list[dict]) -> dict:
+    out = {k: torch.stack([b[k] for b in batch]) for k in ("image", "mask", "weight")}
+    out["name"] = [b["name"] for b in batch]
+    return out
+
+
+def _collate_pad(batch: list[dict]) -> dict:
+    """Stack samples of different sizes by padding to the largest (image white, weight 0)."""
+    if len({tuple(b["image"].shape) for b in batch}) == 1:
+        return _collate(batch)
+    H = max(b["image"].shape[1] for b in batch)
+    W = max(b["image"].shape[2] for b in batch)
+    out = {"image": [], "mask": [], "weight": [], "name": [b["name"] for b in batch]}
+    for b in batch:
+        h, w = b["image"].shape[1:]
+        out["image"].append(torch.nn.functional.pad(b["image"], (0, W - w, 0, H - h), value=1.0))
+        out["mask"].append(torch.nn.functional.pad(b["mask"], (0, W - w, 0, H - h)))
+        out["weight"].append(torch.nn.functional.pad(b["weight"], (0, W - w, 0, H - h)))
+    return {k: (torch.stack(v) if k != "name" else v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+def input_stats(items: Sequence[ThumbMask]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (in [0, 1] units) of the training thumbnails' pixels."""
+    s = np.zeros(3)
+    ss = np.zeros(3)
+    n = 0
+    for it in items:
+        x = it.image.reshape(-1, 3).astype(np.float64) / 255.0
+        s += x.sum(0)
+        ss += (x ** 2).sum(0)
+        n += len(x)
+    mean = s / max(n, 1)
+    std = np.sqrt(np.maximum(ss / max(n, 1) - mean ** 2, 1e-8))
+    return [float(v) for v in mean], [float(max(v, 1e-3)) for v in std]
+
+
+class SegmentDataModule(L.LightningDataModule):
+    """Lightning data module over in-memory thumbnails (they are small: a slide at 20 um/px is ~1-2 MP).
+
+    Created by :func:`histolight.segment.train` from exported :class:`ThumbMask` items; usable
+    directly: ``SegmentDataModule(cfg, train_items, val_items)``.
+    """
+
+    def __init__(self, cfg: SegmentConfig, train_items: Sequence[ThumbMask], val_items: Sequence[ThumbMask] = (),
+                 seed: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.train_items = list(train_items)
+        self.val_items = list(val_items)
+        self.seed = seed
+
+    def train_dataloader(self):
+        ds = CropDataset(self.train_items, self.cfg, self.cfg.crops_per_epoch, augment=True)
+        nw = self.cfg.num_workers
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, num_workers=nw, collate_fn=_collate,
+                          drop_last=False, persistent_workers=nw > 0, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self):
+        if not self.val_items:
+            return []
+        return DataLoader(WholeDataset(self.val_items, self.cfg), batch_size=1, shuffle=False,
+                          num_workers=0, collate_fn=_collate_pad)

@@ -1,0 +1,524 @@
+"""The segmentation network and its LightningModule (training, validation metrics, inference).
+
+:class:`SegmentNet` = input normalisation (mean/std buffers, saved with the weights) + a
+``segmentation_models_pytorch`` model. Built with ``encoder_weights=None`` always, so building or
+loading never touches the network; pretrained encoder weights come from a local file
+(:func:`load_encoder_weights`) or, only when training with a weights *name*, from smp's hub.
+
+:class:`SegmentModel` (a ``LightningModule``, like Slideflow's ``SegmentModel``) trains it and
+runs inference: :meth:`SegmentModel.run_tiled_inference` on any ``H x W x 3`` array and
+:meth:`SegmentModel.run_slide_inference` on a whole slide, in strips.
+
+Output shapes (probabilities, float32): binary ``(H, W)``; multiclass ``(N + 1, H, W)`` with
+channel 0 = background; multilabel ``(N, H, W)``. ``output='labels'`` gives uint8 ``(H, W)``
+(binary 0/1, multiclass class index) or ``(N, H, W)`` 0/1 (multilabel).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from torch import nn
+
+from histolight.errors import ConfigError
+from histolight.segment.config import SegmentConfig
+from histolight.segment.inference import single_pass_logits, tiled_logits
+from histolight.segment.losses import SegmentLoss
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("proba", "logits", "labels")
+
+
+# ---------------------------------------------------------------------------------------------- network
+
+
+class SegmentNet(nn.Module):
+    """``(B, 3, H, W)`` float in [0, 1] -> ``(B, n_out, H, W)`` logits."""
+
+    def __init__(self, cfg: SegmentConfig):
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        self.model = smp.create_model(cfg.arch, encoder_name=cfg.encoder_name, encoder_weights=None, in_channels=3,
+                                      classes=cfg.n_out, **arch_kwargs(cfg.arch, cfg.model_kwargs))
+        mean, std = cfg.resolved_input_stats()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def arch_kwargs(arch: str, kwargs: dict) -> dict:
+    """``kwargs`` accepted by smp architecture ``arch``; others are dropped with a warning (arch sweeps)."""
+    import inspect
+
+    import segmentation_models_pytorch as smp
+
+    cls = smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()]
+    params = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    ok = {k: v for k, v in kwargs.items() if k in params}
+    dropped = sorted(set(kwargs) - set(ok))
+    if dropped:
+        log.warning("model.model_kwargs %s are not arguments of %s: ignored", dropped, arch)
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in ok.items()}
+
+
+def load_encoder_weights(net: SegmentNet, weights: str, encoder_name: str) -> None:
+    """Load pretrained encoder weights: a local file (state dict, ``.safetensors`` or a checkpoint
+    holding ``state_dict``), or an smp/timm weights name (downloads; fails offline with a clear error)."""
+    enc = net.model.encoder
+    p = Path(weights).expanduser()
+    if p.is_file():
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=False)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise ConfigError(f"model.encoder_weights={weights!r} is invalid: the file holds a {type(sd).__name__}, not a state dict")
+        best = (0, None, None)
+        targets = [("encoder", enc)] + ([("encoder.model", enc.model)] if hasattr(enc, "model") else [])
+        prefixes = ["", "encoder.", "model.encoder.", "net.model.encoder.", "model.", "module."]
+        for tname, target in targets:
+            own = target.state_dict()
+            for pre in prefixes:
+                cand = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+                ok = {k: v for k, v in cand.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+                if len(ok) > best[0]:
+                    best = (len(ok), target, ok)
+        n, target, ok = best
+        if n == 0:
+            raise ConfigError(f"model.encoder_weights={weights!r} is invalid: no tensor matches the {encoder_name} encoder "
+                              "(is it a checkpoint of the same encoder?)")
+        target.load_state_dict(ok, strict=False)
+        total = len(target.state_dict())
+        log.info("encoder weights: %d/%d tensors loaded from %s", n, total, p)
+        if n < 0.5 * total:
+            log.warning("encoder weights: only %d of %d encoder tensors matched in %s", n, total, p)
+        return
+    # a weights name: smp / timm download it (needs internet)
+    try:
+        import segmentation_models_pytorch as smp
+
+        if encoder_name.startswith("tu-"):
+            fresh = smp.encoders.get_encoder(encoder_name, weights=True, depth=len(enc.out_channels) - 1)
+        else:
+            fresh = smp.encoders.get_encoder(encoder_name, weights=weights, depth=getattr(enc, "_depth", 5))
+        enc.load_state_dict(fresh.state_dict())
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - hub / network errors of several kinds
+        raise ConfigError(f"model.encoder_weights={weights!r}: cannot get pretrained weights ({type(e).__name__}: {e}). "
+                          "Without internet use encoder_weights=null or a local weights file.") from None
+
+
+# ---------------------------------------------------------------------------------------------- colours / overlays
+
+
+def palette(n: int) -> np.ndarray:
+    """``(n, 3)`` uint8 colours: class 0 black, then tumor-red, stroma-green, necrosis-grey, ..."""
+    base = [(0, 0, 0), (220, 30, 30), (40, 170, 60), (90, 90, 90), (30, 90, 220), (230, 160, 20), (160, 40, 200),
+            (20, 190, 190), (240, 120, 160)]
+    out = [base[i] if i < len(base) else tuple(int(v) for v in np.random.default_rng(i).integers(0, 255, 3)) for i in range(n)]
+    return np.array(out, np.uint8)
+
+
+def colorize(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class map ``(H, W)`` (or multilabel ``(N, H, W)``) -> RGB ``(H, W, 3)`` uint8."""
+    if labels.ndim == 3:  # multilabel: mix the label colours
+        pal = palette(labels.shape[0] + 1)[1:].astype(np.float32)
+        cnt = labels.sum(0, keepdims=True).clip(1, None)
+        rgb = np.tensordot(labels.astype(np.float32), pal, axes=(0, 0)) / cnt.transpose(1, 2, 0)
+        return rgb.astype(np.uint8)
+    return palette(max(n_classes, int(labels.max()) + 1))[labels]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float = 0.45) -> np.ndarray:
+    """Image with the predicted classes blended in (background untouched)."""
+    rgb = colorize(labels, n_classes)
+    fg = (labels.any(0) if labels.ndim == 3 else labels > 0)[..., None]
+    out = image.astype(np.float32) * (1 - alpha * fg) + rgb.astype(np.float32) * alpha * fg
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[image | truth | prediction]`` side by side with 4 px white gaps."""
+    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([image, gap, colorize(truth, n_classes), gap, colorize(pred, n_classes)], 1)
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+class SegmentModel(L.LightningModule):
+    """Whole-slide segmentation model.
+
+    Args:
+        config: :class:`SegmentConfig` (or its dict, e.g. from a checkpoint's hyperparameters).
+        load_pretrained: load ``config.encoder_weights`` into the encoder (training start). False
+            when rebuilding a trained model: the weights then come from ``model.pth``/the checkpoint
+            and nothing is read from the network.
+        n_overlays: validation slides drawn as ``[image | truth | prediction]`` overlays.
+        overlay_every: draw overlays every this many epochs (and at the last one); 0 = never.
+    """
+
+    def __init__(self, config: SegmentConfig | dict, load_pretrained: bool = False, n_overlays: int = 3,
+                 overlay_every: int = 5):
+        super().__init__()
+        if isinstance(config, SegmentConfig):
+            cfg = config
+        else:
+            d = dict(config)
+            if not load_pretrained:
+                d["encoder_weights"] = None  # weights come from the saved state; never look the file up again
+            cfg = SegmentConfig.from_dict(d)
+        self.config = cfg
+        self.save_hyperparameters({"config": cfg.to_dict(), "n_overlays": n_overlays, "overlay_every": overlay_every})
+        self.net = SegmentNet(cfg)
+        if load_pretrained and cfg.encoder_weights:
+            load_encoder_weights(self.net, cfg.encoder_weights, cfg.encoder_name)
+        self.loss_fn = SegmentLoss(cfg.mode, cfg.loss_terms, cfg.n_classes, cfg.class_weights, cfg.focal_gamma)
+        self.n_overlays = n_overlays
+        self.overlay_every = overlay_every
+        self.overlay_dir: Path | None = None
+        self._metrics_built = False
+        self._overlays: list = []
+        self._normalizer = None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` float in [0, 1] -> logits ``(B, C, H, W)``."""
+        return self.net(x)
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``(..., C, H, W)`` -> probabilities (softmax for multiclass, sigmoid otherwise)."""
+        return logits.softmax(-3) if self.mode == "multiclass" else torch.sigmoid(logits)
+
+    def to_labels(self, proba: torch.Tensor | np.ndarray):
+        """Probabilities ``(C, H, W)`` -> labels (see module docstring); works on tensors and arrays."""
+        thr = self.config.threshold
+        if isinstance(proba, np.ndarray):
+            if self.mode == "multiclass":
+                return proba.argmax(0).astype(np.uint8)
+            if self.mode == "binary":
+                p = proba[0] if proba.ndim == 3 else proba
+                return (p > thr).astype(np.uint8)
+            return (proba > thr).astype(np.uint8)
+        if self.mode == "multiclass":
+            return proba.argmax(-3).to(torch.uint8)
+        if self.mode == "binary":
+            return (proba[..., 0, :, :] > thr).to(torch.uint8)
+        return (proba > thr).to(torch.uint8)
+
+    # ------------------------------------------------------------------ training
+    def _build_metrics(self):
+        from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex, MultilabelF1Score, MultilabelJaccardIndex
+
+        n = self.config.n_classes
+        if self.mode == "multilabel":
+            self.val_iou = MultilabelJaccardIndex(num_labels=n, average="none").to(self.device)
+            self.val_dice = MultilabelF1Score(num_labels=n, average="none").to(self.device)
+        else:
+            self.val_iou = MulticlassJaccardIndex(num_classes=n, average="none").to(self.device)
+            self.val_dice = MulticlassF1Score(num_classes=n, average="none").to(self.device)
+        self._metrics_built = True
+
+    def _reset_val(self):
+        if not self._metrics_built:
+            self._build_metrics()
+        self.val_iou.reset()
+        self.val_dice.reset()
+        n = self.config.n_classes
+        self._support = torch.zeros(n, dtype=torch.float64)
+        self._predcount = torch.zeros(n, dtype=torch.float64)
+        self._val_loss_sum = 0.0
+        self._val_loss_n = 0
+        self._overlays = []
+
+    def training_step(self, batch: dict, batch_idx: int):
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"], batch["weight"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._reset_val()
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        c = self.config
+        for i in range(batch["image"].shape[0]):
+            img, mask, weight = batch["image"][i], batch["mask"][i], batch["weight"][i]
+            logits = tiled_logits(self.net, img, c.size, c.overlap, c.infer_batch_size)
+            loss = self.loss_fn(logits[None], mask[None], weight[None])
+            self._val_loss_sum += float(loss)
+            self._val_loss_n += 1
+            proba = self.activation(logits)
+            valid = weight > 0
+            if self.mode == "multilabel":
+                p = proba.permute(1, 2, 0)[valid]
+                t = mask.permute(1, 2, 0)[valid].long()
+                self.val_iou.update(p, t)
+                self.val_dice.update(p, t)
+                self._support += t.sum(0).double().cpu()
+                self._predcount += (p > 0.5).sum(0).double().cpu()
+            else:
+                lab = self.to_labels(proba).long()[valid]
+                t = mask[valid].long()
+                self.val_iou.update(lab, t)
+                self.val_dice.update(lab, t)
+                n = c.n_classes
+                self._support += torch.bincount(t, minlength=n).double().cpu()
+                self._predcount += torch.bincount(lab, minlength=n).double().cpu()
+            if self._want_overlays() and len(self._overlays) < self.n_overlays:
+                hv = int(valid.any(1).sum())
+                wv = int(valid.any(0).sum())
+                im = (img[:, :hv, :wv].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+                pr = self.to_labels(proba).cpu().numpy()
+                tr = mask.cpu().numpy().astype(np.uint8)
+                if self.mode == "multilabel":
+                    pr, tr = pr[:, :hv, :wv], tr[:, :hv, :wv]
+                else:
+                    pr, tr = pr[:hv, :wv], tr[:hv, :wv]
+                self._overlays.append((batch["name"][i], panel(im, tr, pr, c.n_classes)))
+
+    def _want_overlays(self) -> bool:
+        if self.n_overlays <= 0 or self.overlay_every <= 0 or self.trainer is None or self.trainer.sanity_checking:
+            return False
+        e = self.current_epoch
+        last = self.trainer.max_epochs is not None and e + 1 >= self.trainer.max_epochs
+        return last or e % self.overlay_every == 0 or bool(getattr(self.trainer, "validating", False))
+
+    def compute_val_metrics(self) -> dict[str, float]:
+        """Per-class and mean IoU / Dice over every validation pixel since the last reset.
+
+        Means (``val/miou``, ``val/mdice``) average the classes present in the truth or the prediction.
+        """
+        iou = self.val_iou.compute().double().cpu()
+        dice = self.val_dice.compute().double().cpu()
+        present = (self._support + self._predcount) > 0
+        names = self.config.class_names
+        out = {}
+        for k, name in enumerate(names):
+            if present[k]:
+                out[f"val/iou_{name}"] = float(iou[k])
+                out[f"val/dice_{name}"] = float(dice[k])
+        out["val/miou"] = float(iou[present].mean()) if present.any() else 0.0
+        out["val/mdice"] = float(dice[present].mean()) if present.any() else 0.0
+        if self.mode == "multiclass":
+            fg = present.clone()
+            fg[0] = False
+            out["val/miou_fg"] = float(iou[fg].mean()) if fg.any() else 0.0
+        out["val/loss"] = self._val_loss_sum / max(1, self._val_loss_n)
+        return out
+
+    def on_validation_epoch_end(self):
+        if self._val_loss_n == 0:
+            return
+        metrics = self.compute_val_metrics()
+        for k, v in metrics.items():
+            self.log(k, v, prog_bar=k in ("val/miou", "val/loss"), batch_size=1)
+        if self._overlays and not self.trainer.sanity_checking:
+            self._log_overlays()
+
+    def _log_overlays(self):
+        import cv2
+
+        from histolight.io.atomic import atomic_write
+
+        tag = f"epoch{self.current_epoch:03d}" if not getattr(self.trainer, "validating", False) else "best"
+        d = self.overlay_dir or Path(self.trainer.default_root_dir) / "overlays"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, img in self._overlays:
+            ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            with atomic_write(d / f"{tag}_{name}.png", "wb") as fh:
+                fh.write(png.tobytes())
+        for lg in self.loggers:
+            if hasattr(lg, "log_image"):
+                try:
+                    lg.log_image(key="val/overlays", images=[im for _, im in self._overlays],
+                                 caption=[f"{n}: image | truth | prediction" for n, _ in self._overlays], step=self.global_step)
+                except Exception as e:  # noqa: BLE001 - never fail training over a picture
+                    log.warning("could not log overlays to %s: %s", type(lg).__name__, e)
+
+    def configure_optimizers(self):
+        c = self.config
+        params = [p for p in self.parameters() if p.requires_grad]
+        if c.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        elif c.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=c.lr, weight_decay=c.weight_decay, momentum=0.9, nesterov=True)
+        if c.scheduler == "none":
+            return opt
+        kw = dict(c.scheduler_kwargs)
+        max_epochs = self.trainer.max_epochs if self.trainer is not None and (self.trainer.max_epochs or -1) > 0 else c.epochs
+        if c.scheduler == "onecycle":
+            total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else c.epochs
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(1, total), **kw)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if c.scheduler == "plateau":
+            monitor = kw.pop("monitor", "val/loss")
+            mode = kw.pop("mode", "min")
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, **kw)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": monitor, "interval": "epoch"}}
+        if c.scheduler == "cosine":
+            eta_min = float(kw.pop("eta_min", 0.0))
+            main = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, max_epochs - c.warmup_epochs), eta_min=eta_min)
+        else:  # step
+            main = torch.optim.lr_scheduler.StepLR(opt, step_size=int(kw.pop("step_size", 10)), gamma=float(kw.pop("gamma", 0.1)))
+        if c.warmup_epochs > 0:
+            warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=c.warmup_epochs)
+            sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, main], milestones=[c.warmup_epochs])
+        else:
+            sched = main
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ inference
+    @property
+    def normalizer(self):
+        """The stain normalizer of ``config.normalizer`` (None when unset)."""
+        if self._normalizer is None and self.config.normalizer:
+            from histolight.norm import build_normalizer
+
+            self._normalizer = build_normalizer(self.config.normalizer)
+        return self._normalizer
+
+    def _prepare(self, image: np.ndarray, context: np.ndarray | None = None) -> torch.Tensor:
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
+            raise ValueError(f"expected an H x W x 3 RGB array, got {getattr(image, 'shape', type(image))}")
+        if image.dtype != np.uint8:
+            image = np.clip(image, 0, 255).astype(np.uint8)
+        n = self.normalizer
+        if n is not None:
+            if getattr(n, "use_context", False):
+                n.set_context(context if context is not None else image)
+            image = n.transform(image)
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(self.device)
+        return x.float().div_(255.0)
+
+    def _finish(self, logits: torch.Tensor, output: str) -> np.ndarray:
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r} is invalid: must be one of {list(OUTPUTS)}")
+        if output == "logits":
+            out = logits
+        else:
+            out = self.activation(logits)
+            if output == "labels":
+                return self.to_labels(out).cpu().numpy()
+        out = out.cpu().numpy().astype(np.float32, copy=False)
+        return out[0] if self.mode == "binary" else out
+
+    @torch.no_grad()
+    def run_tiled_inference(self, image: np.ndarray, tile_px: int | None = None, overlap: float | None = None,
+                            batch_size: int | None = None, output: str = "proba") -> np.ndarray:
+        """Segment an ``H x W x 3`` uint8 RGB array at the model's mpp with overlapping, blended tiles.
+
+        Args:
+            image: the image, already at ``config.mpp`` um/px.
+            tile_px: tile side (default ``config.size``; a multiple of 32).
+            overlap: tile overlap as a fraction of the tile (default ``config.overlap``).
+            batch_size: tiles per forward pass (default ``config.infer_batch_size``).
+            output: ``proba`` (default), ``logits`` or ``labels``.
+
+        Returns: exactly ``H x W`` outputs: binary ``(H, W)``, multiclass ``(N + 1, H, W)``,
+        multilabel ``(N, H, W)`` (see the module docstring for labels).
+        """
+        c = self.config
+        tile = int(tile_px or c.size)
+        if tile % 32:
+            raise ValueError(f"tile_px={tile} must be a multiple of 32")
+        was = self.training
+        self.eval()
+        try:
+            logits = tiled_logits(self.net, self._prepare(image), tile, c.overlap if overlap is None else overlap,
+                                  batch_size or c.infer_batch_size)
+        finally:
+            self.train(was)
+        return self._finish(logits, output)
+
+    @torch.no_grad()
+    def run_forward(self, image: np.ndarray, output: str = "proba") -> np.ndarray:
+        """One forward pass over the whole array (padded to a multiple of 32): the untiled reference."""
+        was = self.training
+        self.eval()
+        try:
+            logits = single_pass_logits(self.net, self._prepare(image))
+        finally:
+            self.train(was)
+        return self._finish(logits, output)
+
+    @torch.no_grad()
+    def run_slide_inference(self, slide, output: str = "proba", strip_px: int | None = None, tile_px: int | None = None,
+                            overlap: float | None = None, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Segment a whole slide at ``config.mpp``, reading it in horizontal strips (bounded memory).
+
+        Each strip of ``strip_px`` rows is read with ``tile_px // 2`` rows of context above and below
+        (``slide.read``), segmented with :meth:`run_tiled_inference` and cropped, so memory is one
+        strip plus the output, whatever the slide size.
+
+        Returns: the slide's grid at ``config.mpp`` (``slide.size_at_mpp``): binary ``(H, W)``,
+        multiclass ``(N + 1, H, W)``, multilabel ``(N, H, W)`` (float32 probabilities, or uint8 labels).
+        """
+        from tqdm.auto import tqdm
+
+        c = self.config
+        mpp = c.mpp
+        W, H = slide.size_at_mpp(mpp)
+        ds = mpp / slide.mpp
+        tile = int(tile_px or c.size)
+        halo = tile // 2
+        strip = int(strip_px or max(2 * tile, 1024))
+        context = None
+        n = self.normalizer
+        if n is not None and getattr(n, "use_context", False):
+            context = slide.thumbnail(max_size=2048)
+        ch = 1 if self.mode == "binary" else c.n_out
+        if output == "labels":
+            out = np.zeros((H, W) if self.mode != "multilabel" else (ch, H, W), np.uint8)
+        else:
+            out = np.zeros((ch, H, W), np.float32)
+        for y0 in tqdm(range(0, H, strip), desc=f"segment {getattr(slide, 'name', '')}", leave=False, disable=not progress):
+            y1 = min(H, y0 + strip)
+            r0, r1 = max(0, y0 - halo), min(H, y1 + halo)
+            img = slide.read((0.0, r0 * ds), (W * ds, (r1 - r0) * ds), mpp, out_size=(W, r1 - r0))
+            was = self.training
+            self.eval()
+            try:
+                logits = tiled_logits(self.net, self._prepare(img, context), tile, c.overlap if overlap is None else overlap,
+                                      batch_size or c.infer_batch_size)
+            finally:
+                self.train(was)
+            logits = logits[:, y0 - r0: y1 - r0]
+            if output == "labels":
+                out[..., y0:y1, :] = self.to_labels(self.activation(logits)).cpu().numpy()
+            elif output == "logits":
+                out[:, y0:y1] = logits.cpu().numpy()
+            else:
+                out[:, y0:y1] = self.activation(logits).cpu().numpy()
+        return out[0] if (self.mode == "binary" and output != "labels") else out
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def seed_all(seed: int | None) -> None:
+    if seed is not None:
+        L.seed_everything(int(seed), workers=True, verbose=False)
+
+
+__all__ = ["SegmentNet", "SegmentModel", "load_encoder_weights", "palette", "colorize", "overlay", "panel"]
+

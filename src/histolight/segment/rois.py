@@ -1,0 +1,213 @@
+"""Predicted masks -> labelled ROI polygons (holes kept) in base px; per-slide and per-dataset writers.
+
+Polygons follow pixel edges: OpenCV traces the boundary pixel centres of each connected region
+(``RETR_CCOMP``: outer boundaries and their holes), then the polygon is grown by half a pixel
+(mitred) so it runs along the pixel edges, i.e. adjacent classes share boundaries. Objects and
+holes smaller than ``min_area_mm2`` are dropped (holes filled); outlines are simplified with
+``simplify_tolerance`` base px and scaled to level-0 coordinates.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import shapely
+import shapely.affinity
+from shapely.geometry import MultiPolygon, Polygon
+
+from histolight.errors import HistolightError
+from histolight.roi import ROI, write_rois
+from histolight.roi.core import _polygonal
+
+log = logging.getLogger(__name__)
+
+
+def mask_to_polygons(mask: np.ndarray) -> list[Polygon]:
+    """Polygons (with holes) of a bool ``(H, W)`` mask, in mask px (pixel ``(i, j)`` spans ``[j, j+1) x [i, i+1)``)."""
+    m = np.ascontiguousarray(mask.astype(np.uint8))
+    if not m.any():
+        return []
+    contours, hier = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    hier = hier[0]
+    polys = []
+    for i, c in enumerate(contours):
+        if hier[i][3] != -1:  # a hole: handled with its parent
+            continue
+        ext = c[:, 0, :].astype(np.float64) + 0.5
+        holes = []
+        j = hier[i][2]
+        while j != -1:
+            h = contours[j][:, 0, :].astype(np.float64) + 0.5
+            if len(h) >= 3:
+                holes.append(h)
+            j = hier[j][0]
+        if len(ext) >= 3:
+            outer = Polygon(ext)
+            if not outer.is_valid:
+                outer = _polygonal(shapely.make_valid(outer)) or Polygon()
+            g = outer.buffer(0.5, join_style="mitre", mitre_limit=2.0)
+        elif len(ext) == 2:  # a 1 px wide straight run of pixels
+            g = shapely.LineString(ext).buffer(0.5, cap_style="square", join_style="mitre")
+        else:  # a single pixel
+            x, y = ext[0]
+            g = shapely.box(x - 0.5, y - 0.5, x + 0.5, y + 0.5)
+        for h in holes:
+            hp = Polygon(h)
+            if not hp.is_valid:
+                hp = _polygonal(shapely.make_valid(hp))
+            if hp is None or hp.is_empty:
+                continue
+            # the hole ring runs through the region's pixel centres around the hole: shrink it by half a pixel
+            hole = hp.buffer(-0.5, join_style="mitre", mitre_limit=2.0)
+            if not hole.is_empty:
+                g = g.difference(hole)
+        g = _polygonal(g)
+        if g is None:
+            continue
+        polys.extend(g.geoms if isinstance(g, MultiPolygon) else [g])
+    return polys
+
+
+def _drop_small(poly: Polygon, min_area: float, min_hole: float) -> Polygon | None:
+    if poly.area < min_area:
+        return None
+    if min_hole > 0 and poly.interiors:
+        keep = [r for r in poly.interiors if Polygon(r).area >= min_hole]
+        poly = Polygon(poly.exterior, keep)
+    return poly
+
+
+def masks_to_rois(masks: dict[str, np.ndarray], downsample: float, base_mpp: float, min_area_mm2: float = 0.01,
+                  min_hole_mm2: float | None = None, simplify_tolerance: float | None = None,
+                  origin: tuple[float, float] = (0.0, 0.0)) -> list[ROI]:
+    """ROIs from ``{label: bool (H, W) mask}``.
+
+    Args:
+        masks: one boolean mask per label, on a grid of ``downsample`` base px per pixel.
+        downsample: base px per mask px (``model mpp / slide mpp``).
+        base_mpp: the slide's level-0 um/px (for the area threshold).
+        min_area_mm2: drop polygons smaller than this (mm^2).
+        min_hole_mm2: fill holes smaller than this (default: ``min_area_mm2``).
+        simplify_tolerance: Douglas-Peucker tolerance in base px (default: half a mask pixel).
+        origin: base px of the mask's top-left corner.
+
+    Returns: ROIs named ``<label>_<k>`` with (Multi)Polygon geometry in base px (one ROI per polygon).
+    """
+    px_area_mm2 = (downsample * base_mpp) ** 2 / 1e6  # mm^2 per mask pixel
+    min_area = float(min_area_mm2) / px_area_mm2
+    min_hole = float(min_area_mm2 if min_hole_mm2 is None else min_hole_mm2) / px_area_mm2
+    tol = 0.5 * downsample if simplify_tolerance is None else float(simplify_tolerance)
+    rois: list[ROI] = []
+    for label, mask in masks.items():
+        k = 0
+        for poly in sorted(mask_to_polygons(mask), key=lambda p: -p.area):
+            poly = _drop_small(poly, min_area, min_hole)
+            if poly is None:
+                continue
+            g = shapely.affinity.affine_transform(poly, [downsample, 0, 0, downsample, origin[0], origin[1]])
+            if tol > 0:
+                g = g.simplify(tol, preserve_topology=True)
+            g = _polygonal(g if g.is_valid else shapely.make_valid(g))
+            if g is None or g.area <= 0:
+                continue
+            rois.append(ROI(f"{label}_{k}", g, label, "generated by histolight.segment"))
+            k += 1
+    return rois
+
+
+def prediction_masks(pred: np.ndarray, cfg, output: str = "labels") -> dict[str, np.ndarray]:
+    """``{label: bool mask}`` from a slide prediction (labels or probabilities) of a model with config ``cfg``."""
+    thr = cfg.threshold
+    if cfg.mode == "binary":
+        m = pred > 0 if output == "labels" else pred > thr
+        return {cfg.foreground_name: m}
+    if cfg.mode == "multiclass":
+        lab = pred if output == "labels" else pred.argmax(0)
+        return {name: lab == i + 1 for i, name in enumerate(cfg.labels)}
+    m = pred > 0 if output == "labels" else pred > thr
+    return {name: m[i] for i, name in enumerate(cfg.labels)}
+
+
+def generate_rois(slide, model, apply: bool = True, min_area_mm2: float = 0.01, min_hole_mm2: float | None = None,
+                  simplify_tolerance: float | None = None, labels_pred: np.ndarray | None = None) -> list[ROI]:
+    """Segment ``slide`` with ``model`` (a :class:`SegmentModel`) and turn the prediction into ROIs.
+
+    Returns the ROIs (base px, labelled by class); unless ``apply=False`` they are also attached
+    to the slide as ``slide.rois``. ``labels_pred`` reuses an existing label prediction.
+    """
+    cfg = model.config
+    if labels_pred is None:
+        labels_pred = model.run_slide_inference(slide, output="labels")
+    ds = cfg.mpp / slide.mpp
+    rois = masks_to_rois(prediction_masks(labels_pred, cfg, "labels"), ds, slide.mpp, min_area_mm2, min_hole_mm2,
+                         simplify_tolerance)
+    if apply:
+        slide.rois = rois
+    return rois
+
+
+def write_slide_rois(rois: Sequence[ROI], folder: str | os.PathLike, name: str, formats: Sequence[str] = ("csv", "geojson")) -> list[Path]:
+    """Write ``<folder>/<name>.csv`` (Slideflow) and/or ``.geojson`` (QuPath), atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in formats:
+        fmt = fmt.lower().lstrip(".")
+        if fmt not in ("csv", "geojson"):
+            raise HistolightError(f"ROI format {fmt!r} is invalid: use csv and/or geojson")
+        out.append(write_rois(rois, folder / f"{name}.{fmt}"))
+    return out
+
+
+def generate_dataset_rois(dataset, model, dest: str | os.PathLike | None = None, overwrite: bool = False,
+                          formats: Sequence[str] = ("csv", "geojson"), slides: Sequence[str] | None = None,
+                          min_area_mm2: float = 0.01, min_hole_mm2: float | None = None,
+                          simplify_tolerance: float | None = None, device: str = "cpu") -> list[dict]:
+    """Generate and write ROIs for every slide of ``dataset`` (Slideflow's ``Dataset.generate_rois``).
+
+    Args:
+        model: a :class:`SegmentModel` or a model path (folder / ``model.pth``).
+        dest: output folder (default: the dataset's first ROI folder).
+        overwrite: also process slides that already have ROIs (in the dataset or in ``dest``).
+        formats: ``csv`` (Slideflow) and/or ``geojson`` (QuPath).
+
+    Returns: one report row per slide: ``slide``, ``status`` (``written``, ``skipped``, ``failed``),
+    ``n_rois``, ``labels``, ``files``, ``error``. Failing slides are logged and skipped.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(model, (str, os.PathLike)):
+        from histolight.segment.io import load_model_and_config
+
+        model, _ = load_model_and_config(model, device=device)
+    if dest is None:
+        if not dataset.roi_dirs:
+            raise HistolightError("no ROI folder to write into: pass dest (task.dest) or configure dataset.rois")
+        dest = dataset.roi_dirs[0]
+    dest = Path(dest)
+    report = []
+    names = list(slides) if slides is not None else dataset.names
+    for name in tqdm(names, desc="generate ROIs", leave=False):
+        row = {"slide": name, "status": None, "n_rois": 0, "labels": None, "files": None, "error": None}
+        existing = [dest / f"{name}.{f.lower().lstrip('.')}" for f in formats]
+        if not overwrite and (dataset.has_rois(name) or any(p.exists() for p in existing)):
+            row["status"] = "skipped"
+            row["error"] = "has ROIs (overwrite=true to replace)"
+            report.append(row)
+            continue
+        try:
+            with dataset.open(name) as slide:
+                rois = generate_rois(slide, model, apply=False, min_area_mm2=min_area_mm2, min_hole_mm2=min_hole_mm2,
+                                     simplify_tolerance=simplify_tolerance)
+            files = write_slide_rois(rois, dest, name, formats)
+            row.update(status="written", n_rois=len(rois), labels=",".join(sorted({r.label for r in rois})) or None,
+                       files=",".join(str(f) for f in files))
+        except HistolightError as e:
+            log.error("%s: ROI generation failed, skipped: %s", name, e)
+            row.update(status="failed", error=str(e))
+        report.append(row)
+    return report
