@@ -285,7 +285,8 @@ def test_degenerate_tiles_pass_through_and_are_counted(method, tiles):
             StainNormalizer(method).set_context(img)
     # a mixed batch: only the degenerate image passes through
     white = np.full_like(tiles[0], 255)
-    mixed = n.transform_batch(to_batch([tiles[0], white]))
+    with pytest.warns(NormalizerWarning):
+        mixed = n.transform_batch(to_batch([tiles[0], white]))
     assert np.array_equal(from_batch(mixed)[1], white)
     assert not np.array_equal(from_batch(mixed)[0], tiles[0])
 
@@ -420,6 +421,23 @@ def test_nnlasso_is_optimal():
         for _ in range(20):  # no feasible perturbation does better
             a2 = np.maximum(a + rng.normal(0, 0.05, a.shape), 0)
             assert np.all(0.5 * ((y - a2 @ d) ** 2).sum(1) + 0.1 * a2.sum(1) >= obj - 1e-9)
+
+
+def test_torch_dictionary_learning_matches_numpy():
+    """The batched torch solver (used on GPU) equals the NumPy one, padding rows ignored."""
+    from histolight.norm import torch_ops as T
+
+    rng = np.random.default_rng(2)
+    ys = [np.abs(rng.normal(0.5, 0.3, (n, 3))) for n in (300, 500)]
+    y = torch.zeros(2, 500, 3, dtype=torch.float64)
+    w = torch.zeros(2, 500, dtype=torch.float64)
+    for b, yb in enumerate(ys):
+        y[b, : len(yb)] = torch.from_numpy(yb)
+        w[b, : len(yb)] = 1
+    d0 = torch.as_tensor(np_ops.RUIFROK_HE).expand(2, 2, 3)
+    d = T.dict_learn(y, w, 0.1, 15, d0).numpy()
+    for b, yb in enumerate(ys):
+        assert np.allclose(d[b], np_ops.dict_learn(yb, 0.1, 15, finish=False), atol=1e-9)
 
 
 def test_dictionary_learning_matches_sklearn(tiles):

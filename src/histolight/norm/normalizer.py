@@ -23,6 +23,7 @@ from histolight.norm.np_ops import Degenerate
 _AUG_MACENKO = {"alpha": 1.0, "beta": 0.15, "min_tissue_pixels": 256}
 
 
+_CPU_CHUNK = 4  # images per chunk when transform_batch runs on CPU
 _LIN_LUT = np_ops.linear_lut()
 _LIN_LUT.flags.writeable = False
 
@@ -381,7 +382,7 @@ class StainNormalizer:
             if ctx is not None:
                 return np_ops.log_map(np_ops.to_od(img, ctx["lut"]), ctx["map"], o["io"])
             p = self._bright_p(img)
-            lut = np_ops.od_lut(o["io"], None if p is None else np_ops.brightness_factor(p))
+            lut = _OD_LUT(o["io"]) if p is None else np_ops.od_lut(o["io"], np_ops.brightness_factor(p))
             od = np_ops.to_od(img, lut)
             m8 = np_ops.od_tissue_mask(img, np_ops.od_tissue_vmax(lut, o["beta"]))
             he, mc = np_ops.macenko_stats_od(od, m8, o["alpha"], o["min_tissue_pixels"])
@@ -458,19 +459,29 @@ class StainNormalizer:
         if bsz == 0:
             return x.clone()
         integer = x.dtype == torch.uint8
-        xf = x.reshape(bsz, 3, h * w).float()
-        if not integer:
-            xf = torch.clamp(xf, 0, 255)
+        prm = None
+        if self.family == "augment":
+            prm = self.sample_params(bsz) if params is None else np.asarray(params, dtype=np.float64)
+            if prm.shape != (bsz, 7):
+                raise ValueError(f"params must have shape ({bsz}, 7), got {prm.shape}")
+        # on CPU, chunks of a few images keep temporaries in cache (and avoid page-faulting
+        # huge fresh buffers); on GPU the whole batch goes at once
+        step = _CPU_CHUNK if x.device.type == "cpu" else bsz
+        outs, oks, reasons = [], [], []
         with torch.no_grad():
-            out, ok, reasons = self._batch(xf, integer, params, T)
-        if not bool(ok.all()):
-            out = torch.where(ok[:, None, None], out, xf)
+            for i in range(0, bsz, step):
+                xf = x[i:i + step].reshape(-1, 3, h * w).float()
+                if not integer:
+                    xf = torch.clamp(xf, 0, 255)
+                out, ok, rs = self._batch(xf, integer, None if prm is None else prm[i:i + step], T)
+                if not bool(ok.all()):
+                    out = torch.where(ok[:, None, None], out, xf)
+                outs.append(torch.round_(out).to(torch.uint8) if integer else out.to(x.dtype))
+                oks.append(ok)
+                reasons += rs
+        ok = torch.cat(oks)
         self._count(int(ok.sum()), [r or "degenerate" for r, k in zip(reasons, ok.tolist()) if not k])
-        if integer:
-            out = torch.round_(out).to(torch.uint8)
-        else:
-            out = out.to(x.dtype)
-        return out.reshape(bsz, 3, h, w)
+        return torch.cat(outs).reshape(bsz, 3, h, w)
 
     def _batch(self, xf, integer: bool, params, T):
         """(out (B,3,N) float in [0,255], ok (B,) bool, reasons) for float32 pixels xf."""
@@ -535,10 +546,8 @@ class StainNormalizer:
             scale = torch.nan_to_num(self._tgt_tensor("max_conc", dev)[None] / mc, nan=1.0, posinf=1.0)
             a = self._tgt_tensor("he", dev)[None] * scale[:, None, :]
             return T.codes_map(torch.stack([a1, a2], 1), a, o["io"]), ok, reasons
-        # augment
-        prm = self.sample_params(bsz) if params is None else np.asarray(params, dtype=np.float64)
-        if prm.shape != (bsz, 7):
-            raise ValueError(f"params must have shape ({bsz}, 7), got {prm.shape}")
+        # augment (params drawn by transform_batch)
+        prm = params
         maps = [np_ops.augment_map(self._aug_basis3(), p) for p in prm]
         a = torch.as_tensor(np.stack([m[0] for m in maps]), dtype=torch.float64, device=dev)
         off = torch.as_tensor(np.stack([m[1] for m in maps]), dtype=torch.float64, device=dev)

@@ -330,6 +330,7 @@ RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.07216
 RGB2XYZN = RGB2XYZ / LAB_WHITE[:, None]          # linear RGB -> XYZ / white
 XYZN2RGB = np.linalg.inv(RGB2XYZN)
 F2LAB = np.array([[0.0, 116.0, 0.0, -16.0], [500.0, -500.0, 0.0, 0.0], [0.0, 200.0, -200.0, 0.0]])
+_LAB2F = np.linalg.inv(F2LAB[:, :3])
 LAB_T0 = 0.008856                                # f(t) = cbrt(t) above, 7.787 t + 16/116 below
 LAB_F0 = 7.787 * LAB_T0 + 16.0 / 116.0           # f value at the switch
 SRGB_T0 = 0.0031308                              # sRGB encode: 12.92 x below, 1.055 x^(1/2.4) - 0.055 above
@@ -386,10 +387,9 @@ def reinhard_stats_lab(lab: np.ndarray, m8: np.ndarray | None):
 
 def reinhard_map(src_mean, src_std, tgt_mean, tgt_std) -> np.ndarray:
     """3x4 float64 map on f: LAB affine (x - mu_s) * sd_t / sd_s + mu_t expressed on f."""
-    a, a0 = F2LAB[:, :3], F2LAB[:, 3]
+    a, a0, ainv = F2LAB[:, :3], F2LAB[:, 3], _LAB2F
     k = np.asarray(tgt_std) / np.asarray(src_std)
     o = np.asarray(tgt_mean) - k * np.asarray(src_mean)
-    ainv = np.linalg.inv(a)
     m = np.empty((3, 4))
     m[:, :3] = ainv @ np.diag(k) @ a
     m[:, 3] = ainv @ (k * a0 + o - a0)
@@ -403,8 +403,7 @@ def f_to_rgb_u8(f: np.ndarray) -> np.ndarray:
         i = _idx_le(f, LAB_F0)
         xyz.ravel()[i] = (f.ravel()[i] - F32(16.0 / 116.0)) * F32(1.0 / 7.787)
     lin = cv2.transform(xyz, XYZN2RGB.astype(F32), dst=ws("lin", f.shape))
-    cv2.threshold(lin, 1.0, 0, cv2.THRESH_TRUNC, dst=lin)
-    cv2.threshold(lin, 0.0, 0, cv2.THRESH_TOZERO, dst=lin)
+    cv2.threshold(lin, 0.0, 0, cv2.THRESH_TOZERO, dst=lin)  # > 1 saturates at 255 in the end anyway
     g = cv2.log(lin, dst=ws("g", f.shape))  # log(0) is finite in OpenCV; fixed up below
     np.multiply(g, F32(1.0 / 2.4), out=g)
     cv2.exp(g, dst=g)
@@ -457,11 +456,17 @@ def _nnlasso2_general(b1, b2, g: np.ndarray, lam: float):
     return a1, a2
 
 
-def dict_learn(y: np.ndarray, lam: float, n_iter: int, d0: np.ndarray = RUIFROK_HE) -> np.ndarray:
+#: over-relaxation of the dictionary step (1 = plain block-coordinate descent); same fixed point,
+#: about 2-4x fewer iterations for a given accuracy on H&E tiles (see experiments/stain_normalization.md)
+DICT_RELAX = 1.9
+
+
+def dict_learn(y: np.ndarray, lam: float, n_iter: int, d0: np.ndarray = RUIFROK_HE,
+               finish: bool = True) -> np.ndarray:
     """Sparse non-negative 2-atom dictionary (2x3 float64 rows H, E, unit length) of OD rows y (n,3).
 
-    Alternates the closed-form non-negative lasso codes and one block-coordinate dictionary pass
-    with projection onto {d >= 0, ||d|| <= 1} (Mairal et al. 2010), the problem solved by
+    Alternates the closed-form non-negative lasso codes and one (over-relaxed) block-coordinate
+    dictionary pass with projection onto {d >= 0, ||d|| <= 1} (Mairal et al. 2010), the problem solved by
     spams.trainDL(posD=True, posAlpha=True, lambda1=lam) in Vahadane et al. 2016.
     """
     yt = np.ascontiguousarray(y.T, dtype=np.float64)  # (3, n)
@@ -478,10 +483,10 @@ def dict_learn(y: np.ndarray, lam: float, n_iter: int, d0: np.ndarray = RUIFROK_
         for j in range(2):
             if ata[j, j] <= 1e-12:
                 continue
-            u = d[j] + (yta[:, j] - d.T @ ata[:, j]) / ata[j, j]
+            u = d[j] + DICT_RELAX * (yta[:, j] - d.T @ ata[:, j]) / ata[j, j]
             np.maximum(u, 0.0, out=u)
             d[j] = u / max(math.sqrt(float(u @ u)), 1.0)
-    return finish_dictionary(d)
+    return finish_dictionary(d) if finish else d
 
 
 def finish_dictionary(d: np.ndarray) -> np.ndarray:
@@ -537,12 +542,15 @@ def vahadane_codes(od: np.ndarray, d: np.ndarray, lam: float):
 def vahadane_dictionary(od: np.ndarray, m8: np.ndarray, opts: dict) -> np.ndarray:
     """2x3 float64 stain dictionary (rows H, E) by sparse NMF on a subsample of tissue OD pixels.
 
-    Initialized with the Macenko stain vectors of the same pixels (Ruifrok's if that fails).
+    Initialized with the Macenko stain vectors of the same pixels (Ruifrok's if the Macenko angles
+    are degenerate); a tile of one colour raises Degenerate.
     """
     n = count_tissue(m8, opts["min_tissue_pixels"])
     try:
         d0 = macenko_he(od, m8, n, 1.0).T
-    except Degenerate:
+    except Degenerate as e:
+        if e.reason == "no_colour_variation":  # one colour: nothing to separate
+            raise
         d0 = RUIFROK_HE
     idx = fit_subsample_index(m8, opts["max_fit_pixels"])
     y = od.reshape(-1, 3)[idx].astype(np.float64)

@@ -66,7 +66,16 @@ def row_percentiles(v: torch.Tensor, qs, mask: torch.Tensor | None, ok: torch.Te
     Rows with ok False give NaN.
     """
     out = torch.full((v.shape[0], len(qs)), float("nan"), dtype=torch.float64)
-    for b in torch.nonzero(ok).flatten().tolist():
+    rows = torch.nonzero(ok).flatten().tolist()
+    if v.device.type == "cpu":  # same exact order statistics, NumPy's selection is faster on CPU
+        vn = v.numpy()
+        mn = None if mask is None else mask.numpy()
+        for b in rows:
+            x = vn[b] if mn is None else np.compress(mn[b], vn[b])
+            if x.size >= 1:
+                out[b] = torch.tensor([np_ops.percentile_lin(x, q) for q in qs], dtype=torch.float64)
+        return out
+    for b in rows:
         x = v[b] if mask is None else v[b][mask[b]]
         if x.numel() >= 1:
             out[b] = torch.tensor([percentile_1d(x, q) for q in qs], dtype=torch.float64)
@@ -126,8 +135,8 @@ def exp_out(z: torch.Tensor) -> torch.Tensor:
 def log_map(lg: torch.Tensor, a: torch.Tensor, io: float, offset: torch.Tensor | None = None) -> torch.Tensor:
     """(B,3,N) float in [0,255]: io * exp(-(a @ OD + offset)) - 1 with OD = ln(io) - lg.
 
-    lg: (B,K,N) ln(I + 1) (K = 3) or, with `codes=True` semantics, any (B,K,N) linear input;
-    a: (B,3,K) float64. Computed as one fused baddbmm: ln(out + 1) = ln(io)(1 - a 1) + a lg - offset.
+    lg: (B,3,N) ln(I + 1); a: (B,3,3) float64; offset: (B,3) OD or None. One fused baddbmm:
+    ln(out + 1) = ln(io) (1 - a 1) + a lg - offset.
     """
     log_io = math.log(io)
     bias = log_io * (1.0 - a.sum(2))
@@ -219,11 +228,12 @@ def lab_f(integer: bool, xb: torch.Tensor) -> torch.Tensor:
         v = xb / 255.0
         lin = torch.where(v <= 0.04045, v / 12.92, torch.pow((v + 0.055) / 1.055, 2.4))
     xyz = mat3(np_ops.RGB2XYZN, lin)
-    f = torch.pow(torch.clamp(xyz, min=0.0), 1.0 / 3.0)
-    if float(xyz.amin()) <= np_ops.LAB_T0:  # rare dark pixels: sparse fix-up (torch.where is slow on CPU)
-        low = xyz <= np_ops.LAB_T0
-        f[low] = xyz[low] * 7.787 + 16.0 / 116.0
-    return f
+    # piecewise f without branches (torch.where / masks are slow on CPU): the linear part is the
+    # tangent of the cube root at T0, so cbrt(max(t, T0)) + 7.787 (min(t, T0) - T0) is the same
+    # function (to 3e-7, the CIE constants' own continuity error).
+    t0 = np_ops.LAB_T0
+    f = torch.pow(torch.clamp(xyz, min=t0), 1.0 / 3.0)
+    return f.add_(torch.clamp_(xyz, max=t0).sub_(t0).mul_(7.787))
 
 
 def f_to_lab(f: torch.Tensor) -> torch.Tensor:
@@ -246,16 +256,12 @@ def reinhard_map(src_mean, src_std, tgt_mean, tgt_std) -> torch.Tensor:
 
 def f_to_rgb(f: torch.Tensor) -> torch.Tensor:
     """(B,3,N) f (overwritten) -> float sRGB in [0,255] (unrounded), see np_ops.f_to_rgb_u8."""
-    xyz = f * f * f
-    if float(f.amin()) <= np_ops.LAB_F0:
-        low = f <= np_ops.LAB_F0
-        xyz[low] = (f[low] - 16.0 / 116.0) * (1.0 / 7.787)
+    f0, s0 = np_ops.LAB_F0, np_ops.SRGB_T0
+    fc = torch.clamp(f, min=f0)
+    xyz = (fc * fc).mul_(fc).add_(torch.clamp_(f, max=f0).sub_(f0).mul_(1.0 / 7.787))  # branch-free, as lab_f
     lin = torch.clamp_(mat3(np_ops.XYZN2RGB, xyz), 0.0, 1.0)
-    g = torch.pow(lin, 1.0 / 2.4).mul_(1.055 * 255.0).sub_(0.055 * 255.0)
-    if float(lin.amin()) <= np_ops.SRGB_T0:
-        dark = lin <= np_ops.SRGB_T0
-        g[dark] = lin[dark] * (12.92 * 255.0)
-    return g
+    g = torch.pow(torch.clamp(lin, min=s0), 1.0 / 2.4).mul_(1.055 * 255.0).sub_(0.055 * 255.0)
+    return g.add_(torch.clamp_(lin, max=s0).sub_(s0).mul_(12.92 * 255.0))
 
 
 def masked_mean_std(lab: torch.Tensor, mask: torch.Tensor | None):
@@ -288,18 +294,16 @@ def rgb_to_hsv(rgb01: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """(B,3,N) HSV (H degrees, any range) -> RGB, OpenCV's float formulas (hue wraps)."""
-    h, s, v = hsv[:, 0], hsv[:, 1], hsv[:, 2]
-    h = h * (1.0 / 60.0)
-    h = h - 6.0 * torch.floor(h / 6.0)
-    sector = torch.clamp(torch.floor(h), 0, 5)
-    f = h - sector
-    tab = torch.stack([v, v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))], 1)  # (B,4,N)
-    # OpenCV's sector table gives the (b, g, r) indices into tab
-    sec = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]], device=hsv.device)
-    idx = sec[sector.long()]  # (B,N,3)
-    bgr = torch.gather(tab, 1, idx.permute(0, 2, 1))
-    return bgr.flip(1)
+    """(B,3,N) HSV (H degrees, any range; S, V) -> RGB; OpenCV's sector formulas written branch-free:
+    channel = V - V S clip(min(k, 4 - k), 0, 1), k = (n + H/60) mod 6, n = 5, 3, 1 for R, G, B."""
+    h6, s, v = hsv[:, 0] * (1.0 / 60.0), hsv[:, 1], hsv[:, 2]
+    vs = v * s
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        t = torch.clamp_(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+        out.append(v - vs * t)
+    return torch.stack(out, 1)
 
 
 # ----------------------------------------------------------------------------- Vahadane
@@ -355,7 +359,7 @@ def dict_learn(y: torch.Tensor, w: torch.Tensor, lam: float, n_iter: int, d0: to
             ajj = ata[:, j, j]
             upd = active & (ajj > 1e-12)
             dta = (d * ata[:, :, j:j + 1]).sum(1)  # (B,3) = D^T ata[:, j]
-            u = d[:, j] + (yta[:, :, j] - dta) / torch.where(upd, ajj, torch.ones_like(ajj))[:, None]
+            u = d[:, j] + np_ops.DICT_RELAX * (yta[:, :, j] - dta) / torch.where(upd, ajj, torch.ones_like(ajj))[:, None]
             u = torch.clamp(u, min=0.0)
             u = u / torch.clamp(torch.sqrt((u * u).sum(1, keepdim=True)), min=1.0)
             d[:, j] = torch.where(upd[:, None], u, d[:, j])
@@ -366,7 +370,12 @@ def vahadane_dictionary(od: torch.Tensor, mask: torch.Tensor, opts: dict):
     """(d (B,2,3) float64 rows H, E; ok; reasons), see np_ops.vahadane_dictionary."""
     bsz = od.shape[0]
     n, ok, reasons = tissue_ok(mask, opts["min_tissue_pixels"])
-    he_m, ok_m = macenko_he(od, mask, n, ok, [None] * bsz, 1.0)
+    init_reasons = [None] * bsz
+    he_m, ok_m = macenko_he(od, mask, n, ok, init_reasons, 1.0)
+    for b, r in enumerate(init_reasons):
+        if r == "no_colour_variation":  # one colour: nothing to separate
+            ok[b] = False
+            reasons[b] = r
     ruif = torch.as_tensor(np_ops.RUIFROK_HE, dtype=torch.float64, device=od.device)
     d0 = torch.where(ok_m[:, None, None], he_m.transpose(1, 2), ruif)
     m = opts["max_fit_pixels"]
@@ -378,9 +387,13 @@ def vahadane_dictionary(od: torch.Tensor, mask: torch.Tensor, opts: dict):
         idx = idx[::stride]
         y[b, : idx.numel()] = od[b][:, idx].T.double()
         w[b, : idx.numel()] = 1.0
-    d = dict_learn(y, w, opts["lambda_fit"], opts["n_iter"], d0)
-    d_np = d.cpu().numpy()
-    dn = torch.zeros(d.shape, dtype=torch.float64)
+    if od.device.type == "cpu":  # tiny per-image problems: NumPy has far less per-op overhead on CPU
+        d_np = np.stack([np_ops.dict_learn(y[b, w[b] > 0].numpy(), opts["lambda_fit"], opts["n_iter"],
+                                           d0[b].numpy(), finish=False) if bool(ok[b]) else d0[b].numpy()
+                         for b in range(bsz)])
+    else:
+        d_np = dict_learn(y, w, opts["lambda_fit"], opts["n_iter"], d0).cpu().numpy()
+    dn = torch.zeros(d_np.shape, dtype=torch.float64)
     for b in torch.nonzero(ok).flatten().tolist():
         try:
             dn[b] = torch.from_numpy(np_ops.finish_dictionary(d_np[b]))
