@@ -1,7 +1,7 @@
 """Tile-extraction benchmark: a plain OpenSlide baseline vs histolight, timed in the same run on the same slides.
 
-    python bench/bench_extract.py            # full run (~5-8 min on 2 cores)
-    python bench/bench_extract.py --quick    # ~1-2 min
+    python bench/bench_extract.py            # full run (3-9 min on the 2-core VM, depending on other load)
+    python bench/bench_extract.py --quick    # 1-2 min
 
 What is timed (every case runs in its own fresh Python process, so peak RSS is per case):
 
@@ -15,6 +15,8 @@ What is timed (every case runs in its own fresh Python process, so peak RSS is p
                  ``report=False``) so it writes the same tiles as the baseline. Worker scaling (extraction
                  parallelises over slides, spawned workers) uses a cohort of links to the largest synthetic slide:
                  4 x 8192^2 (``--quick``) or 2 x 16384^2. Every case runs OpenCV single-threaded.
+- ``parallel control``: the same tile-decode loop in 1 and in 2 processes at once (no extractor): how much a
+                 second process can add on this machine at the time of the run (other load makes it < 2x).
 
 Headline case: 256 px tiles at 0.5 um/px (``tile_um=128``) from a synthetic 0.25 um/px Aperio-style slide
 (8192 x 8192 base px; generated once with ``histolight.demo.write_aperio_svs`` and cached under
@@ -303,6 +305,41 @@ def case_readpath(slide_path: str, quick: bool) -> dict:
     return out
 
 
+def _decode_loop(args) -> float:
+    """CPU-bound control: decode ``n`` stored tiles (no cache) of ``slide_path``; returns loop seconds."""
+    slide_path, n = args
+    from histolight.wsi import Slide
+
+    s = Slide(slide_path)
+    r = s.tile_reader
+    r.cache_bytes = 0
+    r.close()
+    lv = r.levels[0]
+    order = sorted(range(len(lv.counts)), key=lambda i: -int(lv.counts[i]))[:100]  # tissue tiles
+    t0 = time.perf_counter()
+    for k in range(n):
+        t = order[k % len(order)]
+        r.read_tile(0, t % lv.tiles_across, t // lv.tiles_across)
+    return time.perf_counter() - t0
+
+
+def case_parallel_control(slide_path: str, n: int = 600) -> dict:
+    """How much a second process can add on this machine right now: the same decode loop in 1 and 2 spawned
+    processes at once (aggregate tiles/s); independent of the extractor."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for p in (1, 2):
+        with ctx.Pool(p) as pool:
+            pool.map(_decode_loop, [(slide_path, 5)] * p)  # start-up and imports outside the clock
+            t0 = time.perf_counter()
+            pool.map(_decode_loop, [(slide_path, n)] * p)
+            out[f"procs_{p}_tiles_per_s"] = round(p * n / (time.perf_counter() - t0), 1)
+    out["ratio"] = round(out["procs_2_tiles_per_s"] / out["procs_1_tiles_per_s"], 2)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -357,6 +394,8 @@ def _child(spec: dict) -> dict:
         return case_extractor(**spec)
     if kind == "readpath":
         return case_readpath(**spec)
+    if kind == "parallel":
+        return case_parallel_control(**spec)
     raise ValueError(kind)
 
 
@@ -376,14 +415,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller slides / samples (~1-2 min)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="cache of generated slides + JSON results")
-    ap.add_argument("--reps", type=int, default=None, help="runs per case, best kept (default 5, --quick 3)")
+    ap.add_argument("--reps", type=int, default=None, help="runs per case, best kept (default 5, --quick 2)")
     ap.add_argument("--no-extractor", action="store_true", help="skip histolight.extract timings")
+    ap.add_argument("--only", choices=("throughput", "scaling", "readpath"), action="append",
+                    help="run only these sections (repeatable; default all)")
     args = ap.parse_args(argv)
+    parts = set(args.only or ("throughput", "scaling", "readpath"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [4096, 8192] if args.quick else [8192, 16384]
     headline = 8192
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 5)
     load0 = _loadavg()
     print(f"bench_extract: {TILE_PX} px tiles at {TILE_UM / TILE_PX:g} um/px (tile_um={TILE_UM:g}); "
           f"{os.cpu_count()} CPUs; quick={args.quick}; best of {reps} interleaved runs; load average {load0}", flush=True)
@@ -401,7 +443,7 @@ def main(argv=None) -> int:
     try:
         # single-process throughput, every slide
         specs = {}
-        for label, path in slides.items():
+        for label, path in (slides.items() if "throughput" in parts else ()):
             specs[(label, "baseline")] = {"kind": "pipeline", "slides": [str(path)], "reader": "openslide"}
             specs[(label, "direct")] = {"kind": "pipeline", "slides": [str(path)], "reader": "direct"}
             if ext_err is None:
@@ -416,16 +458,21 @@ def main(argv=None) -> int:
         for i in range(n_cohort):
             os.symlink(slides[f"synth {big}^2 @0.25"], cohort / f"s{i}.svs")
             members.append(str(cohort / f"s{i}.svs"))
-        specs[(cohort_label, "baseline")] = {"kind": "pipeline", "slides": members, "reader": "openslide"}
-        if ext_err is None:
+        if "scaling" in parts:
+            specs[(cohort_label, "baseline")] = {"kind": "pipeline", "slides": members, "reader": "openslide"}
+        if ext_err is None and "scaling" in parts:
             for w in (1, 2):
                 specs[(cohort_label, f"extractor w={w}")] = {"kind": "extractor", "slides": members, "workers": w}
         print(f"\n== throughput: {len(specs)} cases x {reps} runs", flush=True)
         best = run_rounds({f"{a} | {b}": v for (a, b), v in specs.items()}, reps, tmp)
         results["cases"] = best
+        if "scaling" in parts:
+            ctl = [run_case({"kind": "parallel", "slide_path": str(slides[head])}) for _ in range(2)]
+            results["parallel_control"] = ctl
+            print(f"  parallel control: {ctl}", flush=True)
         print("\n== read path (level 0)", flush=True)
         rp = {}
-        for label, path in slides.items():
+        for label, path in (slides.items() if "readpath" in parts else ()):
             if label.startswith("synth") and label != head:
                 continue
             rp[label] = run_case({"kind": "readpath", "slide_path": str(path), "quick": args.quick})
@@ -462,6 +509,10 @@ def main(argv=None) -> int:
         if w1 and w2:
             print(f"\nSecond worker ({cohort_label}): {w2['tiles_per_s'] / w1['tiles_per_s']:.2f}x the throughput of one "
                   f"({w1['tiles_per_s']:.0f} -> {w2['tiles_per_s']:.0f} tiles/s; spawned workers, start-up included)")
+    for c in results.get("parallel_control", []):
+        print(f"Parallel control (same tile-decode loop, 1 vs 2 processes at once, no extractor): "
+              f"{c['procs_1_tiles_per_s']:.0f} -> {c['procs_2_tiles_per_s']:.0f} tiles/s = {c['ratio']:.2f}x "
+              "(what a second process can add on this machine now)")
     synth = [lb for lb in labels if lb.startswith("synth ")]
     if len(synth) >= 2:
         a, b = synth[0], synth[-1]

@@ -197,9 +197,9 @@ def test_missing_tile_is_background_like_openslide(tmp_path):
     with tifffile.TiffFile(path) as tif:
         tag = tif.pages[0].tags[325]
         counts = np.asarray(tag.value)
-        byteorder, off, itemsize = tif.byteorder, tag.valueoffset, tag.dtype.itemsize if hasattr(tag.dtype, "itemsize") else 4
+        byteorder, off, fmt = tif.byteorder, tag.valueoffset, tifffile.TIFF.DATA_FORMATS[tag.dtype][-1]
+    itemsize = struct.calcsize(fmt)
     victim = int(np.argsort(counts)[len(counts) // 2])  # a tissue tile, not the largest (verification) one
-    fmt = {2: "H", 4: "I", 8: "Q"}[itemsize]
     with open(path, "r+b") as fh:
         fh.seek(off + victim * itemsize)
         fh.write(struct.pack(byteorder + fmt, 0))

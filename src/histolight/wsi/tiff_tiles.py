@@ -423,7 +423,7 @@ class TiffTileReader:
             raise TileReadError(f"tile {idx}: short read ({len(data)} of {n} bytes at offset {off}; file truncated?)")
         try:
             arr = self._decode(data, lv)
-        except Exception as e:  # noqa: BLE001 - imagecodecs raises its own error types
+        except Exception as e:  # noqa: BLE001 - each decoder raises its own error types
             raise TileReadError(f"tile {idx}: JPEG decode failed ({type(e).__name__}: {e})") from None
         if arr.shape != (lv.tile_h, lv.tile_w, 3) or arr.dtype != np.uint8:
             raise TileReadError(f"tile {idx}: decoded to shape {arr.shape} {arr.dtype}, expected ({lv.tile_h}, {lv.tile_w}, 3) uint8")
