@@ -14,6 +14,7 @@ TASKS: dict[str, str] = {
     "info": "histolight.tasks.info:run",
     "demo_data": "histolight.tasks.demo_data:run",
     "extract": "histolight.tasks.extract:run",
+    "features": "histolight.tasks.features:run",
     "train_tiles": "histolight.tasks.train_tiles:run",
     "predict": "histolight.tasks.predict:run",
     "export_masks": "histolight.tasks.export_masks:run",
