@@ -295,6 +295,22 @@ def test_streaming_balancing(tiles):
     assert np.all(np.abs(got / got.sum() - 1 / 3) < 0.07), got
 
 
+def test_augmentation_is_seeded_from_torch():
+    from histolight.classify import build_transform
+
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    aug = {"color_jitter": {"p": 1.0}, "jpeg": {"quality": [40, 60], "p": 1.0}}
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        tf = build_transform(True, aug)
+        outs.append(torch.stack([tf(img) for _ in range(4)]))
+    assert torch.equal(outs[0], outs[1])  # same torch seed, same augmentations
+    assert not torch.equal(outs[0][0], outs[0][1])  # but each call draws new parameters
+    torch.manual_seed(124)
+    assert not torch.equal(build_transform(True, aug)(img), outs[0][0])
+
+
 def test_distributed_samplers():
     parts = [list(EvalDistributedSampler(11, num_replicas=3, rank=r)) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(11))
@@ -362,6 +378,27 @@ def test_extracted_tfrecords_train_one_step_and_reload_predicts_identically(tile
         check_tile_geometry(["/t/64px_32um/a.tfrecords"], PX, UM)
 
 
+def test_local_weights_freeze_and_label_smoothing(tmp_path):
+    from histolight.classify.module import apply_freeze, create_timm_model
+
+    src = create_timm_model("resnet18", 10)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    m = create_timm_model("resnet18", 3, checkpoint_path=str(tmp_path / "w.pth"))  # head (10 -> 3) re-initialised
+    assert torch.equal(m.conv1.weight, src.conv1.weight) and m.fc.weight.shape == (3, 512)
+    n = apply_freeze(m, "backbone")
+    assert n > 0 and {k for k, p in m.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    m2 = create_timm_model("resnet18", 3)
+    apply_freeze(m2, ["conv1", "layer1"])
+    assert not m2.conv1.weight.requires_grad and m2.layer2[0].conv1.weight.requires_grad
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        apply_freeze(create_timm_model("resnet18", 3), ["encoder."])
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_timm_model("resnet18", 3, checkpoint_path=str(tmp_path / "missing.pth"))
+    mod = TileClassifier("resnet18", CLASSES, label_smoothing=0.1, freeze="backbone")
+    opt = mod.configure_optimizers()
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 512 * 3 + 3
+
+
 # ------------------------------------------------------------------------------------------ tasks (Hydra)
 
 
@@ -399,7 +436,8 @@ def test_train_tiles_task_end_to_end_then_predict(tiny_demo, work, tmp_path):
 
 
 def test_weak_supervision_streaming_slide_metrics(tiny_demo, work, tmp_path):
-    """label_source=slide (a named annotations column), streaming loader with a worker, slide-level metrics."""
+    """label_source=slide (a named annotations column), streaming loader, slide-level metrics,
+    on-the-fly stain normalization and stain augmentation."""
     from histolight.tasks import get_task
 
     ann = pd.read_csv(tiny_demo / "annotations.csv")
@@ -408,12 +446,17 @@ def test_weak_supervision_streaming_slide_metrics(tiny_demo, work, tmp_path):
     out = tmp_path / "weak"
     cfg = _compose(_train_overrides(tiny_demo, work, out, "data.label_source=slide", "data.label_column=grade",
                                     "data.labels=null", f"dataset.annotations={tmp_path / 'ann.csv'}", "logger=csv",
-                                    "data.streaming=true", "data.num_workers=1", "data.shuffle_buffer=64"))
+                                    "data.streaming=true", "data.shuffle_buffer=64",
+                                    "normalizer=reinhard_fast", "data.augment.stain_augment={p:0.5}"))
     m = get_task("train_tiles")(cfg)
     assert m["val/n_slides"] == 1 and "val/slide_acc" in m
     conf = json.loads((out / "model" / "model_config.json").read_text())
     assert conf["label_map"]["classes"] == ["high", "low"] and conf["label_source"] == "slide"
     assert conf["label_column"] == "grade"
+    # the on-the-fly normalizer and its fit are saved with the model and rebuilt on load
+    assert conf["normalizer"]["method"] == "reinhard_fast" and conf["normalizer"]["fit"]
+    loaded = load_model(out / "model")
+    assert loaded.normalizer is not None and loaded.normalizer.to_config() == conf["normalizer"]
 
 
 @pytest.mark.parametrize("override,pattern", [

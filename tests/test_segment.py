@@ -69,7 +69,7 @@ def trained(tiny_demo, tmp_path_factory):
     for mode in ("multiclass", "binary", "multilabel"):
         tmp = tmp_path_factory.mktemp(f"seg_{mode}")
         # multiclass: one real epoch logged to offline W&B (fast_dev_run would disable loggers and checkpoints)
-        run = ["logger=wandb", "trainer.max_epochs=1"] if mode == "multiclass" else ["logger=csv", "trainer.fast_dev_run=true"]
+        run = ["logger=wandb", "trainer.max_epochs=1"] if mode == "multiclass" else ["logger=csv", "+trainer.fast_dev_run=true"]
         cfg = compose_cfg([f"experiment=seg_{mode}", *run, *TINY,
                            *tiny_demo_overrides(tiny_demo)], tmp)
         metrics = get_task("train_seg")(cfg)
@@ -303,25 +303,22 @@ def test_lr_and_scheduler_are_used(tiny_demo, tmp_path):
 
 
 def test_tiled_inference_matches_single_pass_in_the_interior():
+    import cv2
+
     from histolight.segment.model import SegmentModel
 
     torch.manual_seed(0)
-    cfg = small_config("multiclass", size=96, overlap=0.25, input_mean=[0.8, 0.6, 0.8], input_std=[0.15, 0.2, 0.15])
+    cfg = small_config("multiclass", encoder_name="efficientnet-b0", size=96, overlap=0.25,
+                       input_mean=[0.8, 0.6, 0.8], input_std=[0.15, 0.2, 0.15])
     model = SegmentModel(cfg).eval()
-    rng = np.random.default_rng(1)
-    import cv2
-
-    img = cv2.GaussianBlur(rng.integers(0, 255, (200, 331, 3), dtype=np.uint8), (0, 0), 3)
-    tiled = model.run_tiled_inference(img, output="logits")
-    single = model.run_forward(img, output="logits")
+    img = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 255, (200, 331, 3), dtype=np.uint8), (0, 0), 3)
+    tiled = model.run_tiled_inference(img)  # 3 x 4 tiles of 96 px, blended
+    single = model.run_forward(img)         # one pass over the padded image
     assert tiled.shape == single.shape == (4, 200, 331)
-    m = 24
-    inner = (slice(None), slice(m, -m), slice(m, -m))
-    diff = np.abs(tiled[inner] - single[inner])
-    scale = np.abs(single[inner]).mean()
-    assert diff.mean() < 0.05 * scale and np.percentile(diff, 99) < 0.25 * scale, (diff.mean(), scale)
-    # one tile covering the whole image equals the single pass exactly
-    assert np.allclose(model.run_tiled_inference(img, tile_px=352, output="logits"), single, atol=1e-4)
+    inner = np.abs(tiled - single)[:, 24:-24, 24:-24]
+    assert inner.max() < 0.05 and inner.mean() < 0.005, (inner.max(), inner.mean())
+    # one tile covering the whole image is the single pass (up to float error)
+    assert np.allclose(model.run_tiled_inference(img, tile_px=352), single, atol=1e-5)
     # tiny and odd sizes keep their exact shape
     for h, w in ((17, 5), (33, 200), (200, 33)):
         assert model.run_tiled_inference(img[:h, :w]).shape == (4, h, w)
@@ -366,8 +363,19 @@ def test_slide_inference_in_strips_matches_thumbnail_inference(tmp_path):
 
     base = cv2.resize(cv2.GaussianBlur(rng.integers(0, 255, (150, 110, 3), dtype=np.uint8), (0, 0), 2), (880, 1200))
     slide = VirtualSlide(base, mpp=0.5, downsamples=(1, 4, 8))  # 8 base px per output px at 4 um/px
+    reads = []
+    orig = slide.read
+
+    def spy(location, size, mpp, out_size=None):
+        out = orig(location, size, mpp, out_size)
+        reads.append(out.shape)
+        return out
+
+    slide.read = spy
     strips = model.run_slide_inference(slide, strip_px=32)
     assert strips.shape == (150, 110)
+    # memory is bounded by one strip plus its context rows (tile // 2 above and below), never the whole slide
+    assert len(reads) == 5 and max(r[0] for r in reads) <= 32 + 64 and all(r[1] == 110 for r in reads)
     ref = model.run_tiled_inference(slide.thumbnail(mpp=4))
     assert np.abs(strips - ref)[8:-8, 8:-8].mean() < 0.02
 
@@ -383,8 +391,8 @@ def test_rois_from_masks_match_ground_truth_and_round_trip(tiny_demo, tmp_path):
 
     ds = tiny_dataset(tiny_demo)
     name = ds.names[0]
-    gt = gt_labels(tiny_demo, name, (192, 256))  # 2 um/px: 4 base px per mask px
-    rois = masks_to_rois({lab: gt == i + 1 for i, lab in enumerate(LABELS)}, downsample=4.0, base_mpp=0.5,
+    gt = gt_labels(tiny_demo, name, (384, 512))  # 1 um/px: 2 base px per mask px
+    rois = masks_to_rois({lab: gt == i + 1 for i, lab in enumerate(LABELS)}, downsample=2.0, base_mpp=0.5,
                          min_area_mm2=0.0005)
     truth = ds.rois(name)
     for lab in LABELS:
@@ -404,13 +412,13 @@ def test_rois_from_masks_match_ground_truth_and_round_trip(tiny_demo, tmp_path):
         assert g.is_valid and feat["properties"]["objectType"] == "annotation"
         assert feat["properties"]["classification"]["name"] in LABELS
     back = read_rois(tmp_path / f"{name}.csv")
-    mask = rasterize_rois(back, (192, 256), 0.25, labels=LABELS, mode="multiclass")
+    mask = rasterize_rois(back, (384, 512), 0.5, labels=LABELS, mode="multiclass")
     assert (mask == gt).mean() > 0.98
     # area threshold and simplification
-    few = masks_to_rois({"tumor": gt == 1}, 4.0, 0.5, min_area_mm2=1.0)
+    few = masks_to_rois({"tumor": gt == 1}, 2.0, 0.5, min_area_mm2=1.0)
     assert few == []
-    coarse = masks_to_rois({"tumor": gt == 1}, 4.0, 0.5, min_area_mm2=0.0005, simplify_tolerance=20)
-    fine = masks_to_rois({"tumor": gt == 1}, 4.0, 0.5, min_area_mm2=0.0005, simplify_tolerance=0)
+    coarse = masks_to_rois({"tumor": gt == 1}, 2.0, 0.5, min_area_mm2=0.0005, simplify_tolerance=20)
+    fine = masks_to_rois({"tumor": gt == 1}, 2.0, 0.5, min_area_mm2=0.0005, simplify_tolerance=0)
     n = lambda rs: sum(len(p.exterior.coords) for r in rs for p in r.polygons)  # noqa: E731
     assert n(coarse) < n(fine)
 
@@ -479,12 +487,20 @@ def test_qc_segment_in_extraction_keeps_only_predicted_tissue(tiny_demo, tmp_pat
     ds = tiny_dataset(tiny_demo)
     res = extract.extract_tiles(ds, tile_px=32, tile_um=32, outdir=tmp_path / "tiles", qc=[qc], roi_method="ignore",
                                 workers=1, report=False, progress=False, grayspace_fraction=1.0, whitespace_fraction=1.0)
+    everything = extract.extract_tiles(ds, tile_px=32, tile_um=32, outdir=tmp_path / "all", qc=[], roi_method="ignore",
+                                       workers=1, report=False, progress=False, grayspace_fraction=1.0,
+                                       whitespace_fraction=1.0).tiles
     tiles = res.tiles
-    assert len(tiles) > 0
+    assert 0 < len(tiles) < len(everything)
     for name, df in tiles.groupby("slide"):
         gt = gt_labels(tiny_demo, name, (768, 1024))
-        inside = gt[df["loc_y"].astype(int).clip(0, 767), df["loc_x"].astype(int).clip(0, 1023)] > 0
-        assert inside.mean() > 0.95, name
+
+        def in_tissue(t):
+            return gt[t["loc_y"].astype(int).clip(0, 767), t["loc_x"].astype(int).clip(0, 1023)] > 0
+
+        kept, every = in_tissue(df), in_tissue(everything[everything["slide"] == name])
+        assert kept.mean() > 0.9, name  # tiles whose centre is on tissue (edge tiles may be half tissue)
+        assert kept.sum() >= 0.95 * every.sum(), name  # and nearly every tissue tile is kept
 
 
 def test_dataset_generate_rois_writes_skips_and_survives_failures(tiny_demo, tmp_path):
@@ -532,8 +548,9 @@ def test_tasks_export_segment_and_generate_rois(trained, tiny_demo, tmp_path):
     from histolight.tasks import get_task
 
     model_dir, _ = trained["multiclass"]
-    ov = [*TINY, *tiny_demo_overrides(tiny_demo)]
-    cfg = compose_cfg(["task=export_masks", "data=seg", "data.mode=multiclass", f"data.labels=[{','.join(LABELS)}]", *ov], tmp_path)
+    ov = tiny_demo_overrides(tiny_demo)
+    cfg = compose_cfg(["task=export_masks", "data=seg", "data.mode=multiclass", f"data.labels=[{','.join(LABELS)}]",
+                       "data.mpp=4", *ov], tmp_path)
     r = get_task("export_masks")(cfg)
     assert r["n_exported"] == 3 and len(list((tmp_path / "work").rglob("*.npz"))) == 3
     cfg = compose_cfg(["task=segment", f"task.model={model_dir}", "task.min_area_mm2=0.0001", *ov], tmp_path)

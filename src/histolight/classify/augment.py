@@ -106,9 +106,17 @@ class TileTransform:
 
     def __init__(self, pipeline: Any | None):
         self.pipeline = pipeline
+        self._seed: int | None = None
 
     def __call__(self, img: np.ndarray) -> torch.Tensor:
         if self.pipeline is not None:
+            # albumentations keeps its own RNG; seed it from torch's per-process seed (base seed + worker id
+            # in DataLoader workers, drawn from the seeded main process), so augmentation is reproducible
+            # and differs between workers.
+            s = torch.initial_seed() % 2**32
+            if s != self._seed:
+                self.pipeline.set_random_seed(s)
+                self._seed = s
             img = self.pipeline(image=img)["image"]
         return to_chw_uint8(img)
 

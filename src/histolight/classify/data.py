@@ -313,9 +313,9 @@ class StreamingTileDataset(_TileArrays, IterableDataset):
         pos = self._shard(shard, n_shards)
         n_out = self.shard_length(n_shards)
         rng = np.random.default_rng([self.seed, self.epoch, shard])
-        if len(pos) == 0:
-            log.warning("streaming shard %d of %d has no tiles (more shards than tiles?)", shard, n_shards)
-            return
+        if len(pos) == 0:  # more shards than tiles: draw from all tiles so every shard yields its quota
+            log.warning("streaming shard %d of %d has no tiles of its own; sampling from all tiles", shard, n_shards)
+            pos = np.arange(len(self.record_idx))
         # per file: positions in file order
         order = np.lexsort((self.record_idx[pos], self.file_idx[pos]))
         pos = pos[order]
@@ -326,7 +326,7 @@ class StreamingTileDataset(_TileArrays, IterableDataset):
         if mass.sum() <= 0:
             return
         p_file = mass / mass.sum()
-        accept = [None if w is None else w[g] / w[g].max() for g in groups]
+        accept = [None if w is None else w[g] / max(float(w[g].max()), 1e-300) for g in groups]
         cursor = [int(rng.integers(len(g))) for g in groups]  # random start per file, then file order
         buf: list[tuple[int, bytes]] = []
         buf_size = max(1, min(self.shuffle_buffer, len(pos), n_out))

@@ -220,7 +220,8 @@ class TileClassifier(L.LightningModule):
         scheduler: partial taking ``optimizer`` (or None); ``scheduler_interval`` ``epoch`` | ``step``.
         slide_metrics: also report slide-level AUROC/accuracy (weak supervision).
         model_config: the artifact description saved in every checkpoint (``checkpoint['histolight']``).
-        mean, std: preprocessing; uint8 batches are normalized on the device after transfer.
+        mean, std: preprocessing; uint8 batches (what the tile datasets deliver) are normalized by
+            :meth:`forward` on the device.
     """
 
     def __init__(self, model_name: str, classes: Sequence[str], pretrained: bool = False,
@@ -251,11 +252,6 @@ class TileClassifier(L.LightningModule):
         if x.dtype == torch.uint8:
             x = normalize_batch(x, self.mean, self.std)
         return self.net(x)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if isinstance(batch, dict) and torch.is_tensor(batch.get("image")) and batch["image"].dtype == torch.uint8:
-            batch["image"] = normalize_batch(batch["image"], self.mean, self.std)
-        return batch
 
     def training_step(self, batch, batch_idx):
         logits = self(batch["image"])

@@ -132,14 +132,15 @@ def _grid_step(v: np.ndarray) -> int:
 
 
 def heatmap_image(pred: pd.DataFrame, classes: Sequence[str], scale: int = 4) -> np.ndarray:
-    """H x W x 3 uint8 map of one slide's tiles: one ``scale``-px cell per tile, colour = probability-weighted
-    class colour (:data:`PALETTE`), white where there is no tile. Grid step = smallest spacing of tile centres."""
+    """H x W x 3 uint8 map of one slide's tiles, aligned with the slide: cell ``(i, j)`` covers base px
+    ``[j * step, (j + 1) * step) x [i * step, (i + 1) * step)`` (step = smallest spacing of tile centres),
+    drawn ``scale`` px wide; colour = probability-weighted class colour (:data:`PALETTE`), white where
+    there is no tile. Overlay it on a slide thumbnail of ``step / scale`` base px per pixel."""
     xs, ys = pred["loc_x"].to_numpy(), pred["loc_y"].to_numpy()
-    sx, sy = _grid_step(xs), _grid_step(ys)
-    step = min(sx, sy) if len(np.unique(xs)) > 1 and len(np.unique(ys)) > 1 else max(sx, sy)
-    gx = np.rint((xs - xs.min()) / step).astype(int)
-    gy = np.rint((ys - ys.min()) / step).astype(int)
-    img = np.full((gy.max() + 1, gx.max() + 1, 3), 255, np.float32)
+    steps = [st for st, v in ((_grid_step(xs), xs), (_grid_step(ys), ys)) if len(np.unique(v)) > 1]
+    step = max(1, min(steps) if steps else 1)
+    gx, gy = xs // step, ys // step
+    img = np.full((int(gy.max()) + 1, int(gx.max()) + 1, 3), 255, np.float32)
     pal = np.asarray([PALETTE[i % len(PALETTE)] for i in range(len(classes))], np.float32)
     p = pred[prob_columns(classes)].to_numpy(np.float32)
     img[gy, gx] = p @ pal

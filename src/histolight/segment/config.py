@@ -78,7 +78,8 @@ class SegmentConfig:
     """Settings of a segmentation model (data sampling, network, loss, optimiser, inference).
 
     Units: ``mpp`` in um/px (resolution of thumbnails, masks and inference); ``size`` in px at
-    ``mpp`` (training crop and inference tile side, a multiple of 32); ``edge_sigma`` in px at ``mpp``.
+    ``mpp`` (training crop side, a multiple of 32); ``infer_tile_px`` the inference (and validation)
+    tile side (null = ``size``; larger tiles use CPUs and GPUs better); ``edge_sigma`` in px at ``mpp``.
     """
 
     # ---- what to segment (data group)
@@ -117,6 +118,7 @@ class SegmentConfig:
     threshold: float = 0.5
     overlap: float = 0.25
     infer_batch_size: int = 8
+    infer_tile_px: int | None = None
     # ---- set by training / other groups
     epochs: int = 20
     normalizer: dict | None = None
@@ -175,6 +177,8 @@ class SegmentConfig:
         check(isinstance(self.overlap, (int, float)) and 0 <= self.overlap < 0.5, "overlap", self.overlap,
               "must be a fraction of the tile in [0, 0.5)")
         check(is_pos_int(self.infer_batch_size), "infer_batch_size", self.infer_batch_size, "must be a positive integer")
+        check(self.infer_tile_px is None or (is_pos_int(self.infer_tile_px) and self.infer_tile_px % 32 == 0), "infer_tile_px",
+              self.infer_tile_px, "must be null (= size) or a positive multiple of 32 px")
         check(is_pos_int(self.epochs), "epochs", self.epochs, "must be a positive integer")
         for key in ("input_mean", "input_std"):
             v = getattr(self, key)
@@ -276,6 +280,11 @@ class SegmentConfig:
         return self.labels[0] if self.labels and len(self.labels) == 1 else "tissue"
 
     @property
+    def tile_px(self) -> int:
+        """Inference / validation tile side in px (``infer_tile_px``, else ``size``)."""
+        return int(self.infer_tile_px or self.size)
+
+    @property
     def loss_terms(self) -> dict[str, float]:
         return parse_loss(self.loss)
 
@@ -319,7 +328,7 @@ DATA_FIELDS = ("mode", "labels", "mpp", "size", "crops_per_epoch", "batch_size",
                "augmentation", "train_split", "val_split", "val_fraction")
 MODEL_FIELDS = ("arch", "encoder_name", "encoder_weights", "model_kwargs", "input_norm", "lr", "weight_decay", "optimizer",
                 "scheduler", "scheduler_kwargs", "warmup_epochs", "loss", "focal_gamma", "edge_weight", "edge_sigma",
-                "class_weights", "threshold", "overlap", "infer_batch_size")
+                "class_weights", "threshold", "overlap", "infer_batch_size", "infer_tile_px")
 
 
 def _unknown_keys(d: dict, allowed: tuple, prefix: str, ignore: tuple = ()) -> None:

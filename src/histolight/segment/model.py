@@ -260,7 +260,7 @@ class SegmentModel(L.LightningModule):
         c = self.config
         for i in range(batch["image"].shape[0]):
             img, mask, weight = batch["image"][i], batch["mask"][i], batch["weight"][i]
-            logits = tiled_logits(self.net, img, c.size, c.overlap, c.infer_batch_size)
+            logits = tiled_logits(self.net, img, c.tile_px, c.overlap, c.infer_batch_size)
             loss = self.loss_fn(logits[None], mask[None], weight[None])
             self._val_loss_sum += float(loss)
             self._val_loss_n += 1
@@ -428,7 +428,7 @@ class SegmentModel(L.LightningModule):
 
         Args:
             image: the image, already at ``config.mpp`` um/px.
-            tile_px: tile side (default ``config.size``; a multiple of 32).
+            tile_px: tile side (default ``config.infer_tile_px``, else ``config.size``; a multiple of 32).
             overlap: tile overlap as a fraction of the tile (default ``config.overlap``).
             batch_size: tiles per forward pass (default ``config.infer_batch_size``).
             output: ``proba`` (default), ``logits`` or ``labels``.
@@ -437,7 +437,7 @@ class SegmentModel(L.LightningModule):
         multilabel ``(N, H, W)`` (see the module docstring for labels).
         """
         c = self.config
-        tile = int(tile_px or c.size)
+        tile = int(tile_px or c.tile_px)
         if tile % 32:
             raise ValueError(f"tile_px={tile} must be a multiple of 32")
         was = self.training
@@ -478,7 +478,7 @@ class SegmentModel(L.LightningModule):
         mpp = c.mpp
         W, H = slide.size_at_mpp(mpp)
         ds = mpp / slide.mpp
-        tile = int(tile_px or c.size)
+        tile = int(tile_px or c.tile_px)
         halo = tile // 2
         strip = int(strip_px or max(2 * tile, 1024))
         context = None

@@ -172,7 +172,8 @@ def generate_dataset_rois(dataset, model, dest: str | os.PathLike | None = None,
     Args:
         model: a :class:`SegmentModel` or a model path (folder / ``model.pth``).
         dest: output folder (default: the dataset's first ROI folder).
-        overwrite: also process slides that already have ROIs (in the dataset or in ``dest``).
+        overwrite: also process slides that already have ROIs: any ROI file of the dataset when
+            writing into the dataset's ROI folder, else ``<dest>/<slide>.<format>``.
         formats: ``csv`` (Slideflow) and/or ``geojson`` (QuPath).
 
     Returns: one report row per slide: ``slide``, ``status`` (``written``, ``skipped``, ``failed``),
@@ -184,6 +185,7 @@ def generate_dataset_rois(dataset, model, dest: str | os.PathLike | None = None,
         from histolight.segment.io import load_model_and_config
 
         model, _ = load_model_and_config(model, device=device)
+    into_dataset = dest is None or any(Path(dest).resolve() == Path(d).resolve() for d in dataset.roi_dirs)
     if dest is None:
         if not dataset.roi_dirs:
             raise HistolightError("no ROI folder to write into: pass dest (task.dest) or configure dataset.rois")
@@ -194,7 +196,8 @@ def generate_dataset_rois(dataset, model, dest: str | os.PathLike | None = None,
     for name in tqdm(names, desc="generate ROIs", leave=False):
         row = {"slide": name, "status": None, "n_rois": 0, "labels": None, "files": None, "error": None}
         existing = [dest / f"{name}.{f.lower().lstrip('.')}" for f in formats]
-        if not overwrite and (dataset.has_rois(name) or any(p.exists() for p in existing)):
+        has = any(p.exists() for p in existing) or (into_dataset and dataset.has_rois(name))
+        if not overwrite and has:
             row["status"] = "skipped"
             row["error"] = "has ROIs (overwrite=true to replace)"
             report.append(row)

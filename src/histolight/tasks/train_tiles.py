@@ -31,6 +31,9 @@ def build_normalizer_from(cfg: DictConfig, enabled: bool):
     from histolight.norm import build_normalizer
 
     n = build_normalizer(cfg.normalizer)
+    if n is not None and n.method == "augment":
+        raise ConfigError("normalizer=augment is a random stain augmentation, not a normalization; for training use "
+                          "data.augment.stain_augment={p: 0.5, ...} (normalizer=none)")
     if n is not None and getattr(n, "use_context", False):
         raise ConfigError("normalizer.context=true needs a per-slide thumbnail and cannot run on the fly in the tile "
                           "loader; normalize at extraction instead (data.extract_options.normalizer) or set context=false")
@@ -163,7 +166,11 @@ def run(cfg: DictConfig) -> dict:
     metrics["epochs"] = float(trainer.current_epoch)
     metrics["seconds"] = round(time.time() - t0, 1)
 
-    # ---- artifacts (rank zero)
+    # ---- artifacts (rank zero): the evaluated checkpoint's weights
+    if ckpt and not any(s in task.eval_splits and dm.has_split(s) for s in ("val", "test")):
+        import torch
+
+        module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
     if trainer.is_global_zero:
         from histolight.io.atomic import atomic_write_json
 
