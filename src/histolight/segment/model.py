@@ -298,7 +298,12 @@ class SegmentModel(L.LightningModule):
             return False
         e = self.current_epoch
         last = self.trainer.max_epochs is not None and e + 1 >= self.trainer.max_epochs
-        return last or e % self.overlay_every == 0 or bool(getattr(self.trainer, "validating", False))
+        return last or e % self.overlay_every == 0 or self._in_validate()
+
+    def _in_validate(self) -> bool:
+        """True inside ``trainer.validate`` (not the validation loop of ``trainer.fit``)."""
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        return str(getattr(fn, "value", fn)) == "validate"
 
     def compute_val_metrics(self) -> dict[str, float]:
         """Per-class and mean IoU / Dice over every validation pixel since the last reset.
@@ -337,7 +342,7 @@ class SegmentModel(L.LightningModule):
 
         from histolight.io.atomic import atomic_write
 
-        tag = f"epoch{self.current_epoch:03d}" if not getattr(self.trainer, "validating", False) else "best"
+        tag = "best" if self._in_validate() else f"epoch{self.current_epoch:03d}"
         d = self.overlay_dir or Path(self.trainer.default_root_dir) / "overlays"
         d.mkdir(parents=True, exist_ok=True)
         for name, img in self._overlays:

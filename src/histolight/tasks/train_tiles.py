@@ -1,7 +1,7 @@
 """``task=train_tiles``: extract (or reuse) tiles, label them, split by patient, train a timm classifier,
 evaluate it and save it as a self-contained model folder.
 
-    python run.py experiment=tile_classifier                       # demo cohort, ROI labels, resnet18
+    python run.py experiment=tile_classifier                       # demo cohort, ROI labels, mobilenetv3
     python run.py experiment=tile_classifier data.label_source=slide   # weak supervision
     python run.py experiment=tile_classifier trainer=gpu            # one GPU, AMP
     python run.py experiment=tile_classifier trainer=ddp            # several GPUs
