@@ -67,6 +67,43 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         from histolight.tasks import get_task
 
         assert callable(get_task(cfg.task.name))
+    elif group == "model" and option.startswith("seg_"):
+        import torch
+
+        from histolight.segment.config import config_from_hydra
+        from histolight.segment.model import SegmentNet
+
+        with open_dict(cfg):
+            cfg.data = _compose(["data=seg"]).data
+            cfg.data.mode, cfg.data.labels, cfg.data.size = "multiclass", ["a", "b"], 64
+            cfg.model.encoder_name = "resnet18"
+        net = SegmentNet(config_from_hydra(cfg)).eval()
+        with torch.no_grad():
+            assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    elif group == "model" and option.startswith("timm_"):
+        import torch
+
+        from histolight.classify.module import create_timm_model
+        from histolight.utils.instantiate import instantiate
+
+        net = create_timm_model(cfg.model.name, 3, drop_rate=cfg.model.drop_rate, **cfg.model.model_kwargs).eval()
+        with torch.no_grad():
+            assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+        opt = instantiate(cfg.model.optimizer)(net.parameters())
+        assert isinstance(opt, torch.optim.Optimizer)
+    elif group == "data":
+        if option == "seg":
+            from histolight.segment.config import config_from_hydra
+
+            with open_dict(cfg):
+                cfg.model = _compose(["model=seg_unet"]).model
+            assert config_from_hydra(cfg).size == cfg.data.size
+        else:
+            from histolight.classify.config import TileDataConfig
+            from histolight.config import from_config
+
+            d = from_config(TileDataConfig, cfg.data, "data")
+            assert d.tile_px == cfg.data.tile_px
     elif group == "normalizer":
         norm = pytest.importorskip("histolight.norm")
         n = norm.build_normalizer(cfg.normalizer)
