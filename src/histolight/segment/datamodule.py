@@ -137,6 +137,8 @@ class CropDataset(Dataset):
         if self._rng is None:  # one stream per process (DataLoader workers get distinct torch seeds)
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
             self._rng = np.random.default_rng(seed)
+            if self.transform is not None:  # albumentations draws from its own generator: seed it from ours
+                self.transform.set_random_seed(int(self._rng.integers(0, 2**31)))
         return self._rng
 
     def crop(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
