@@ -37,12 +37,12 @@ AUGMENT_KEYS = {
     "rotate90": bool,      # random multiples of 90 degrees
     "brightness_contrast": float,  # +- limit of albumentations RandomBrightnessContrast (0 = off)
     "hue_saturation": float,       # strength of HueSaturationValue (0 = off)
-    "stain": float,        # H&E optical-density jitter strength (0 = off)
+    "stain": float,        # H&E optical-density jitter: scale 1 +- stain, shift +- stain / 2 (0 = off)
     "scale": float,        # random zoom in 1 +- scale (0 = off)
     "blur": float,         # probability of a light Gaussian blur (0 = off)
 }
 DEFAULT_AUGMENT = {"flip": True, "rotate90": True, "brightness_contrast": 0.1, "hue_saturation": 0.05,
-                   "stain": 0.05, "scale": 0.0, "blur": 0.0}
+                   "stain": 0.1, "scale": 0.0, "blur": 0.0}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -357,6 +357,9 @@ def config_from_hydra(cfg: Any, need_model: bool = True) -> SegmentConfig:
     kw = {k: v for k, v in data.items() if k in DATA_FIELDS}
     kw.update({k: v for k, v in model.items() if k in MODEL_FIELDS})
     norm = to_dict(cfg.get("normalizer")) if cfg.get("normalizer") is not None else None
+    if norm and norm.get("method") == "augment":
+        raise ConfigError("normalizer=augment is a random augmentation, not a normalizer a segmentation model can apply "
+                          "at inference; use data.augmentation.stain (and hue_saturation) instead")
     if norm and norm.get("method") not in (None, "none"):
         kw["normalizer"] = norm
     epochs = None

@@ -5,7 +5,8 @@
   centred near a random labelled pixel, else placed uniformly. Thumbnails smaller than ``size``
   are padded with white; padded pixels have weight 0 (ignored by losses and metrics).
 - Augmentation (albumentations; geometry applied to image, mask and weights alike): flips, 90
-  degree rotations, optional zoom; colour: brightness/contrast, hue/saturation, H&E stain jitter.
+  degree rotations, optional zoom; colour: brightness/contrast, hue/saturation, H&E stain jitter
+  (:class:`histolight.norm.transforms.StainAugment`).
 - Validation: whole thumbnails of the validation slides (one per batch); the LightningModule runs
   them through the same tiled inference as :meth:`SegmentModel.run_tiled_inference`.
 
@@ -33,29 +34,8 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- augmentation
 
 
-def stain_jitter(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """H&E augmentation (Tellez et al. 2018): colour deconvolution (Ruifrok & Johnston), then per stain
-    ``od * alpha + beta`` with ``alpha in 1 +- strength``, ``beta in +- strength / 5`` (optical density).
-
-    ``img`` (H, W, 3) uint8 RGB. Background (total optical density < 0.3) is left unchanged.
-    """
-    if strength <= 0:
-        return img
-    rgb_from_hed = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
-    rgb_from_hed /= np.linalg.norm(rgb_from_hed, axis=1, keepdims=True)
-    hed_from_rgb = np.linalg.inv(rgb_from_hed)
-    od = -np.log((img.reshape(-1, 3).astype(np.float32) + 1.0) / 256.0)
-    hed = od @ hed_from_rgb
-    alpha = rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
-    beta = rng.uniform(-strength / 5, strength / 5, 3).astype(np.float32)
-    tissue = (od.sum(-1, keepdims=True) > 0.3).astype(np.float32)
-    hed = hed + tissue * (hed * (alpha - 1) + beta)
-    out = np.exp(-(hed @ rgb_from_hed)) * 256.0 - 1.0
-    return np.clip(out + 0.5, 0, 255).reshape(img.shape).astype(np.uint8)
-
-
 def build_transforms(aug: dict):
-    """albumentations ``Compose`` for image + masks; the stain jitter is applied separately (see :class:`CropDataset`)."""
+    """albumentations ``Compose`` for image + masks (geometry on both, colour and stain on the image only)."""
     import albumentations as A
 
     t = []
@@ -73,6 +53,11 @@ def build_transforms(aug: dict):
         h = aug["hue_saturation"]
         t.append(A.HueSaturationValue(hue_shift_limit=int(round(h * 180)), sat_shift_limit=int(round(h * 255)),
                                       val_shift_limit=0, p=0.5))
+    if aug.get("stain", 0) > 0:  # H&E optical-density scale/shift (histolight.norm), image only
+        from histolight.norm.transforms import StainAugment
+
+        st = aug["stain"]
+        t.append(StainAugment(stain_alpha=st, stain_beta=st / 2, hue=0.0, saturation=0.0, value=0.0, p=0.5))
     if aug.get("blur", 0) > 0:
         t.append(A.GaussianBlur(blur_limit=(3, 5), p=aug["blur"]))
     return A.Compose(t) if t else None
@@ -170,8 +155,6 @@ class CropDataset(Dataset):
             ms = r["masks"]
             mask = np.stack(ms[:-1]) if self.cfg.mode == "multilabel" else ms[0]
             valid = ms[-1]
-        if self.augment and self.cfg.augmentation.get("stain", 0) > 0 and rng.random() < 0.5:
-            image = stain_jitter(image, self.cfg.augmentation["stain"], rng)
         out = _sample(image, mask, valid, self.cfg)
         out["name"] = self.items[k].name
         return out

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -207,7 +206,3 @@ def train(config: SegmentConfig, dataset, dest: str | os.PathLike, *, cache_dir:
                 pass
     log.info("segmentation model saved to %s (val/miou %.4f)", dest, metrics.get("val/miou", float("nan")))
     return metrics
-
-
-def _jsonable(d: Any) -> Any:
-    return json.loads(json.dumps(d, default=str))
