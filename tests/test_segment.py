@@ -163,6 +163,21 @@ def test_export_format_holes_and_cache(tiny_demo, tmp_path):
     assert ((b.mask > 0) == (ml.mask.any(0))).mean() > 0.99
 
 
+def test_split_by_patient(tiny_demo):
+    from histolight.dataset import Dataset
+    from histolight.segment import split_slides
+
+    ds = tiny_dataset(tiny_demo)
+    train, val = split_slides(ds, small_config("binary"))
+    assert train == ["demo_000", "demo_001"] and val == ["demo_002"]  # demo_000/001 share patient p000
+    # without a split column: a seeded patient-level split, patients never straddle train and val
+    ann = ds.annotations.drop(columns=["split"]).reset_index(drop=True)
+    ds2 = Dataset(tiny_demo / "slides", rois=tiny_demo / "rois", annotations=ann)
+    train, val = split_slides(ds2, small_config("binary", val_fraction=0.5))
+    assert train and val and not ({ds2.patient(n) for n in train} & {ds2.patient(n) for n in val})
+    assert sorted(train + val) == ds2.names
+
+
 def test_crops_pad_augment_identically_and_more_crops_than_slides():
     from torch.utils.data import DataLoader
 

@@ -228,8 +228,9 @@ class SegmentModel(L.LightningModule):
 
         n = self.config.n_classes
         if self.mode == "multilabel":
-            self.val_iou = MultilabelJaccardIndex(num_labels=n, average="none").to(self.device)
-            self.val_dice = MultilabelF1Score(num_labels=n, average="none").to(self.device)
+            thr = self.config.threshold
+            self.val_iou = MultilabelJaccardIndex(num_labels=n, threshold=thr, average="none").to(self.device)
+            self.val_dice = MultilabelF1Score(num_labels=n, threshold=thr, average="none").to(self.device)
         else:
             self.val_iou = MulticlassJaccardIndex(num_classes=n, average="none").to(self.device)
             self.val_dice = MulticlassF1Score(num_classes=n, average="none").to(self.device)
@@ -272,7 +273,7 @@ class SegmentModel(L.LightningModule):
                 self.val_iou.update(p, t)
                 self.val_dice.update(p, t)
                 self._support += t.sum(0).double().cpu()
-                self._predcount += (p > 0.5).sum(0).double().cpu()
+                self._predcount += (p > c.threshold).sum(0).double().cpu()
             else:
                 lab = self.to_labels(proba).long()[valid]
                 t = mask[valid].long()
@@ -333,7 +334,7 @@ class SegmentModel(L.LightningModule):
             return
         metrics = self.compute_val_metrics()
         for k, v in metrics.items():
-            self.log(k, v, prog_bar=k in ("val/miou", "val/loss"), batch_size=1)
+            self.log(k, v, prog_bar=k in ("val/miou", "val/loss"), batch_size=1, sync_dist=True)
         if self._overlays and not self.trainer.sanity_checking:
             self._log_overlays()
 

@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def split_slides(dataset, cfg: SegmentConfig, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, val) slide names: by the annotations' ``split`` column when present, else a random
-    patient-level split of ``val_fraction``. Slides of one patient never straddle the two sets."""
+    """(train, val) slide names: by the annotations' ``split`` column when present (slides of other splits,
+    e.g. ``test``, are left out), else a random patient-level split of ``val_fraction`` (also used to carve
+    validation patients out of the training split when no slide has ``val_split``). Slides of one patient
+    never straddle the two sets."""
     ann = dataset.annotations
     names = dataset.names
     if ann is not None and "split" in ann.columns:
@@ -39,9 +41,14 @@ def split_slides(dataset, cfg: SegmentConfig, seed: int = 0) -> tuple[list[str],
         overlap = {dataset.patient(n) for n in train} & {dataset.patient(n) for n in val}
         if overlap:
             log.warning("patients %s have slides in both the train and val splits", sorted(overlap)[:5])
-        if train:
+        if train and val:
             return train, val
-        log.warning("no slide has split=%r; splitting by patient instead", cfg.train_split)
+        if train:
+            log.warning("no slide has split=%r; drawing %.0f%% of the training patients for validation",
+                        cfg.val_split, 100 * cfg.val_fraction)
+            names = train
+        else:
+            log.warning("no slide has split=%r; splitting every slide by patient instead", cfg.train_split)
     patients = sorted({dataset.patient(n) for n in names})
     rng = np.random.default_rng(seed)
     rng.shuffle(patients)
