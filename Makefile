@@ -1,12 +1,14 @@
 # Two commands on a fresh machine:
 #   make demo   create .venv, install, run the headline job on the built-in demo cohort
-#   make test   create .venv, install, run the test suite
+#   make test   create .venv, install, run the lint gate and the whole test suite (what CI runs)
+# Also: make test-fast (tests not marked slow, < 2 min), make lint (ruff check + format check), make format.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export WANDB_SILENT ?= true
+PYTEST := WANDB_MODE=offline $(PY) -m pytest -q
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test test-fast lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +21,19 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) run.py experiment=seg_multiclass
 
-test: install
-	WANDB_MODE=offline $(PY) -m pytest -q
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: lint
+	$(PYTEST)
+
+test-fast: install
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(PY) bench/run_all.py --quick

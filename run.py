@@ -2,6 +2,7 @@
 
 See README.md and ``conf/`` for every option; ``python run.py --help`` lists config groups.
 """
+
 import os
 import sys
 from pathlib import Path

@@ -12,6 +12,7 @@ the loader, and the loader scales with workers (cores). The last line times a tr
 model (``--model``, default the experiment's) on this machine's device (CUDA when available): the
 loader keeps up when it delivers more tiles/s than that step consumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ sys.path.insert(0, str(ROOT / "src"))
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo-dir", default=str(ROOT / "data" / "demo"), help="demo cohort (generated if missing)")
-    ap.add_argument("--tiles-dir", default=str(ROOT / "outputs" / "work" / "tiles" / "demo"),
-                    help="root of extracted tiles (extracted there if missing)")
+    ap.add_argument(
+        "--tiles-dir",
+        default=str(ROOT / "outputs" / "work" / "tiles" / "demo"),
+        help="root of extracted tiles (extracted there if missing)",
+    )
     ap.add_argument("--tile-px", type=int, default=128)
     ap.add_argument("--tile-um", type=float, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -55,15 +59,23 @@ def main(argv=None) -> None:
     tile_um = int(args.tile_um) if float(args.tile_um).is_integer() else args.tile_um
     demo = ensure_demo(args.demo_dir)
     ds = Dataset(demo / "slides", rois=demo / "rois", annotations=demo / "annotations.csv")
-    tiles, info = prepare_tiles(ds, tile_px=args.tile_px, tile_um=tile_um, tiles_dir=args.tiles_dir, progress=False,
-                                extract_options={"qc": ["otsu"], "report": False})
+    tiles, info = prepare_tiles(
+        ds,
+        tile_px=args.tile_px,
+        tile_um=tile_um,
+        tiles_dir=args.tiles_dir,
+        progress=False,
+        extract_options={"qc": ["otsu"], "report": False},
+    )
     tiles["split"] = split_patients(tiles, "annotations", dataset=ds)
     files = sorted(tiles["tfrecord"].unique())
     n_rec = sum(len(TFRecordReader(f)) for f in files)
     size_mb = sum(os.path.getsize(f) for f in files) / 2**20
-    print(f"TFRecords: {len(files)} files, {n_rec} records, {size_mb:.1f} MiB in {info.tile_dir}; "
-          f"{len(tiles)} labelled tiles, {args.tile_px} px; cpu cores: {os.cpu_count()}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"TFRecords: {len(files)} files, {n_rec} records, {size_mb:.1f} MiB in {info.tile_dir}; "
+        f"{len(tiles)} labelled tiles, {args.tile_px} px; cpu cores: {os.cpu_count()}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
     # ---- baselines: raw read, decode
     def raw_pass(decode: bool) -> tuple[float, float]:
@@ -89,14 +101,28 @@ def main(argv=None) -> None:
 
     # ---- the datamodule: train loader (augmentation on), map-style and streaming
     lm = LabelMap.from_labels(tiles["label"])
-    aug = {"flip": True, "rot90": True, "color_jitter": {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1,
-                                                         "hue": 0.02, "p": 0.5},
-           "stain_augment": None, "jpeg": {"quality": [60, 95], "p": 0.3}}
+    aug = {
+        "flip": True,
+        "rot90": True,
+        "color_jitter": {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02, "p": 0.5},
+        "stain_augment": None,
+        "jpeg": {"quality": [60, 95], "p": 0.3},
+    }
     for streaming in (False, True):
         for w in args.workers:
-            dm = TileDataModule(tiles, lm, tile_px=args.tile_px, batch_size=args.batch_size, num_workers=w,
-                                streaming=streaming, balance="tile", samples_per_epoch=args.samples, augment=aug,
-                                shuffle_buffer=512, persistent_workers=False)
+            dm = TileDataModule(
+                tiles,
+                lm,
+                tile_px=args.tile_px,
+                batch_size=args.batch_size,
+                num_workers=w,
+                streaming=streaming,
+                balance="tile",
+                samples_per_epoch=args.samples,
+                augment=aug,
+                shuffle_buffer=512,
+                persistent_workers=False,
+            )
             loader = dm.train_dataloader()
             best, best_cpu = 0.0, None
             for _ in range(args.reps):
@@ -112,8 +138,10 @@ def main(argv=None) -> None:
                 del it
             name = f"datamodule {'streaming' if streaming else 'map-style'} workers={w} (decode+aug)"
             cpu = f"{best_cpu:11.0f}" if best_cpu else f"{'-':>11s}"
-            print(f"{name:48s} {best:10.0f}   {best / raw:5.2f}x   {cpu}   batch {tuple(first['image'].shape)} "
-                  f"{first['image'].dtype}")
+            print(
+                f"{name:48s} {best:10.0f}   {best / raw:5.2f}x   {cpu}   batch {tuple(first['image'].shape)} "
+                f"{first['image'].dtype}"
+            )
             del loader
 
     # ---- what the model consumes: one training step (forward + backward + AdamW) on this device
@@ -146,8 +174,10 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
     cons = n_steps * args.batch_size / (time.perf_counter() - t0)
     print(f"{'model train step ' + args.model + ' on ' + dev.type:48s} {cons:10.0f}   {cons / raw:5.2f}x")
-    print("ratio = tiles/s relative to the raw read rate of the same TFRecords (measured above in this run); "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print(
+        "ratio = tiles/s relative to the raw read rate of the same TFRecords (measured above in this run); "
+        f"load average now {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ compares JPEG decoders, and checks that both give the same pixels (max abs diffe
 
 Tiles/s = tiles written / wall seconds of the case (slide open included, process start excluded).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,7 +81,7 @@ def _make_slide(path: str, size: int, mpp: float, seed: int) -> None:
                 t = t[::-1]
             if rng.integers(0, 2):
                 t = t[:, ::-1]
-            img[by: by + p, bx: bx + p] = t[: size - by, : size - bx]
+            img[by : by + p, bx : bx + p] = t[: size - by, : size - bx]
     write_aperio_svs(path, img, mpp, tile=256, quality=90)
 
 
@@ -121,14 +122,14 @@ def _preimport() -> None:
     import pyarrow.parquet  # noqa: F401
     import tifffile  # noqa: F401
 
-    import histolight.io.tfrecord  # noqa: F401
+    import histolight.io.tfrecord
     import histolight.wsi.tiff_tiles as tt
     from histolight.wsi import Slide  # noqa: F401
 
     for name in tt.available_decoders():
         tt._make_decoder(name)
     try:
-        import histolight.extract  # noqa: F401
+        import histolight.extract
         import histolight.extract.report  # noqa: F401
     except Exception:  # noqa: BLE001 - not there yet
         pass
@@ -177,6 +178,7 @@ def case_pipeline(slides: list[str], outdir: str, reader: str) -> dict:
 
             def read(x, y, e, slide=slide):
                 return slide.read_region((x, y), 0, (e, e))
+
         ext = round(TILE_UM / mpp)
         with TFRecordWriter(Path(outdir) / f"{name}.tfrecords", slide=name) as w:
             for x, y in _grid(width, height, ext):
@@ -185,8 +187,14 @@ def case_pipeline(slides: list[str], outdir: str, reader: str) -> dict:
                 w.write_tile(buf.tobytes(), x + ext // 2, y + ext // 2)
                 n += 1
     dt, cpu = time.perf_counter() - t0, _cpu() - c0
-    return {"tiles": n, "seconds": round(dt, 3), "tiles_per_s": round(n / dt, 1), "cpu_s": round(cpu, 3),
-            "tiles_per_cpu_s": round(n / cpu, 1), **_rss()}
+    return {
+        "tiles": n,
+        "seconds": round(dt, 3),
+        "tiles_per_s": round(n / dt, 1),
+        "cpu_s": round(cpu, 3),
+        "tiles_per_cpu_s": round(n / cpu, 1),
+        **_rss(),
+    }
 
 
 def case_extractor(slides: list[str], outdir: str, workers: int) -> dict:
@@ -196,17 +204,36 @@ def case_extractor(slides: list[str], outdir: str, workers: int) -> dict:
     _preimport()
     ds = Dataset(slides=slides)
     c0, t0 = _cpu(), time.perf_counter()
-    res = extract_tiles(ds, tile_px=TILE_PX, tile_um=TILE_UM, outdir=outdir, workers=workers, qc=[],
-                        roi_method="ignore", grayspace_fraction=1.0, whitespace_fraction=1.0, report=False,
-                        overwrite=True, progress=False, quality=QUALITY)
+    res = extract_tiles(
+        ds,
+        tile_px=TILE_PX,
+        tile_um=TILE_UM,
+        outdir=outdir,
+        workers=workers,
+        qc=[],
+        roi_method="ignore",
+        grayspace_fraction=1.0,
+        whitespace_fraction=1.0,
+        report=False,
+        overwrite=True,
+        progress=False,
+        quality=QUALITY,
+    )
     dt, cpu = time.perf_counter() - t0, _cpu() - c0
     s = res.summary
     bad = s[s["status"] != "done"]
     if len(bad):
         raise RuntimeError(f"extractor failed: {bad[['slide', 'status', 'reason']].to_dict('records')}")
     n = int(s["kept"].sum())
-    return {"tiles": n, "grid_tiles": int(s["grid_tiles"].sum()), "seconds": round(dt, 3),
-            "tiles_per_s": round(n / dt, 1), "cpu_s": round(cpu, 3), "tiles_per_cpu_s": round(n / cpu, 1), **_rss()}
+    return {
+        "tiles": n,
+        "grid_tiles": int(s["grid_tiles"].sum()),
+        "seconds": round(dt, 3),
+        "tiles_per_s": round(n / dt, 1),
+        "cpu_s": round(cpu, 3),
+        "tiles_per_cpu_s": round(n / cpu, 1),
+        **_rss(),
+    }
 
 
 def case_readpath(slide_path: str, quick: bool) -> dict:
@@ -268,9 +295,10 @@ def case_readpath(slide_path: str, quick: bool) -> dict:
         return cv2.imdecode(buf, flag) if flag is not None else cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
 
     out["decoders"]["cv2.imdecode"] = round(timeit(cv2_decode, full), 1)
-    out["cv2_max_abs_diff"] = max(int(np.abs(cv2_decode(t).astype(np.int16)
-                                             - r.read_tile(0, t % lv.tiles_across, t // lv.tiles_across)).max())
-                                  for t in full[:20])
+    out["cv2_max_abs_diff"] = max(
+        int(np.abs(cv2_decode(t).astype(np.int16) - r.read_tile(0, t % lv.tiles_across, t // lv.tiles_across)).max())
+        for t in full[:20]
+    )
     # regions: extraction footprint (ext x ext base px) on the tile grid (aligned when ext is a tile multiple)
     # and at random offsets; OpenSlide vs direct (fresh cache per pass, like a first visit)
     maxdiff = 0
@@ -282,7 +310,9 @@ def case_readpath(slide_path: str, quick: bool) -> dict:
         r.cache.clear()
         out[f"region_{name}_direct_us"] = round(timeit(lambda p: s.read_region(p, 0, (ext, ext)), pts), 1)
         for p in pts[:40]:
-            maxdiff = max(maxdiff, int(np.abs(os_read(p, 0, (ext, ext)).astype(np.int16) - s.read_region(p, 0, (ext, ext))).max()))
+            maxdiff = max(
+                maxdiff, int(np.abs(os_read(p, 0, (ext, ext)).astype(np.int16) - s.read_region(p, 0, (ext, ext))).max())
+            )
     # every level: aligned, unaligned, edge and out-of-bounds regions through Slide (fast) vs OpenSlide
     plain = Slide(slide_path, fast=False)
     n_cmp = 0
@@ -290,8 +320,10 @@ def case_readpath(slide_path: str, quick: bool) -> dict:
         lw, lh = s.level_dimensions[level]
         ds = s.level_downsamples[level]
         boxes = [(0, 0, min(lw, 1024), min(lh, 1024)), (tw, th, tw, th), (lw - 100, lh - 80, 200, 160), (-50, -30, 120, 90)]
-        boxes += [(int(rng.integers(-64, lw)), int(rng.integers(-64, lh)), int(rng.integers(1, 700)), int(rng.integers(1, 700)))
-                  for _ in range(10 if quick else 40)]
+        boxes += [
+            (int(rng.integers(-64, lw)), int(rng.integers(-64, lh)), int(rng.integers(1, 700)), int(rng.integers(1, 700)))
+            for _ in range(10 if quick else 40)
+        ]
         for x, y, w, h in boxes:
             loc = (round(x * ds), round(y * ds))
             a = s.read_region(loc, level, (w, h))
@@ -366,9 +398,12 @@ def run_rounds(specs: dict, reps: int, tmp: Path) -> dict:
             res = run_case(spec)
             shutil.rmtree(d, ignore_errors=True)
             runs[key].append(res)
-            print(f"  [{r + 1}/{reps}] {key}: {res['tiles']} tiles, {res['seconds']:.2f} s, "
-                  f"{res['tiles_per_s']:.1f} tiles/s, peak RSS {res['rss_mb']:.0f} MB "
-                  f"(children {res['rss_children_mb']:.0f} MB)", flush=True)
+            print(
+                f"  [{r + 1}/{reps}] {key}: {res['tiles']} tiles, {res['seconds']:.2f} s, "
+                f"{res['tiles_per_s']:.1f} tiles/s, peak RSS {res['rss_mb']:.0f} MB "
+                f"(children {res['rss_children_mb']:.0f} MB)",
+                flush=True,
+            )
     out = {}
     for key, rs in runs.items():
         best = dict(max(rs, key=lambda x: x["tiles_per_s"]))
@@ -417,8 +452,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="cache of generated slides + JSON results")
     ap.add_argument("--reps", type=int, default=None, help="runs per case, best kept (default 5, --quick 2)")
     ap.add_argument("--no-extractor", action="store_true", help="skip histolight.extract timings")
-    ap.add_argument("--only", choices=("throughput", "scaling", "readpath"), action="append",
-                    help="run only these sections (repeatable; default all)")
+    ap.add_argument(
+        "--only",
+        choices=("throughput", "scaling", "readpath"),
+        action="append",
+        help="run only these sections (repeatable; default all)",
+    )
     args = ap.parse_args(argv)
     parts = set(args.only or ("throughput", "scaling", "readpath"))
     out = Path(args.out)
@@ -427,8 +466,11 @@ def main(argv=None) -> int:
     headline = 8192
     reps = args.reps or (2 if args.quick else 5)
     load0 = _loadavg()
-    print(f"bench_extract: {TILE_PX} px tiles at {TILE_UM / TILE_PX:g} um/px (tile_um={TILE_UM:g}); "
-          f"{os.cpu_count()} CPUs; quick={args.quick}; best of {reps} interleaved runs; load average {load0}", flush=True)
+    print(
+        f"bench_extract: {TILE_PX} px tiles at {TILE_UM / TILE_PX:g} um/px (tile_um={TILE_UM:g}); "
+        f"{os.cpu_count()} CPUs; quick={args.quick}; best of {reps} interleaved runs; load average {load0}",
+        flush=True,
+    )
     slides = {f"synth {s}^2 @0.25": ensure_slide(out, s) for s in sizes}
     head = f"synth {headline}^2 @0.25"
     if CMU.exists():
@@ -443,7 +485,7 @@ def main(argv=None) -> int:
     try:
         # single-process throughput, every slide
         specs = {}
-        for label, path in (slides.items() if "throughput" in parts else ()):
+        for label, path in slides.items() if "throughput" in parts else ():
             specs[(label, "baseline")] = {"kind": "pipeline", "slides": [str(path)], "reader": "openslide"}
             specs[(label, "direct")] = {"kind": "pipeline", "slides": [str(path)], "reader": "direct"}
             if ext_err is None:
@@ -472,7 +514,7 @@ def main(argv=None) -> int:
             print(f"  parallel control: {ctl}", flush=True)
         print("\n== read path (level 0)", flush=True)
         rp = {}
-        for label, path in (slides.items() if "readpath" in parts else ()):
+        for label, path in slides.items() if "readpath" in parts else ():
             if label.startswith("synth") and label != head:
                 continue
             rp[label] = run_case({"kind": "readpath", "slide_path": str(path), "quick": args.quick})
@@ -484,12 +526,25 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ report
     print("\n" + "=" * 104)
-    print(f"Extraction throughput: {TILE_PX} px tiles @ {TILE_UM / TILE_PX:g} um/px (tile_um {TILE_UM:g}), JPEG q{QUALITY}, "
-          f"TFRecord. Best of {reps} (by tiles/s); ratio = vs baseline on the same slide(s).\n"
-          "tiles/CPU-s = tiles per CPU second of the case's process and its workers (less sensitive to other load; "
-          "not a measure of parallel speed-up).")
-    hdr = ["slide(s)", "pipeline", "tiles", "sec", "tiles/s", "ratio", "tiles/CPU-s", "ratio", "peak RSS MB",
-           "workers MB", "runs (tiles/s)"]
+    print(
+        f"Extraction throughput: {TILE_PX} px tiles @ {TILE_UM / TILE_PX:g} um/px (tile_um {TILE_UM:g}), JPEG q{QUALITY}, "
+        f"TFRecord. Best of {reps} (by tiles/s); ratio = vs baseline on the same slide(s).\n"
+        "tiles/CPU-s = tiles per CPU second of the case's process and its workers (less sensitive to other load; "
+        "not a measure of parallel speed-up)."
+    )
+    hdr = [
+        "slide(s)",
+        "pipeline",
+        "tiles",
+        "sec",
+        "tiles/s",
+        "ratio",
+        "tiles/CPU-s",
+        "ratio",
+        "peak RSS MB",
+        "workers MB",
+        "runs (tiles/s)",
+    ]
     widths = [18, 14, 6, 6, 8, 6, 11, 6, 11, 10, 24]
     print(_fmt_row(hdr, widths))
     labels = list(dict.fromkeys(k.split(" | ")[0] for k in best))
@@ -498,41 +553,65 @@ def main(argv=None) -> int:
         for key, r in best.items():
             if key.split(" | ")[0] != label:
                 continue
-            print(_fmt_row([label, key.split(" | ")[1], r["tiles"], f"{r['seconds']:.2f}", f"{r['tiles_per_s']:.1f}",
-                            f"{r['tiles_per_s'] / base['tiles_per_s']:.2f}x", f"{r['tiles_per_cpu_s']:.1f}",
-                            f"{r['tiles_per_cpu_s'] / base['tiles_per_cpu_s']:.2f}x", f"{r['rss_mb']:.0f}",
-                            f"{r['rss_children_mb']:.0f}", " ".join(f"{v:.0f}" for v in r["runs"])], widths))
+            print(
+                _fmt_row(
+                    [
+                        label,
+                        key.split(" | ")[1],
+                        r["tiles"],
+                        f"{r['seconds']:.2f}",
+                        f"{r['tiles_per_s']:.1f}",
+                        f"{r['tiles_per_s'] / base['tiles_per_s']:.2f}x",
+                        f"{r['tiles_per_cpu_s']:.1f}",
+                        f"{r['tiles_per_cpu_s'] / base['tiles_per_cpu_s']:.2f}x",
+                        f"{r['rss_mb']:.0f}",
+                        f"{r['rss_children_mb']:.0f}",
+                        " ".join(f"{v:.0f}" for v in r["runs"]),
+                    ],
+                    widths,
+                )
+            )
     if ext_err is not None:
         print(f"\n[extractor] NOT TIMED: {ext_err}")
     else:
         w1, w2 = best.get(f"{cohort_label} | extractor w=1"), best.get(f"{cohort_label} | extractor w=2")
         if w1 and w2:
-            print(f"\nSecond worker ({cohort_label}): {w2['tiles_per_s'] / w1['tiles_per_s']:.2f}x the throughput of one "
-                  f"({w1['tiles_per_s']:.0f} -> {w2['tiles_per_s']:.0f} tiles/s; spawned workers, start-up included)")
+            print(
+                f"\nSecond worker ({cohort_label}): {w2['tiles_per_s'] / w1['tiles_per_s']:.2f}x the throughput of one "
+                f"({w1['tiles_per_s']:.0f} -> {w2['tiles_per_s']:.0f} tiles/s; spawned workers, start-up included)"
+            )
     for c in results.get("parallel_control", []):
-        print(f"Parallel control (same tile-decode loop, 1 vs 2 processes at once, no extractor): "
-              f"{c['procs_1_tiles_per_s']:.0f} -> {c['procs_2_tiles_per_s']:.0f} tiles/s = {c['ratio']:.2f}x "
-              "(what a second process can add on this machine now)")
+        print(
+            f"Parallel control (same tile-decode loop, 1 vs 2 processes at once, no extractor): "
+            f"{c['procs_1_tiles_per_s']:.0f} -> {c['procs_2_tiles_per_s']:.0f} tiles/s = {c['ratio']:.2f}x "
+            "(what a second process can add on this machine now)"
+        )
     synth = [lb for lb in labels if lb.startswith("synth ")]
     if len(synth) >= 2:
         a, b = synth[0], synth[-1]
-        print(f"\nPeak RSS as the slide grows ({a.split()[1]} -> {b.split()[1]} base px, "
-              f"{best[a + ' | baseline']['tiles']} -> {best[b + ' | baseline']['tiles']} tiles):")
+        print(
+            f"\nPeak RSS as the slide grows ({a.split()[1]} -> {b.split()[1]} base px, "
+            f"{best[a + ' | baseline']['tiles']} -> {best[b + ' | baseline']['tiles']} tiles):"
+        )
         for key in best:
             if key.startswith(a + " | "):
                 kind = key.split(" | ")[1]
                 print(f"  {kind:>14}: {best[key]['rss_mb']:.0f} MB -> {best[b + ' | ' + kind]['rss_mb']:.0f} MB")
     print("\nRead path, level 0 (us per call; OpenSlide read_region vs direct tile reader, same slide):")
     for label, r in results["read_path"].items():
-        print(f"  {label}: stored tile {r['tile']}: OpenSlide {r['tile_openslide_us']:.0f} us, direct (pread+decode) "
-              f"{r['tile_direct_us']:.0f} us ({r['tile_openslide_us'] / r['tile_direct_us']:.1f}x); decode only: "
-              + ", ".join(f"{k} {v:.0f} us" for k, v in r["decoders"].items())
-              + f" (cv2 max abs diff {r['cv2_max_abs_diff']})")
+        print(
+            f"  {label}: stored tile {r['tile']}: OpenSlide {r['tile_openslide_us']:.0f} us, direct (pread+decode) "
+            f"{r['tile_direct_us']:.0f} us ({r['tile_openslide_us'] / r['tile_direct_us']:.1f}x); decode only: "
+            + ", ".join(f"{k} {v:.0f} us" for k, v in r["decoders"].items())
+            + f" (cv2 max abs diff {r['cv2_max_abs_diff']})"
+        )
         for name in ("grid", "random"):
             o, d = r[f"region_{name}_openslide_us"], r[f"region_{name}_direct_us"]
             print(f"    {r['extract_px']}^2 region ({name}): OpenSlide {o:.0f} us, direct {d:.0f} us ({o / d:.1f}x)")
-        print(f"    pixels: max |direct - OpenSlide| = {r['max_abs_diff']} over {r['regions_compared']} regions "
-              "(every level; aligned, unaligned, edge, out-of-bounds)")
+        print(
+            f"    pixels: max |direct - OpenSlide| = {r['max_abs_diff']} over {r['regions_compared']} regions "
+            "(every level; aligned, unaligned, edge, out-of-bounds)"
+        )
     print(f"\nload average: start {load0}, end {results['load_end']} (other processes on this machine skew timings)")
     (out / ("results_quick.json" if args.quick else "results.json")).write_text(json.dumps(results, indent=1))
     return 0

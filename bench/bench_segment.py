@@ -21,6 +21,7 @@ Reported: MP/s of each, throughput relative to ``single`` (1.0 = no overhead; ov
 ``1/(1-overlap)^2`` times the pixels through the network, and small tiles use the CPU less well), the mean
 difference to the single pass in the interior, and peak RSS. ``--json`` writes the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,8 +120,9 @@ def main(argv=None) -> dict:
         source = a.model
     else:  # the architecture of experiment=seg_multiclass, random weights (speed does not depend on them)
         torch.manual_seed(0)
-        cfg = SegmentConfig(mode="multiclass", labels=["tumor", "stroma", "necrosis"], mpp=4, size=256,
-                            encoder_name="tu-mobilenetv3_large_100")
+        cfg = SegmentConfig(
+            mode="multiclass", labels=["tumor", "stroma", "necrosis"], mpp=4, size=256, encoder_name="tu-mobilenetv3_large_100"
+        )
         model = SegmentModel(cfg).to(device).eval()
         source = f"random-init {cfg.arch}/{cfg.encoder_name}"
     tiles = [int(t) for t in a.tiles.split(",")] if a.tiles else sorted({cfg.tile_px, 512})
@@ -130,15 +132,26 @@ def main(argv=None) -> dict:
 
     img = _image(a.height, a.width, cfg.mpp)
     mp = a.height * a.width / 1e6
-    res = {"device": device, "torch_threads": torch.get_num_threads(), "model": source, "image_hw": [a.height, a.width],
-           "tiles": tiles, "overlap": overlap, "batch": batch, "mode": cfg.mode, "repeat": a.repeat}
-    print(f"{source} on {device} ({torch.get_num_threads()} threads): image {a.height} x {a.width} ({mp:.2f} MP), "
-          f"tiles {tiles}, overlap {overlap}, batch {batch}, best of {a.repeat}")
+    res = {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "model": source,
+        "image_hw": [a.height, a.width],
+        "tiles": tiles,
+        "overlap": overlap,
+        "batch": batch,
+        "mode": cfg.mode,
+        "repeat": a.repeat,
+    }
+    print(
+        f"{source} on {device} ({torch.get_num_threads()} threads): image {a.height} x {a.width} ({mp:.2f} MP), "
+        f"tiles {tiles}, overlap {overlap}, batch {batch}, best of {a.repeat}"
+    )
     # the same image as a slide (at half the model's mpp, so strips are resampled like a real read)
     slide = VirtualSlide(np.ascontiguousarray(np.repeat(np.repeat(img, 2, 0), 2, 1)), mpp=cfg.mpp / 2, downsamples=(1, 2, 8))
     cases = {"single": lambda: model.run_forward(img)}
     for t in tiles:
-        cases[f"tiled_{t}"] = (lambda t=t: model.run_tiled_inference(img, tile_px=t, overlap=overlap, batch_size=batch))
+        cases[f"tiled_{t}"] = lambda t=t: model.run_tiled_inference(img, tile_px=t, overlap=overlap, batch_size=batch)
     cases[f"slide_{tiles[0]}"] = lambda: model.run_slide_inference(slide, tile_px=tiles[0], overlap=overlap, batch_size=batch)
     with torch.inference_mode():
         times = _time_interleaved(cases, a.repeat, sync)
@@ -147,17 +160,24 @@ def main(argv=None) -> dict:
     res["seconds"] = times
     res["mp_per_s"] = {k: mp / v for k, v in times.items()}
     res["throughput_vs_single"] = {k: times["single"] / v for k, v in times.items()}
-    res["tiled_vs_single_mean_abs_diff"] = {t: float(np.abs(p1 - p2[t])[..., t // 4:-(t // 4), t // 4:-(t // 4)].mean())
-                                            for t in tiles}
+    res["tiled_vs_single_mean_abs_diff"] = {
+        t: float(np.abs(p1 - p2[t])[..., t // 4 : -(t // 4), t // 4 : -(t // 4)].mean()) for t in tiles
+    }
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     for k in cases:
-        what = {"single": "one pass, padded"}.get(k, "tiles + blending" if k.startswith("tiled") else "slide.read strips + tiles + blending")
-        print(f"  {k:12s} {res['mp_per_s'][k]:7.3f} MP/s  ({times[k]:6.2f} s)  {res['throughput_vs_single'][k]:5.2f} x single   ({what})")
-    print("  mean |tiled - single| probability in the interior: "
-          + ", ".join(f"tile {t}: {v:.4f}" for t, v in res["tiled_vs_single_mean_abs_diff"].items())
-          + f"; peak RSS {res['peak_rss_mb']:.0f} MB")
+        what = {"single": "one pass, padded"}.get(
+            k, "tiles + blending" if k.startswith("tiled") else "slide.read strips + tiles + blending"
+        )
+        print(
+            f"  {k:12s} {res['mp_per_s'][k]:7.3f} MP/s  ({times[k]:6.2f} s)  {res['throughput_vs_single'][k]:5.2f} x single   ({what})"
+        )
+    print(
+        "  mean |tiled - single| probability in the interior: "
+        + ", ".join(f"tile {t}: {v:.4f}" for t, v in res["tiled_vs_single_mean_abs_diff"].items())
+        + f"; peak RSS {res['peak_rss_mb']:.0f} MB"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return res

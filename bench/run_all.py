@@ -2,6 +2,7 @@
 
 Each benchmark times histolight against a baseline measured in the same run and prints the ratio.
 """
+
 import subprocess
 import sys
 import time

@@ -8,6 +8,7 @@ with the ground-truth ROIs; the QC mask against the exact tissue mask; then tile
 ``qc=[{name: segment, model_path: ...}]`` vs without QC: share of kept tiles whose centre lies on tissue, share of
 tissue tiles kept. Writes ``<out>/eval.json`` and the ROI files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,10 +58,15 @@ def main(argv=None) -> dict:
             write_slide_rois(rois, out, name)
             back_csv, back_gj = read_rois(out / f"{name}.csv"), read_rois(out / f"{name}.geojson")
             gj = json.loads((out / f"{name}.geojson").read_text())
-            row = {"n_rois": len(rois), "n_truth_rois": len(truth), "holes": sum(r.n_holes for r in rois),
-                   "csv_rois_read": len(back_csv), "geojson_rois_read": len(back_gj),
-                   "geojson_valid": gj["type"] == "FeatureCollection"
-                   and all(shapely.geometry.shape(f["geometry"]).is_valid for f in gj["features"])}
+            row = {
+                "n_rois": len(rois),
+                "n_truth_rois": len(truth),
+                "holes": sum(r.n_holes for r in rois),
+                "csv_rois_read": len(back_csv),
+                "geojson_rois_read": len(back_gj),
+                "geojson_valid": gj["type"] == "FeatureCollection"
+                and all(shapely.geometry.shape(f["geometry"]).is_valid for f in gj["features"]),
+            }
             ious = []
             for lab in labels:
                 p = shapely.unary_union([r.geometry for r in back_csv if r.label == lab])
@@ -80,24 +86,38 @@ def main(argv=None) -> dict:
         res[name] = row
         print(name, row, flush=True)
     tmp = Path(tempfile.mkdtemp())
-    opts = dict(tile_px=64, tile_um=64, slides=held, roi_method="ignore", workers=1, report=False, progress=False,
-                grayspace_fraction=1.0, whitespace_fraction=1.0)
+    opts = dict(
+        tile_px=64,
+        tile_um=64,
+        slides=held,
+        roi_method="ignore",
+        workers=1,
+        report=False,
+        progress=False,
+        grayspace_fraction=1.0,
+        whitespace_fraction=1.0,
+    )
     with_qc = extract_tiles(ds, outdir=tmp / "qc", qc=[{"name": "segment", "model_path": str(a.model)}], **opts).tiles
     no_qc = extract_tiles(ds, outdir=tmp / "all", qc=[], **opts).tiles
     ext = {}
     for name in held:
         gt = cv2.imread(str(demo / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
 
-        def on_tissue(df):
+        def on_tissue(df, gt=gt):
             return gt[df["loc_y"].astype(int).clip(0, gt.shape[0] - 1), df["loc_x"].astype(int).clip(0, gt.shape[1] - 1)] > 0
 
         k, e = on_tissue(with_qc[with_qc["slide"] == name]), on_tissue(no_qc[no_qc["slide"] == name])
-        ext[name] = {"tiles_without_qc": int(len(e)), "tiles_with_qc": int(len(k)),
-                     "kept_tiles_on_tissue": round(float(k.mean()), 4),
-                     "tissue_tiles_kept": round(float(k.sum() / max(1, e.sum())), 4)}
+        ext[name] = {
+            "tiles_without_qc": int(len(e)),
+            "tiles_with_qc": int(len(k)),
+            "kept_tiles_on_tissue": round(float(k.mean()), 4),
+            "tissue_tiles_kept": round(float(k.sum() / max(1, e.sum())), 4),
+        }
         print(name, ext[name], flush=True)
-    summary = {"roi_miou_mean": round(float(np.mean([r["roi_miou"] for r in res.values()])), 4),
-               "roi_iou_tissue_mean": round(float(np.mean([r["roi_iou_tissue"] for r in res.values()])), 4)}
+    summary = {
+        "roi_miou_mean": round(float(np.mean([r["roi_miou"] for r in res.values()])), 4),
+        "roi_iou_tissue_mean": round(float(np.mean([r["roi_iou_tissue"] for r in res.values()])), 4),
+    }
     print(summary)
     result = {"model": str(a.model), "slides": held, "rois": res, "extraction": ext, "summary": summary}
     (out / "eval.json").write_text(json.dumps(result, indent=2))

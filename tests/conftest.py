@@ -1,4 +1,5 @@
 """Shared fixtures: repo paths, real slides, a tiny demo cohort, offline W&B in a temp dir."""
+
 from __future__ import annotations
 
 import os

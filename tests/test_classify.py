@@ -1,5 +1,6 @@
 """Tile classifiers: labels from ROIs/slides/tables, patient splits, TFRecord datasets, training, artifacts,
 prediction, config validation. Runs on a tiny demo cohort (3 slides, 1024x768) with 32 px tiles."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,18 @@ def work(tiny_demo, tmp_path_factory) -> Path:
     from histolight.extract import extract_tiles
 
     w = tmp_path_factory.mktemp("classify_work")
-    extract_tiles(_dataset(tiny_demo), PX, UM, str(w / "tiles" / "demo"), roi_method="auto", roi_filter_method="center",
-                  qc=["otsu"], report=False, progress=False, workers=1)
+    extract_tiles(
+        _dataset(tiny_demo),
+        PX,
+        UM,
+        str(w / "tiles" / "demo"),
+        roi_method="auto",
+        roi_filter_method="center",
+        qc=["otsu"],
+        report=False,
+        progress=False,
+        workers=1,
+    )
     return w
 
 
@@ -78,10 +89,22 @@ def _compose(overrides: list[str]):
 
 
 def _train_overrides(demo: Path, work: Path, out: Path, *extra: str) -> list[str]:
-    return ["experiment=tile_classifier", *tiny_demo_overrides(demo), f"paths.work_dir={work}",
-            f"paths.output_dir={out}", f"data.tile_px={PX}", f"data.tile_um={UM}", "data.num_workers=0",
-            "data.batch_size=32", "model=timm_resnet18", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-            "+trainer.enable_model_summary=false", "+trainer.num_sanity_val_steps=0", *extra]
+    return [
+        "experiment=tile_classifier",
+        *tiny_demo_overrides(demo),
+        f"paths.work_dir={work}",
+        f"paths.output_dir={out}",
+        f"data.tile_px={PX}",
+        f"data.tile_um={UM}",
+        "data.num_workers=0",
+        "data.batch_size=32",
+        "model=timm_resnet18",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "+trainer.num_sanity_val_steps=0",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -125,7 +148,7 @@ def test_roi_labels_fractional_match_ground_truth(tiny_demo, frac):
     for slide, df in all_tiles.groupby("slide"):
         m = _mask(tiny_demo, slide)
         for tid, r in df.iterrows():
-            crop = m[r["y"]:r["y"] + size, r["x"]:r["x"] + size]
+            crop = m[r["y"] : r["y"] + size, r["x"] : r["x"] + size]
             inside = (crop > 0).mean()
             counts = np.bincount(crop.ravel(), minlength=4)[1:]
             n += 1
@@ -171,8 +194,10 @@ def test_label_map_roundtrip_and_unknown_label():
     assert list(lm.encode(pd.Series(["tumor", "stroma"], index=["s-1-1", "s-2-2"]))) == [1, 0]
     with pytest.raises(UnknownLabelError, match=r"tile 's-2-2' has label 'fat'.*\['stroma', 'tumor'\]"):
         lm.encode(pd.Series(["tumor", "fat"], index=["s-1-1", "s-2-2"]))
-    pred = pd.DataFrame({"slide": ["s", "s"], "loc_x": [1, 2], "loc_y": [1, 2], "prob_stroma": [0.9, 0.2],
-                         "prob_tumor": [0.1, 0.8]}, index=["s-1-1", "s-2-2"])
+    pred = pd.DataFrame(
+        {"slide": ["s", "s"], "loc_x": [1, 2], "loc_y": [1, 2], "prob_stroma": [0.9, 0.2], "prob_tumor": [0.1, 0.8]},
+        index=["s-1-1", "s-2-2"],
+    )
     m = evaluate_predictions(pred, pd.Series(["stroma", "tumor"], index=pred.index), lm)
     assert m["acc"] == 1.0 and m["bal_acc"] == 1.0 and m["auroc"] == 1.0
     with pytest.raises(UnknownLabelError, match="s-2-2.*'necrosis'"):
@@ -193,8 +218,9 @@ def _fake_tiles(n_patients=20, slides_per_patient=2, seed=0) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("id")
 
 
-@pytest.mark.parametrize("method,kw", [("random", dict(val_fraction=0.2, test_fraction=0.2)),
-                                       ("kfold", dict(k=4, fold=1, test_fraction=0.1))])
+@pytest.mark.parametrize(
+    "method,kw", [("random", dict(val_fraction=0.2, test_fraction=0.2)), ("kfold", dict(k=4, fold=1, test_fraction=0.1))]
+)
 def test_no_patient_leakage(method, kw):
     t = _fake_tiles()
     s = split_patients(t, method, seed=3, **kw)
@@ -267,8 +293,16 @@ def test_streaming_shards_are_disjoint_and_sized(tiles):
     # 2 DDP ranks x 2 workers: every rank gets the same count; items stay in the rank's shards
     counts, seen = [], []
     for rank in (0, 1):
-        ds_r = StreamingTileDataset(t, labels=np.zeros(len(t), np.int64), tile_px=PX, shuffle_buffer=64, seed=1,
-                                    rank=rank, world_size=2, samples_per_epoch=200)
+        ds_r = StreamingTileDataset(
+            t,
+            labels=np.zeros(len(t), np.int64),
+            tile_px=PX,
+            shuffle_buffer=64,
+            seed=1,
+            rank=rank,
+            world_size=2,
+            samples_per_epoch=200,
+        )
         loader = torch.utils.data.DataLoader(ds_r, batch_size=10, num_workers=2)
         idx = torch.cat([b["index"] for b in loader]).tolist()
         counts.append(len(idx))
@@ -289,8 +323,16 @@ def test_streaming_balancing(tiles):
     t = tiles.sort_values(["slide", "record"])
     y = LabelMap(CLASSES).encode(t["label"])
     w = balance_weights(y, t["slide"].to_numpy(), "tile")
-    ds = StreamingTileDataset(t, labels=y, tile_px=PX, weights=w, samples_per_epoch=1500, shuffle_buffer=32, seed=0,
-                              transform=lambda img: torch.zeros(1))
+    ds = StreamingTileDataset(
+        t,
+        labels=y,
+        tile_px=PX,
+        weights=w,
+        samples_per_epoch=1500,
+        shuffle_buffer=32,
+        seed=0,
+        transform=lambda img: torch.zeros(1),
+    )
     got = np.bincount(torch.cat([b["label"] for b in torch.utils.data.DataLoader(ds, batch_size=500)]).numpy(), minlength=3)
     assert np.all(np.abs(got / got.sum() - 1 / 3) < 0.07), got
 
@@ -355,8 +397,15 @@ def test_extracted_tfrecords_train_one_step_and_reload_predicts_identically(tile
     cfg = make_model_config("resnet18", lm, PX, UM, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     module = _module(lm, cfg)
     before = module.net.fc.weight.detach().clone()
-    trainer = L.Trainer(max_steps=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 1 and not torch.equal(before, module.net.fc.weight)
     # save -> load -> identical predictions
@@ -423,8 +472,16 @@ def test_train_tiles_task_end_to_end_then_predict(tiny_demo, work, tmp_path):
     finish_wandb()
 
     pout = tmp_path / "predict"
-    pcfg = _compose(["task=predict", *tiny_demo_overrides(tiny_demo), f"paths.work_dir={work}",
-                     f"paths.output_dir={pout}", f"task.model={out / 'model'}", "task.label_source=roi"])
+    pcfg = _compose(
+        [
+            "task=predict",
+            *tiny_demo_overrides(tiny_demo),
+            f"paths.work_dir={work}",
+            f"paths.output_dir={pout}",
+            f"task.model={out / 'model'}",
+            "task.label_source=roi",
+        ]
+    )
     pm = get_task("predict")(pcfg)
     pred = pd.read_parquet(pout / "predictions.parquet")
     assert {"tile_id", "slide", "loc_x", "loc_y", "prob_tumor", "prob_stroma", "prob_necrosis"} <= set(pred.columns)
@@ -444,10 +501,22 @@ def test_weak_supervision_streaming_slide_metrics(tiny_demo, work, tmp_path):
     ann["grade"] = ["low", "high", "low"]  # train: demo_000/001 (patient p000), val: demo_002
     ann.to_csv(tmp_path / "ann.csv", index=False)
     out = tmp_path / "weak"
-    cfg = _compose(_train_overrides(tiny_demo, work, out, "data.label_source=slide", "data.label_column=grade",
-                                    "data.labels=null", f"dataset.annotations={tmp_path / 'ann.csv'}", "logger=csv",
-                                    "data.streaming=true", "data.shuffle_buffer=64",
-                                    "normalizer=reinhard_fast", "data.augment.stain_augment={p:0.5}"))
+    cfg = _compose(
+        _train_overrides(
+            tiny_demo,
+            work,
+            out,
+            "data.label_source=slide",
+            "data.label_column=grade",
+            "data.labels=null",
+            f"dataset.annotations={tmp_path / 'ann.csv'}",
+            "logger=csv",
+            "data.streaming=true",
+            "data.shuffle_buffer=64",
+            "normalizer=reinhard_fast",
+            "data.augment.stain_augment={p:0.5}",
+        )
+    )
     m = get_task("train_tiles")(cfg)
     assert m["val/n_slides"] == 1 and "val/slide_acc" in m
     conf = json.loads((out / "model" / "model_config.json").read_text())
@@ -459,18 +528,21 @@ def test_weak_supervision_streaming_slide_metrics(tiny_demo, work, tmp_path):
     assert loaded.normalizer is not None and loaded.normalizer.to_config() == conf["normalizer"]
 
 
-@pytest.mark.parametrize("override,pattern", [
-    ("data.label_source=rio", r"label_source='rio' is invalid: must be one of roi, slide, table"),
-    ("data.tile_px=0", r"tile_px=0 is invalid"),
-    ("data.labels=[tumor]", r"labels=\['tumor'\] is invalid: needs at least 2"),
-    ("data.labels=[tumor,tumor,stroma]", r"labels must be unique"),
-    ("data.balance=class", r"balance='class' is invalid: must be one of none, tile, slide"),
-    ("data.split.method=kfolds", r"split.method='kfolds' is invalid: must be one of annotations, random, kfold"),
-    ("model.name=resnet19", r"'resnet19' is not a timm model"),
-    ("+data.batchsize=3", r"unknown key 'data.batchsize'. Did you mean 'data.batch_size'"),
-    ("data.augment.jpeg.quality=[90,10]", r"augment.jpeg.quality=\[90, 10\] is invalid"),
-    ("task.monitor_mode=maximum", r"monitor_mode='maximum' is invalid"),
-])
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("data.label_source=rio", r"label_source='rio' is invalid: must be one of roi, slide, table"),
+        ("data.tile_px=0", r"tile_px=0 is invalid"),
+        ("data.labels=[tumor]", r"labels=\['tumor'\] is invalid: needs at least 2"),
+        ("data.labels=[tumor,tumor,stroma]", r"labels must be unique"),
+        ("data.balance=class", r"balance='class' is invalid: must be one of none, tile, slide"),
+        ("data.split.method=kfolds", r"split.method='kfolds' is invalid: must be one of annotations, random, kfold"),
+        ("model.name=resnet19", r"'resnet19' is not a timm model"),
+        ("+data.batchsize=3", r"unknown key 'data.batchsize'. Did you mean 'data.batch_size'"),
+        ("data.augment.jpeg.quality=[90,10]", r"augment.jpeg.quality=\[90, 10\] is invalid"),
+        ("task.monitor_mode=maximum", r"monitor_mode='maximum' is invalid"),
+    ],
+)
 def test_config_mistakes_fail_before_work(tmp_path, override, pattern):
     from histolight.tasks import get_task
 
@@ -504,8 +576,17 @@ def test_slurm_launcher_composes_with_ddp():
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=tile_classifier", "launcher=slurm", "trainer=ddp",
-                                           "trainer.devices=4", "hydra.launcher.gpus_per_node=4",
-                                           "hydra.launcher.tasks_per_node=4"], return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=tile_classifier",
+                "launcher=slurm",
+                "trainer=ddp",
+                "trainer.devices=4",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.tasks_per_node=4",
+            ],
+            return_hydra_config=True,
+        )
     assert "submitit" in cfg.hydra.launcher._target_.lower()
     assert cfg.task.name == "train_tiles" and cfg.trainer.strategy == "ddp"

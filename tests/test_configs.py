@@ -1,10 +1,10 @@
 """Every config option of every group composes; objects with a `_target_` instantiate; run.py works."""
+
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -135,8 +135,14 @@ def test_dataset_schema_rejects_bad_values(tmp_path):
 
 def _run(args, tmp_path, timeout=300):
     env = {**os.environ, "HISTOLIGHT_ROOT": str(ROOT), "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"paths.log_dir={tmp_path}/outputs"],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args, f"paths.log_dir={tmp_path}/outputs"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
 
 
 def test_run_info_on_shared_slides(tmp_path):

@@ -1,4 +1,5 @@
 """Demo cohort generation and the Dataset (cohort) layer."""
+
 import json
 import logging
 
@@ -12,7 +13,6 @@ from histolight.dataset import Dataset
 from histolight.demo import CLASSES, DemoConfig, ensure_demo, generate_demo
 from histolight.errors import ConfigError, HistolightError
 from histolight.roi import rasterize_rois
-from histolight.wsi import Slide
 
 
 def test_demo_slides_are_aperio_pyramids_with_mpp(tiny_demo):

@@ -1,4 +1,5 @@
 """Tile extraction on small exact VirtualSlides: grid, reading, records, filters, QC threshold, ROIs, config."""
+
 from __future__ import annotations
 
 import math
@@ -121,7 +122,7 @@ def test_records_decode_and_point_at_their_pixels(tmp_path):
         assert rec["slide"] == b"vs"
         x, y = rec["loc_x"] - 40, rec["loc_y"] - 40
         np.testing.assert_array_equal(tile, s.read((x, y), (80, 80), 1.0, out_size=(40, 40)))
-        np.testing.assert_array_equal(tile, cv2.resize(img[y:y + 80, x:x + 80], (40, 40), interpolation=cv2.INTER_AREA))
+        np.testing.assert_array_equal(tile, cv2.resize(img[y : y + 80, x : x + 80], (40, 40), interpolation=cv2.INTER_AREA))
         row = table.iloc[i]
         assert (row.loc_x, row.loc_y, row.record) == (rec["loc_x"], rec["loc_y"], i)
         assert row.tile_id == f"vs-{rec['loc_x']}-{rec['loc_y']}"
@@ -295,20 +296,23 @@ def test_missing_or_unusable_rois_skip_the_slide():
 # ------------------------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("key,value,allowed", [
-    ("tile_px", -1, "integer >= 8"),
-    ("tile_um", "abc", "magnification string"),
-    ("tile_um", 0, "positive number"),
-    ("roi_method", "insde", "auto, inside, outside, ignore"),
-    ("roi_filter_method", 1.5, "(0, 1)"),
-    ("stride_div", 0.5, ">= 1"),
-    ("qc", ["otsu", "bluur"], "Did you mean 'blur'"),
-    ("img_format", "tiff", "'jpg' or 'png'"),
-    ("quality", 0, "1..100"),
-    ("grayspace_threshold", 5, "[0, 1]"),
-    ("whitespace_threshold", 300, "[0, 255]"),
-    ("shard_index", 3, "0..1"),
-])
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("tile_px", -1, "integer >= 8"),
+        ("tile_um", "abc", "magnification string"),
+        ("tile_um", 0, "positive number"),
+        ("roi_method", "insde", "auto, inside, outside, ignore"),
+        ("roi_filter_method", 1.5, "(0, 1)"),
+        ("stride_div", 0.5, ">= 1"),
+        ("qc", ["otsu", "bluur"], "Did you mean 'blur'"),
+        ("img_format", "tiff", "'jpg' or 'png'"),
+        ("quality", 0, "1..100"),
+        ("grayspace_threshold", 5, "[0, 1]"),
+        ("whitespace_threshold", 300, "[0, 255]"),
+        ("shard_index", 3, "0..1"),
+    ],
+)
 def test_config_errors_name_key_value_and_allowed(key, value, allowed):
     node = {"name": "extract", key: value}
     if key == "shard_index":
@@ -340,11 +344,25 @@ def test_task_config_composes_with_defaults(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         c = compose("config", overrides=["task=extract", f"paths.root_dir={tmp_path}"])
     e = load_extract_config(c.task, "task")
-    assert (e.tile_px, e.tile_um, e.stride_div, e.roi_method, e.roi_filter_method, e.qc, e.filter_threshold) == \
-        (256, 128, 1, "auto", "center", ["otsu"], 0.6)
+    assert (e.tile_px, e.tile_um, e.stride_div, e.roi_method, e.roi_filter_method, e.qc, e.filter_threshold) == (
+        256,
+        128,
+        1,
+        "auto",
+        "center",
+        ["otsu"],
+        0.6,
+    )
     assert (e.grayspace_threshold, e.grayspace_fraction, e.whitespace_threshold, e.whitespace_fraction) == (0.05, 0.6, 230, 1.0)
     assert (e.img_format, e.quality, e.workers, e.shard_index, e.num_shards) == ("jpg", 95, 2, 0, 1)
-    assert (e.overwrite, e.dry_run, e.save_tiles, e.report, e.normalizer, e.normalizer_source) == (False, False, False, True, None, None)
+    assert (e.overwrite, e.dry_run, e.save_tiles, e.report, e.normalizer, e.normalizer_source) == (
+        False,
+        False,
+        False,
+        True,
+        None,
+        None,
+    )
     assert e.outdir == f"{tmp_path}/outputs/work/tiles"
 
 

@@ -1,4 +1,5 @@
 """Cohort extraction on the demo and real slides: records, labels, resume, interruption, bad inputs, report."""
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,8 @@ def check_records(res, ds, max_mad=6.0, shift_check=True):
         assert len(r) == len(rows)
         level = int(res.summary.set_index("slide").level[name])
         with ds.open(name) as s:
-            def region(x, y, e):
+
+            def region(x, y, e, s=s, level=level):
                 if cfg.mag is None:
                     return s.read((x, y), (e, e), cfg.tile_um / cfg.tile_px, out_size=(cfg.tile_px, cfg.tile_px)).astype(int)
                 return s.read_region((x, y), level, (cfg.tile_px, cfg.tile_px)).astype(int)
@@ -100,7 +102,7 @@ def test_fractional_roi_labels_match_the_mask_majority(demo_ds, tiny_demo):
     for name, g in df.groupby("slide"):
         mask = cv2.imread(str(tiny_demo / "masks" / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
         for r in g.itertuples():
-            crop = mask[r.y: r.y + r.size_base, r.x: r.x + r.size_base]
+            crop = mask[r.y : r.y + r.size_base, r.x : r.x + r.size_base]
             counts = np.bincount(crop.ravel(), minlength=4)
             assert counts[1:].sum() / crop.size > 0.45  # more than half inside ROIs (up to edge rasterization)
             ok.append(int(np.argmax(counts[1:])) + 1 == CLASSES.index(r.label) + 1)
@@ -173,7 +175,7 @@ def test_killed_run_is_resumed(demo_ds, tiny_demo, tmp_path):
                     os.kill(os.getpid(), signal.SIGKILL)
             return real(self, data, x, y, slide=slide)
         TFRecordWriter.write_tile = killer
-        ds = Dataset({str(tiny_demo / 'slides')!r}, rois={str(tiny_demo / 'rois')!r})
+        ds = Dataset({str(tiny_demo / "slides")!r}, rois={str(tiny_demo / "rois")!r})
         extract_tiles(ds, 64, 64, {str(tmp_path)!r}, qc=None, workers=1, progress=False)
     """)
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -230,8 +232,14 @@ def test_bad_inputs_in_a_cohort(tiny_demo, tmp_path, caplog):
     ds = Dataset(slides, rois=rois)
     res = extract_tiles(ds, outdir=tmp_path / "out", qc=["otsu"], **FAST)
     st = res.summary.set_index("slide")
-    assert st.status.to_dict() == {"boxes": "failed", "demo_000": "done", "demo_001": "skipped", "demo_002": "done",
-                                   "unopenable": "failed", "unreadable": "failed"}
+    assert st.status.to_dict() == {
+        "boxes": "failed",
+        "demo_000": "done",
+        "demo_001": "skipped",
+        "demo_002": "done",
+        "unopenable": "failed",
+        "unreadable": "failed",
+    }
     assert "microns-per-pixel" in st.reason["boxes"] and "mpp" in st.reason["boxes"]
     assert "reading pixels failed" in st.reason["unreadable"] and "OpenSlide" in st.reason["unopenable"]
     assert "no ROI inside the slide" in st.reason["demo_001"]
@@ -243,19 +251,39 @@ def test_bad_inputs_in_a_cohort(tiny_demo, tmp_path, caplog):
     ann = tmp_path / "ann.csv"
     ann.write_text("slide,mpp\nboxes,0.25\n")
     ds2 = Dataset(slides, annotations=ann)
-    r2 = extract_tiles(ds2, outdir=tmp_path / "out2", qc=None, tile_px=32, tile_um=16, slides=["boxes"],
-                       grayspace_fraction=1.0, workers=1, progress=False)
+    r2 = extract_tiles(
+        ds2,
+        outdir=tmp_path / "out2",
+        qc=None,
+        tile_px=32,
+        tile_um=16,
+        slides=["boxes"],
+        grayspace_fraction=1.0,
+        workers=1,
+        progress=False,
+    )
     assert r2.summary.status.tolist() == ["done"] and r2.n_tiles == (300 // 64) * (250 // 64)
     check_records(r2, ds2, shift_check=False)  # flat-coloured boxes: shifts can look identical
 
 
 def test_tile_larger_than_slide_and_zero_tiles_kept(demo_ds, tmp_path, caplog):
-    big = extract_tiles(demo_ds, tile_px=64, tile_um=1000, outdir=tmp_path, qc=None, workers=1, progress=False, slides=["demo_000"])
+    big = extract_tiles(
+        demo_ds, tile_px=64, tile_um=1000, outdir=tmp_path, qc=None, workers=1, progress=False, slides=["demo_000"]
+    )
     row = big.summary.iloc[0]
     assert row.status == "empty" and row.kept == 0 and "does not fit in the slide" in row.reason
     rec = big.tile_dir / "demo_000.tfrecords"
     assert rec.is_file() and rec.stat().st_size == 0 and len(TFRecordReader(rec)) == 0  # empty but valid
-    assert len(big.tiles) == 0 and list(big.tiles.columns)[:8] == ["loc_x", "loc_y", "grid_x", "grid_y", "roi_name", "roi_desc", "label", "slide"]
+    assert len(big.tiles) == 0 and list(big.tiles.columns)[:8] == [
+        "loc_x",
+        "loc_y",
+        "grid_x",
+        "grid_y",
+        "roi_name",
+        "roi_desc",
+        "label",
+        "slide",
+    ]
     none = extract_tiles(demo_ds, outdir=tmp_path, qc=None, grayspace_threshold=1.0, grayspace_fraction=0.0, **FAST)
     assert (none.summary.status == "empty").all() and none.n_tiles == 0
     assert none.summary.reason.str.contains("grayspace").all() and "0 tiles kept" in caplog.text
@@ -276,8 +304,9 @@ def test_inside_without_rois_is_skipped_with_a_reason(tiny_demo, tmp_path):
 def test_real_cmu_slide(tmp_path):
     p = shared_slide("cmu_small_region.svs")
     ds = Dataset(p)
-    res = extract_tiles(ds, outdir=tmp_path, tile_px=128, tile_um=128, qc=["otsu", "blur"], workers=1, progress=False,
-                        img_format="png")
+    res = extract_tiles(
+        ds, outdir=tmp_path, tile_px=128, tile_um=128, qc=["otsu", "blur"], workers=1, progress=False, img_format="png"
+    )
     row = res.summary.iloc[0]
     assert row.status == "done" and row.mpp == pytest.approx(0.499) and row.extract_px == 257
     assert 20 < row.kept < row.grid_tiles and row.rejected_qc > 0 and row.blur_burden is not None
@@ -342,8 +371,18 @@ def test_task_runs_from_the_command_line(tiny_demo, tmp_path):
     from tests.conftest import tiny_demo_overrides
 
     out = tmp_path / "tiles"
-    cmd = [sys.executable, str(ROOT / "run.py"), "task=extract", f"task.outdir={out}", "task.tile_px=64", "task.tile_um=64",
-           "task.workers=2", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", *tiny_demo_overrides(tiny_demo)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "task=extract",
+        f"task.outdir={out}",
+        "task.tile_px=64",
+        "task.tile_um=64",
+        "task.workers=2",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *tiny_demo_overrides(tiny_demo),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "3 extracted" in p.stdout and (out / "64px_64um" / "report.html").is_file()
@@ -379,8 +418,20 @@ def test_report_renders_in_chromium(demo_ds, tmp_path):
         pytest.skip("no Chromium installed (apt-get install -y chromium) for the screenshot check")
     res = extract_tiles(demo_ds, outdir=tmp_path, qc=["otsu"], **{**FAST, "slides": ["demo_000"]})
     shot = tmp_path / "report.png"
-    subprocess.run([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1400",
-                    f"--screenshot={shot}", res.report_path.as_uri()], capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            exe,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,1400",
+            f"--screenshot={shot}",
+            res.report_path.as_uri(),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     img = cv2.imread(str(shot))
     assert img is not None and img.shape[:2] == (1400, 1200)
     hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)

@@ -1,4 +1,5 @@
 """Feature bags from TFRecords: timm backbones and trained classifiers, resume, bad input."""
+
 import cv2
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
 """Tests of histolight.norm on real H&E tiles of the CMU-1 small-region slide."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ from histolight.norm import (
 from histolight.norm.make_presets import PRESETS, build_preset, find_slide
 
 SLIDE = find_slide()
-needs_slide = pytest.mark.skipif(SLIDE is None, reason="CMU slide cmu_small_region.svs not found "
-                                 "(expected ../shared/data/slides/ or $HISTOLIGHT_CMU_SLIDE)")
+needs_slide = pytest.mark.skipif(
+    SLIDE is None, reason="CMU slide cmu_small_region.svs not found (expected ../shared/data/slides/ or $HISTOLIGHT_CMU_SLIDE)"
+)
 METHODS = available_methods()
 NORMALIZERS = [m for m in METHODS if m != "augment"]
 # level-0 (x, y) origins of 256 px tiles that are mostly tissue
@@ -79,8 +81,16 @@ def test_build_none_and_methods():
     assert build_normalizer(None) is None
     assert build_normalizer({"method": "none"}) is None
     assert build_normalizer("none") is None
-    assert set(METHODS) == {"macenko", "macenko_fast", "reinhard", "reinhard_fast", "reinhard_mask",
-                            "reinhard_fast_mask", "vahadane", "augment"}
+    assert set(METHODS) == {
+        "macenko",
+        "macenko_fast",
+        "reinhard",
+        "reinhard_fast",
+        "reinhard_mask",
+        "reinhard_fast_mask",
+        "vahadane",
+        "augment",
+    }
     for m in METHODS:
         n = build_normalizer({"method": m})
         assert isinstance(n, StainNormalizer) and n.method == m and n.preset == "v1"
@@ -100,23 +110,28 @@ def test_build_from_dictconfig_and_yaml_group():
         assert n.options == {k: d for k, (d, _) in option_spec(m).items()}, "yaml defaults drifted from code"
 
 
-@pytest.mark.parametrize("cfg, words", [
-    ({"method": "macenk"}, ["'method'", "'macenk'", "reinhard_fast_mask"]),
-    ({"method": "macenko", "alpah": 1.0}, ["'alpah'", "1.0", "'alpha'"]),
-    ({"method": "reinhard", "alpha": 1.0}, ["'alpha'", "reinhard", "mask_threshold"]),
-    ({"method": "macenko", "alpha": -1}, ["'alpha'", "-1", "[0.0, 50.0)"]),
-    ({"method": "reinhard_mask", "mask_threshold": 220.5}, ["'mask_threshold'", "220.5", "integer"]),
-    ({"method": "macenko", "context": "yes"}, ["'context'", "'yes'", "true or false"]),
-    ({"method": "macenko", "preset": "v9"}, ["'preset'", "'v9'", "v1"]),
-    ({"method": "macenko", "fit_path": "/nonexistent/fit.json"}, ["'fit_path'", "no such file"]),
-    ({"method": "reinhard", "fit": {"means": [1, 2]}}, ["'stds'"]),
-    ({"method": "reinhard", "fit": {"means": [1, 2], "stds": [1, 1, 1]}}, ["'means'", "3 finite"]),
-    ({"method": "macenko", "fit": {"stain_matrix": [[1, 0, 0], [1, 0, 0]], "max_conc": [1, 1]}},
-     ["'stain_matrix'", "parallel"]),
-    ({"preset": "v1"}, ["lacks 'method'"]),
-    ({"method": "none", "alpha": 1}, ["'alpha'", "'none'"]),
-    (42, ["expected a mapping"]),
-])
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        ({"method": "macenk"}, ["'method'", "'macenk'", "reinhard_fast_mask"]),
+        ({"method": "macenko", "alpah": 1.0}, ["'alpah'", "1.0", "'alpha'"]),
+        ({"method": "reinhard", "alpha": 1.0}, ["'alpha'", "reinhard", "mask_threshold"]),
+        ({"method": "macenko", "alpha": -1}, ["'alpha'", "-1", "[0.0, 50.0)"]),
+        ({"method": "reinhard_mask", "mask_threshold": 220.5}, ["'mask_threshold'", "220.5", "integer"]),
+        ({"method": "macenko", "context": "yes"}, ["'context'", "'yes'", "true or false"]),
+        ({"method": "macenko", "preset": "v9"}, ["'preset'", "'v9'", "v1"]),
+        ({"method": "macenko", "fit_path": "/nonexistent/fit.json"}, ["'fit_path'", "no such file"]),
+        ({"method": "reinhard", "fit": {"means": [1, 2]}}, ["'stds'"]),
+        ({"method": "reinhard", "fit": {"means": [1, 2], "stds": [1, 1, 1]}}, ["'means'", "3 finite"]),
+        (
+            {"method": "macenko", "fit": {"stain_matrix": [[1, 0, 0], [1, 0, 0]], "max_conc": [1, 1]}},
+            ["'stain_matrix'", "parallel"],
+        ),
+        ({"preset": "v1"}, ["lacks 'method'"]),
+        ({"method": "none", "alpha": 1}, ["'alpha'", "'none'"]),
+        (42, ["expected a mapping"]),
+    ],
+)
 def test_config_errors_name_key_value_allowed(cfg, words):
     with pytest.raises(ValueError) as ei:
         build_normalizer(cfg)
@@ -147,8 +162,9 @@ def test_presets_regenerate_identically():
 # ----------------------------------------------------------------------------- exact rebuild
 @pytest.mark.parametrize("method", METHODS)
 def test_to_config_rebuilds_exactly(method, tiles):
-    opts = {"augment": {"hue": 0.05, "seed": 7}, "vahadane": {"n_iter": 5},
-            "reinhard_mask": {"mask_threshold": 215}}.get(method, {})
+    opts = {"augment": {"hue": 0.05, "seed": 7}, "vahadane": {"n_iter": 5}, "reinhard_mask": {"mask_threshold": 215}}.get(
+        method, {}
+    )
     from omegaconf import OmegaConf
 
     n = StainNormalizer(method, **opts).fit(tiles[:2])
@@ -228,16 +244,27 @@ def test_cuda_matches_cpu(method, tiles, thumb):
 
 
 # ----------------------------------------------------------------------------- vs torchstain
-@pytest.mark.parametrize("method, ts_name, bright", [
-    ("macenko_fast", "macenko", False), ("macenko", "macenko", True),
-    ("reinhard_fast", "reinhard", False), ("reinhard", "reinhard", True)])
+@pytest.mark.parametrize(
+    "method, ts_name, bright",
+    [
+        ("macenko_fast", "macenko", False),
+        ("macenko", "macenko", True),
+        ("reinhard_fast", "reinhard", False),
+        ("reinhard", "reinhard", True),
+    ],
+)
 def test_agrees_with_torchstain(method, ts_name, bright, tiles):
     ts = pytest.importorskip("torchstain")
-    pre = (lambda x: x)
+
+    def pre(x):
+        return x
+
     if bright:
+
         def pre(x):
             f = np_ops.brightness_factor(np_ops.brightness_value(x, 90))
             return np_ops.cv2.convertScaleAbs(x, alpha=float(f))
+
     cls = {"macenko": ts.normalizers.MacenkoNormalizer, "reinhard": ts.normalizers.ReinhardNormalizer}[ts_name]
     ref = cls(backend="numpy")
     ref.fit(pre(tiles[0]))
@@ -278,7 +305,7 @@ def test_degenerate_tiles_pass_through_and_are_counted(method, tiles):
     assert sum(n.stats["reasons"].values()) == n.stats["passthrough"]
     old = n.reset_stats()
     assert old["passthrough"] == 3 * len(cases) and n.stats["passthrough"] == 0
-    for name, img in cases.items():
+    for _name, img in cases.items():
         with pytest.raises(ValueError, match="cannot fit"):
             StainNormalizer(method).fit(img)
         with pytest.raises(ValueError, match="cannot use this context"):
@@ -449,9 +476,17 @@ def test_dictionary_learning_matches_sklearn(tiles):
     y = od.reshape(-1, 3)[np_ops.fit_subsample_index(m8, 256)].astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dl = DictionaryLearning(n_components=2, alpha=0.1, fit_algorithm="cd", transform_algorithm="lasso_cd",
-                                positive_code=True, positive_dict=True, max_iter=100, tol=1e-8,
-                                random_state=0).fit(y)
+        dl = DictionaryLearning(
+            n_components=2,
+            alpha=0.1,
+            fit_algorithm="cd",
+            transform_algorithm="lasso_cd",
+            positive_code=True,
+            positive_dict=True,
+            max_iter=100,
+            tol=1e-8,
+            random_state=0,
+        ).fit(y)
     sk = np_ops.finish_dictionary(dl.components_)
     ours = np_ops.dict_learn(y, 0.1, 300)
     ang = np.degrees(np.arccos(np.clip((sk * ours).sum(1), -1, 1)))

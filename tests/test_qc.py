@@ -1,4 +1,5 @@
 """Slide-level QC: Otsu tissue masks, GaussianV2-style blur (strided, mpp override), blur burden, registry."""
+
 from __future__ import annotations
 
 import cv2
@@ -55,7 +56,7 @@ def test_otsu_min_threshold_keeps_blank_slides_blank():
 
 def _half_blurred(h=1024, w=1024):
     img = he_texture(h, w)
-    img[:, w // 2:] = cv2.GaussianBlur(img, (0, 0), 8)[:, w // 2:]
+    img[:, w // 2 :] = cv2.GaussianBlur(img, (0, 0), 8)[:, w // 2 :]
     return img
 
 

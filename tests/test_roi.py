@@ -1,4 +1,5 @@
 """ROI files: Slideflow CSV and QuPath GeoJSON, holes, repair, clear errors."""
+
 import json
 import logging
 
@@ -47,12 +48,15 @@ def test_csv_uppercase_header_and_no_label(tmp_path):
     assert len(rois) == 1 and rois[0].label is None
 
 
-@pytest.mark.parametrize("content,match", [
-    ("", "empty ROI file"),
-    ("name,x,y\na,1,2\n", r"missing required column\(s\) \['roi_name', 'x_base', 'y_base'\]"),
-    ("roi_name,x_base,y_base\n", "no vertices"),
-    ("roi_name,x_base,y_base\na,1,zz\n", "line 2: cannot parse"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", "empty ROI file"),
+        ("name,x,y\na,1,2\n", r"missing required column\(s\) \['roi_name', 'x_base', 'y_base'\]"),
+        ("roi_name,x_base,y_base\n", "no vertices"),
+        ("roi_name,x_base,y_base\na,1,zz\n", "line 2: cannot parse"),
+    ],
+)
 def test_csv_errors_are_clear(tmp_path, content, match):
     p = tmp_path / "bad.csv"
     p.write_text(content)
@@ -64,7 +68,11 @@ def test_csv_errors_are_clear(tmp_path, content, match):
 def test_invalid_geometry_is_repaired_and_degenerate_dropped(tmp_path, caplog):
     bowtie = [(0, 0), (100, 100), (100, 0), (0, 100)]
     line = [(0, 0), (10, 10), (20, 20)]
-    rows = [("bow", x, y, "t") for x, y in bowtie] + [("line", x, y, "t") for x, y in line] + [("two", 1, 1, "t"), ("two", 2, 2, "t")]
+    rows = (
+        [("bow", x, y, "t") for x, y in bowtie]
+        + [("line", x, y, "t") for x, y in line]
+        + [("two", 1, 1, "t"), ("two", 2, 2, "t")]
+    )
     with caplog.at_level(logging.WARNING):
         rois = read_rois(_csv(tmp_path / "s.csv", rows))
     assert [r.name for r in rois] == ["bow"]
@@ -76,13 +84,27 @@ def test_invalid_geometry_is_repaired_and_degenerate_dropped(tmp_path, caplog):
 
 def test_geojson_qupath_variants(tmp_path):
     poly = {"type": "Polygon", "coordinates": [SQ + [SQ[0]], INNER + [INNER[0]]]}
-    multi = {"type": "MultiPolygon", "coordinates": [[[(200, 0), (300, 0), (300, 100), (200, 0)]], [[(400, 0), (500, 0), (500, 100), (400, 0)]]]}
-    fc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": poly, "properties": {"objectType": "annotation", "name": "T1", "classification": {"name": "tumor", "color": [200, 0, 0]}}},
-        {"type": "Feature", "id": "abc", "geometry": multi, "properties": {"classification": {"names": ["stroma", "dense"]}}},
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {"name": "pt"}},
-        {"type": "Feature", "geometry": poly, "properties": {}},
-    ]}
+    multi = {
+        "type": "MultiPolygon",
+        "coordinates": [[[(200, 0), (300, 0), (300, 100), (200, 0)]], [[(400, 0), (500, 0), (500, 100), (400, 0)]]],
+    }
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": poly,
+                "properties": {
+                    "objectType": "annotation",
+                    "name": "T1",
+                    "classification": {"name": "tumor", "color": [200, 0, 0]},
+                },
+            },
+            {"type": "Feature", "id": "abc", "geometry": multi, "properties": {"classification": {"names": ["stroma", "dense"]}}},
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {"name": "pt"}},
+            {"type": "Feature", "geometry": poly, "properties": {}},
+        ],
+    }
     p = tmp_path / "s.geojson"
     p.write_text(json.dumps(fc))
     rois = read_rois(p)
@@ -128,7 +150,11 @@ def test_round_trip_keeps_rings_holes_labels(tmp_path, ext):
 
 
 def test_clip_and_outside_warnings(tmp_path, caplog):
-    rows = [("in", x, y, "t") for x, y in SQ] + [("part", x + 50, y, "t") for x, y in SQ] + [("out", x + 1000, y, "t") for x, y in SQ]
+    rows = (
+        [("in", x, y, "t") for x, y in SQ]
+        + [("part", x + 50, y, "t") for x, y in SQ]
+        + [("out", x + 1000, y, "t") for x, y in SQ]
+    )
     p = _csv(tmp_path / "s.csv", rows)
     with caplog.at_level(logging.WARNING):
         rois = read_rois(p, slide_dims=(120, 120), nest=False)

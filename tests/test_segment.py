@@ -4,6 +4,7 @@ whole-slide inference, save/reload without network, ROI generation, qc.Segment, 
 Everything runs on the tiny demo cohort (3 slides, 1024 x 768 px at 0.5 um/px -> 128 x 96 px at 4 um/px)
 with a small timm encoder, on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ from tests.conftest import ROOT, tiny_demo_overrides
 CONF = ROOT / "conf"
 LABELS = ["tumor", "stroma", "necrosis"]
 ENC = "tu-mobilenetv3_small_100"
-TINY = [f"model.encoder_name={ENC}", "data.mpp=4", "data.size=64", "data.crops_per_epoch=4", "data.batch_size=8",
-        "model.infer_batch_size=4", "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
+TINY = [
+    f"model.encoder_name={ENC}",
+    "data.mpp=4",
+    "data.size=64",
+    "data.crops_per_epoch=4",
+    "data.batch_size=8",
+    "model.infer_batch_size=4",
+    "trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+]
 
 
 def compose_cfg(overrides: list[str], tmp_path):
@@ -40,8 +49,9 @@ def small_config(mode="multiclass", **kw):
     from histolight.segment import SegmentConfig
 
     labels = None if mode == "binary" else LABELS
-    base = dict(mode=mode, labels=labels, mpp=4, size=64, encoder_name=ENC, crops_per_epoch=4, batch_size=4,
-                infer_batch_size=4, epochs=1)
+    base = dict(
+        mode=mode, labels=labels, mpp=4, size=64, encoder_name=ENC, crops_per_epoch=4, batch_size=4, infer_batch_size=4, epochs=1
+    )
     base.update(kw)
     return SegmentConfig(**base)
 
@@ -70,8 +80,7 @@ def trained(tiny_demo, tmp_path_factory):
         tmp = tmp_path_factory.mktemp(f"seg_{mode}")
         # multiclass: one real epoch logged to offline W&B (fast_dev_run would disable loggers and checkpoints)
         run = ["logger=wandb", "trainer.max_epochs=1"] if mode == "multiclass" else ["logger=csv", "+trainer.fast_dev_run=true"]
-        cfg = compose_cfg([f"experiment=seg_{mode}", *run, *TINY,
-                           *tiny_demo_overrides(tiny_demo)], tmp)
+        cfg = compose_cfg([f"experiment=seg_{mode}", *run, *TINY, *tiny_demo_overrides(tiny_demo)], tmp)
         metrics = get_task("train_seg")(cfg)
         out[mode] = (tmp / "out", metrics)
     from histolight.utils.instantiate import finish_wandb
@@ -185,7 +194,7 @@ def test_crops_pad_augment_identically_and_more_crops_than_slides():
     from histolight.segment.datamodule import SegmentDataModule
 
     # image colour encodes the class, so after any geometric augmentation mask and image must still agree
-    rng = np.random.default_rng(0)
+    np.random.default_rng(0)
     mask = np.zeros((40, 50), np.uint8)
     mask[5:30, 10:45] = 1
     mask[10:20, 20:30] = 2
@@ -212,8 +221,15 @@ def test_crops_pad_augment_identically_and_more_crops_than_slides():
     # multilabel masks (N, H, W) follow the geometry too
     ml = np.stack([mask == 1, mask == 2]).astype(np.uint8)
     cfg2 = small_config("multilabel", labels=["a", "b"], size=64, crops_per_epoch=4, augmentation=aug)
-    b = next(iter(DataLoader(SegmentDataModule(cfg2, [ThumbMask("s", colours[mask], ml, {})]).train_dataloader().dataset,
-                             batch_size=4, collate_fn=lambda x: x)))
+    b = next(
+        iter(
+            DataLoader(
+                SegmentDataModule(cfg2, [ThumbMask("s", colours[mask], ml, {})]).train_dataloader().dataset,
+                batch_size=4,
+                collate_fn=lambda x: x,
+            )
+        )
+    )
     for s in b:
         img = (s["image"] * 255).round().byte().permute(1, 2, 0).numpy()
         assert s["mask"].shape == (2, 64, 64)
@@ -293,8 +309,9 @@ def test_lr_and_scheduler_are_used(tiny_demo, tmp_path):
 
     from histolight.segment import train
 
-    cfg = small_config("binary", lr=0.0123, scheduler="step", scheduler_kwargs={"step_size": 1, "gamma": 0.5},
-                       crops_per_epoch=2, batch_size=2)
+    cfg = small_config(
+        "binary", lr=0.0123, scheduler="step", scheduler_kwargs={"step_size": 1, "gamma": 0.5}, crops_per_epoch=2, batch_size=2
+    )
     logger = CSVLogger(tmp_path, name="csv")
     seen = []
 
@@ -303,8 +320,17 @@ def test_lr_and_scheduler_are_used(tiny_demo, tmp_path):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
             super().on_train_epoch_start(trainer, pl_module)
 
-    train(cfg, tiny_dataset(tiny_demo), tmp_path / "m", epochs=3, loggers=[logger], callbacks=[Spy()],
-          enable_progress_bar=False, enable_model_summary=False, n_overlays=0)
+    train(
+        cfg,
+        tiny_dataset(tiny_demo),
+        tmp_path / "m",
+        epochs=3,
+        loggers=[logger],
+        callbacks=[Spy()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        n_overlays=0,
+    )
     assert seen == pytest.approx([0.0123, 0.0123 * 0.5, 0.0123 * 0.25])
     import pandas as pd
 
@@ -323,12 +349,18 @@ def test_tiled_inference_matches_single_pass_in_the_interior():
     from histolight.segment.model import SegmentModel
 
     torch.manual_seed(0)
-    cfg = small_config("multiclass", encoder_name="efficientnet-b0", size=96, overlap=0.25,
-                       input_mean=[0.8, 0.6, 0.8], input_std=[0.15, 0.2, 0.15])
+    cfg = small_config(
+        "multiclass",
+        encoder_name="efficientnet-b0",
+        size=96,
+        overlap=0.25,
+        input_mean=[0.8, 0.6, 0.8],
+        input_std=[0.15, 0.2, 0.15],
+    )
     model = SegmentModel(cfg).eval()
     img = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 255, (200, 331, 3), dtype=np.uint8), (0, 0), 3)
     tiled = model.run_tiled_inference(img)  # 3 x 4 tiles of 96 px, blended
-    single = model.run_forward(img)         # one pass over the padded image
+    single = model.run_forward(img)  # one pass over the padded image
     assert tiled.shape == single.shape == (4, 200, 331)
     inner = np.abs(tiled - single)[:, 24:-24, 24:-24]
     assert inner.max() < 0.05 and inner.mean() < 0.005, (inner.max(), inner.mean())
@@ -401,14 +433,13 @@ def test_slide_inference_in_strips_matches_thumbnail_inference(tmp_path):
 def test_rois_from_masks_match_ground_truth_and_round_trip(tiny_demo, tmp_path):
     import shapely
 
-    from histolight.roi import read_rois, rasterize_rois
+    from histolight.roi import rasterize_rois, read_rois
     from histolight.segment.rois import masks_to_rois, write_slide_rois
 
     ds = tiny_dataset(tiny_demo)
     name = ds.names[0]
     gt = gt_labels(tiny_demo, name, (384, 512))  # 1 um/px: 2 base px per mask px
-    rois = masks_to_rois({lab: gt == i + 1 for i, lab in enumerate(LABELS)}, downsample=2.0, base_mpp=0.5,
-                         min_area_mm2=0.0005)
+    rois = masks_to_rois({lab: gt == i + 1 for i, lab in enumerate(LABELS)}, downsample=2.0, base_mpp=0.5, min_area_mm2=0.0005)
     truth = ds.rois(name)
     for lab in LABELS:
         a = shapely.unary_union([r.geometry for r in rois if r.label == lab])
@@ -500,17 +531,38 @@ def test_qc_segment_in_extraction_keeps_only_predicted_tissue(tiny_demo, tmp_pat
     qc = Segment(tmp_path / "m")
     qc._model = _Oracle(tiny_demo, cfg)
     ds = tiny_dataset(tiny_demo)
-    res = extract.extract_tiles(ds, tile_px=32, tile_um=32, outdir=tmp_path / "tiles", qc=[qc], roi_method="ignore",
-                                workers=1, report=False, progress=False, grayspace_fraction=1.0, whitespace_fraction=1.0)
-    everything = extract.extract_tiles(ds, tile_px=32, tile_um=32, outdir=tmp_path / "all", qc=[], roi_method="ignore",
-                                       workers=1, report=False, progress=False, grayspace_fraction=1.0,
-                                       whitespace_fraction=1.0).tiles
+    res = extract.extract_tiles(
+        ds,
+        tile_px=32,
+        tile_um=32,
+        outdir=tmp_path / "tiles",
+        qc=[qc],
+        roi_method="ignore",
+        workers=1,
+        report=False,
+        progress=False,
+        grayspace_fraction=1.0,
+        whitespace_fraction=1.0,
+    )
+    everything = extract.extract_tiles(
+        ds,
+        tile_px=32,
+        tile_um=32,
+        outdir=tmp_path / "all",
+        qc=[],
+        roi_method="ignore",
+        workers=1,
+        report=False,
+        progress=False,
+        grayspace_fraction=1.0,
+        whitespace_fraction=1.0,
+    ).tiles
     tiles = res.tiles
     assert 0 < len(tiles) < len(everything)
     for name, df in tiles.groupby("slide"):
         gt = gt_labels(tiny_demo, name, (768, 1024))
 
-        def in_tissue(t):
+        def in_tissue(t, gt=gt):
             return gt[t["loc_y"].astype(int).clip(0, 767), t["loc_x"].astype(int).clip(0, 1023)] > 0
 
         kept, every = in_tissue(df), in_tissue(everything[everything["slide"] == name])
@@ -564,8 +616,10 @@ def test_tasks_export_segment_and_generate_rois(trained, tiny_demo, tmp_path):
 
     model_dir, _ = trained["multiclass"]
     ov = tiny_demo_overrides(tiny_demo)
-    cfg = compose_cfg(["task=export_masks", "data=seg", "data.mode=multiclass", f"data.labels=[{','.join(LABELS)}]",
-                       "data.mpp=4", *ov], tmp_path)
+    cfg = compose_cfg(
+        ["task=export_masks", "data=seg", "data.mode=multiclass", f"data.labels=[{','.join(LABELS)}]", "data.mpp=4", *ov],
+        tmp_path,
+    )
     r = get_task("export_masks")(cfg)
     assert r["n_exported"] == 3 and len(list((tmp_path / "work").rglob("*.npz"))) == 3
     cfg = compose_cfg(["task=segment", f"task.model={model_dir}", "task.min_area_mm2=0.0001", *ov], tmp_path)

@@ -1,4 +1,5 @@
 """Slide reading with explicit units, on real slides and on a VirtualSlide."""
+
 import numpy as np
 import pytest
 
@@ -106,4 +107,4 @@ def test_read_with_non_integer_downsample_is_not_shifted():
         from histolight.wsi.slide import level_origin
 
         got = s.read_region((level_origin(lx, ds), 0), 2, (5, 5))
-        np.testing.assert_array_equal(got, full[:5, lx:lx + 5])
+        np.testing.assert_array_equal(got, full[:5, lx : lx + 5])

@@ -1,4 +1,5 @@
 """Sweeps through run.py: an Optuna search (the [sweep] extra) optimises validation mIoU end to end."""
+
 import os
 import subprocess
 import sys
@@ -8,17 +9,34 @@ import yaml
 
 from tests.conftest import ROOT, tiny_demo_overrides
 
-TINY = ["model.encoder_name=tu-mobilenetv3_small_100", "data.mpp=4", "data.size=64", "data.batch_size=8",
-        "model.infer_batch_size=4", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv"]
+TINY = [
+    "model.encoder_name=tu-mobilenetv3_small_100",
+    "data.mpp=4",
+    "data.size=64",
+    "data.batch_size=8",
+    "model.infer_batch_size=4",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
 
 
 def test_optuna_sweep_optimises_val_miou(tmp_path, tiny_demo):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="install the [sweep] extra")
     env = {**os.environ, "HISTOLIGHT_ROOT": str(ROOT), "WANDB_MODE": "offline"}
-    args = [sys.executable, str(ROOT / "run.py"), "-m", "experiment=seg_binary", "hparams_search=seg_optuna",
-            "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-            *TINY, *tiny_demo_overrides(tiny_demo),
-            f"paths.log_dir={tmp_path}/outputs", f"paths.work_dir={tmp_path}/work"]
+    args = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "-m",
+        "experiment=seg_binary",
+        "hparams_search=seg_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        *TINY,
+        *tiny_demo_overrides(tiny_demo),
+        f"paths.log_dir={tmp_path}/outputs",
+        f"paths.work_dir={tmp_path}/work",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     results = list((tmp_path / "outputs" / "multirun").glob("*/*/optimization_results.yaml"))

@@ -1,4 +1,5 @@
 """TFRecord I/O: TensorFlow/Slideflow byte compatibility (known bytes, no TensorFlow), index, atomicity."""
+
 from __future__ import annotations
 
 import gzip
@@ -61,8 +62,9 @@ TF_FILE_PAYLOADS = [
     b"\x42\x0a\x08\x01\x12\x00\x22\x04\xa4\x70\x7d\x3f\x4a\x0b\x0a\x09\x0a\x07scalars",
 ]
 TF_FILE_BYTES = (
-    b"\x18\x00\x00\x00\x00\x00\x00\x00" b"\xa3\x7f\x4b\x22" + TF_FILE_PAYLOADS[0] + b"\x12\x4b\x36\xab"
-    + b"\x32\x00\x00\x00\x00\x00\x00\x00" b"\x24\x19\x56\xec" + TF_FILE_PAYLOADS[1] + b"\xa5\x5b\x64\x33"
+    b"\x18\x00\x00\x00\x00\x00\x00\x00"
+    b"\xa3\x7f\x4b\x22" + TF_FILE_PAYLOADS[0] + b"\x12\x4b\x36\xab" + b"\x32\x00\x00\x00\x00\x00\x00\x00"
+    b"\x24\x19\x56\xec" + TF_FILE_PAYLOADS[1] + b"\xa5\x5b\x64\x33"
 )
 
 
@@ -124,6 +126,7 @@ def _slideflow_scan(path):
 
 # --- checksums and framing ------------------------------------------------------------------------
 
+
 def test_masked_crc_known_values():
     assert crc32c.crc32c(b"123456789") == 0xE3069283
     c = 0xE3069283
@@ -149,6 +152,7 @@ def test_reads_and_reproduces_tensorflow_written_file(tmp_path):
 
 
 # --- tf.train.Example codec -----------------------------------------------------------------------
+
 
 def test_encoder_reproduces_tensorflow_bytes():
     feats = {"feature3": 0.9876, "feature1": 4, "feature2": b"goat", "feature0": False}
@@ -184,20 +188,31 @@ def test_decoder_unpacked_unknown_fields_and_merges():
     bytes_two = _ld(1, _ld(1, b"x") + _ld(1, b"") + _tag(7, 0) + _vi(99))  # unknown field in BytesList
     feature_unknown = _tag(9, 0) + _vi(1) + _ld(3, _ld(1, _vi(42))) + _tag(10, 5) + b"abcd"
     entries = [
-        _ld(2, i64_unpacked) + _ld(1, b"ints"),                   # value before key
+        _ld(2, i64_unpacked) + _ld(1, b"ints"),  # value before key
         _ld(1, b"floats") + _ld(2, f_unpacked),
         _ld(1, b"strs") + _ld(2, bytes_two),
-        _ld(1, b"empty") + _ld(2, b""),                           # Feature with no kind
+        _ld(1, b"empty") + _ld(2, b""),  # Feature with no kind
         _ld(1, b"dup") + _ld(2, _ld(3, _ld(1, _vi(1)))),
         _ld(1, b"unk") + _ld(2, feature_unknown),
-        _ld(1, b"dup") + _ld(2, _ld(1, _ld(1, b"last"))),         # duplicate key: last wins
-        _ld(1, "naïve".encode()) + _ld(2, _ld(3, b"")),           # empty packed int list
+        _ld(1, b"dup") + _ld(2, _ld(1, _ld(1, b"last"))),  # duplicate key: last wins
+        _ld(1, "naïve".encode()) + _ld(2, _ld(3, b"")),  # empty packed int list
     ]
     features = b"".join(_ld(1, e) for e in entries)
     # Unknown top-level fields of every wire type, and Features split in two (protobuf merges them).
-    example = (_tag(5, 0) + _vi(300) + _tag(6, 1) + b"8bytes!!" + _ld(1, features[: len(_ld(1, entries[0]))])
-               + _tag(15, 3) + _tag(1, 0) + _vi(1) + _tag(15, 4)  # a group
-               + _ld(1, features[len(_ld(1, entries[0])):]) + _tag(7, 5) + b"\x00\x00\x00\x00")
+    example = (
+        _tag(5, 0)
+        + _vi(300)
+        + _tag(6, 1)
+        + b"8bytes!!"
+        + _ld(1, features[: len(_ld(1, entries[0]))])
+        + _tag(15, 3)
+        + _tag(1, 0)
+        + _vi(1)
+        + _tag(15, 4)  # a group
+        + _ld(1, features[len(_ld(1, entries[0])) :])
+        + _tag(7, 5)
+        + b"\x00\x00\x00\x00"
+    )
     dec = decode_example(example)
     assert dec["ints"] == [-5, 7, -(2**63), 9]
     assert dec["floats"] == [1.5, -2.0, 0.25]
@@ -209,13 +224,16 @@ def test_decoder_unpacked_unknown_fields_and_merges():
     assert typed["empty"] == (None, []) and typed["naïve"] == ("int", []) and typed["floats"][0] == "float"
 
 
-@pytest.mark.parametrize("bad", [
-    b"\x0a\x05\x0a\x03",                     # length runs past end
-    b"\x0a",                                 # truncated varint
-    b"\x0a\x02\x0a\xff",                     # nested truncated
-    b"\x0f",                                 # wire type 7
-    b"\x08" + b"\xff" * 11,                  # varint too long
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\x0a\x05\x0a\x03",  # length runs past end
+        b"\x0a",  # truncated varint
+        b"\x0a\x02\x0a\xff",  # nested truncated
+        b"\x0f",  # wire type 7
+        b"\x08" + b"\xff" * 11,  # varint too long
+    ],
+)
 def test_decoder_rejects_garbage(bad):
     with pytest.raises(ExampleDecodeError):
         decode_example(bad)
@@ -235,17 +253,20 @@ def test_against_protobuf_runtime():
             fld.options.packed = True
     feat = fdp.message_type.add(name="Feature")
     feat.oneof_decl.add(name="kind")
-    for num, (fname, tname) in enumerate((("bytes_list", "BytesList"), ("float_list", "FloatList"),
-                                          ("int64_list", "Int64List")), 1):
-        feat.field.add(name=fname, number=num, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE,
-                       type_name=f".hltf.{tname}", oneof_index=0)
+    for num, (fname, tname) in enumerate(
+        (("bytes_list", "BytesList"), ("float_list", "FloatList"), ("int64_list", "Int64List")), 1
+    ):
+        feat.field.add(
+            name=fname, number=num, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE, type_name=f".hltf.{tname}", oneof_index=0
+        )
     feats = fdp.message_type.add(name="Features")
     entry = feats.nested_type.add(name="FeatureEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_STRING)
     entry.field.add(name="value", number=2, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE, type_name=".hltf.Feature")
-    feats.field.add(name="feature", number=1, label=F.LABEL_REPEATED, type=F.TYPE_MESSAGE,
-                    type_name=".hltf.Features.FeatureEntry")
+    feats.field.add(
+        name="feature", number=1, label=F.LABEL_REPEATED, type=F.TYPE_MESSAGE, type_name=".hltf.Features.FeatureEntry"
+    )
     ex = fdp.message_type.add(name="Example")
     ex.field.add(name="features", number=1, label=F.LABEL_OPTIONAL, type=F.TYPE_MESSAGE, type_name=".hltf.Features")
     pool = descriptor_pool.DescriptorPool()
@@ -275,6 +296,7 @@ def test_against_protobuf_runtime():
 
 
 # --- writer / reader ------------------------------------------------------------------------------
+
 
 def test_roundtrip_500_random_access_equals_sequential(tmp_path):
     p = tmp_path / "slideA.tfrecords"
@@ -317,7 +339,7 @@ def test_reader_after_fork(tmp_path):
     if pid == 0:  # child: must reopen its own handle and read correctly
         try:
             ok = r.read(13) == expected[13] and r._fd != parent_fd and r._pid == os.getpid()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the forked child must always reach os._exit
             ok = False
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
@@ -558,6 +580,7 @@ def test_gzip_compressed_sequential(tmp_path):
 
 # --- images and atomic helpers ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rgb_flag", [True, False])
 def test_decode_image_jpeg_png_rgb(rgb_flag, monkeypatch):
     if not rgb_flag:  # older OpenCV without IMREAD_COLOR_RGB: BGR decode + conversion
@@ -570,8 +593,9 @@ def test_decode_image_jpeg_png_rgb(rgb_flag, monkeypatch):
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     out = decode_image(png.tobytes())
     assert out.dtype == np.uint8 and out.shape == (6, 8, 3) and np.array_equal(out, rgb)
-    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(np.full((16, 16, 3), (200, 30, 40), np.uint8), cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, 95])
+    ok, jpg = cv2.imencode(
+        ".jpg", cv2.cvtColor(np.full((16, 16, 3), (200, 30, 40), np.uint8), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+    )
     out = decode_image(memoryview(jpg.tobytes()))
     assert out.shape == (16, 16, 3) and np.abs(out.astype(int) - (200, 30, 40)).max() <= 6
     ok, gray = cv2.imencode(".png", np.full((4, 5), 77, np.uint8))

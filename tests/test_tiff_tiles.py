@@ -1,5 +1,6 @@
 """Direct tile reading (histolight.wsi.tiff_tiles) gives OpenSlide's pixels, falls back where it must, and is
 thread- and fork-safe."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -8,7 +9,6 @@ import pickle
 import shutil
 import struct
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -40,17 +40,17 @@ def _boxes(level_wh, tile, rng, n_random=25):
     """Aligned, unaligned, edge, corner, straddling and fully out-of-bounds boxes (level px: x, y, w, h)."""
     lw, lh = level_wh
     boxes = [
-        (0, 0, lw, lh),                        # whole level
-        (0, 0, tile, tile),                    # one stored tile, aligned
-        (tile, 0, 2 * tile, tile),             # two tiles, aligned
-        (tile // 2, tile // 3, tile, tile),    # straddles four tiles
-        (3, 5, 7, 9),                          # inside one tile, unaligned
-        (lw - 37, lh - 29, 37, 29),            # bottom-right corner (edge tile padding must not leak)
-        (lw - 20, lh - 10, 64, 48),            # over the right/bottom edge
-        (-30, -17, 80, 60),                    # over the top/left edge
-        (-5, 3, lw + 10, 11),                  # wider than the level on both sides
-        (lw + 3, 4, 16, 16),                   # fully outside
-        (-100, -100, 50, 50),                  # fully outside (negative)
+        (0, 0, lw, lh),  # whole level
+        (0, 0, tile, tile),  # one stored tile, aligned
+        (tile, 0, 2 * tile, tile),  # two tiles, aligned
+        (tile // 2, tile // 3, tile, tile),  # straddles four tiles
+        (3, 5, 7, 9),  # inside one tile, unaligned
+        (lw - 37, lh - 29, 37, 29),  # bottom-right corner (edge tile padding must not leak)
+        (lw - 20, lh - 10, 64, 48),  # over the right/bottom edge
+        (-30, -17, 80, 60),  # over the top/left edge
+        (-5, 3, lw + 10, 11),  # wider than the level on both sides
+        (lw + 3, 4, 16, 16),  # fully outside
+        (-100, -100, 50, 50),  # fully outside (negative)
     ]
     for _ in range(n_random):
         w, h = int(rng.integers(1, min(600, lw + 40))), int(rng.integers(1, min(600, lh + 40)))
@@ -134,8 +134,15 @@ def test_photometric_tag_wins_like_openslide(tmp_path, stream_cs, tag_photometri
     a tile file whose tag and stream disagree must still give OpenSlide's (odd-coloured) pixels."""
     path = tmp_path / "mismatch.tiff"
     img = _texture(300, 400)
-    tifffile.imwrite(path, img, tile=(64, 64), compression="jpeg", photometric="rgb",
-                     compressionargs={"level": 90, "outcolorspace": stream_cs}, metadata=None)
+    tifffile.imwrite(
+        path,
+        img,
+        tile=(64, 64),
+        compression="jpeg",
+        photometric="rgb",
+        compressionargs={"level": 90, "outcolorspace": stream_cs},
+        metadata=None,
+    )
     with tifffile.TiffFile(path) as tif:
         tag = tif.pages[0].tags[262]
         byteorder, off = tif.byteorder, tag.valueoffset
@@ -156,8 +163,15 @@ def test_generic_tiff_rgb_pyramid_equals_openslide(tmp_path):
     img = _texture(300, 400, seed=3)
     with tifffile.TiffWriter(path) as tw:
         for k, lv in enumerate([img, cv2.resize(img, (200, 150), interpolation=cv2.INTER_AREA)]):
-            tw.write(lv, tile=(64, 64), compression="jpeg", photometric="rgb",
-                     compressionargs={"level": 85, "outcolorspace": "RGB"}, subfiletype=0 if k == 0 else 1, metadata=None)
+            tw.write(
+                lv,
+                tile=(64, 64),
+                compression="jpeg",
+                photometric="rgb",
+                compressionargs={"level": 85, "outcolorspace": "RGB"},
+                subfiletype=0 if k == 0 else 1,
+                metadata=None,
+            )
     s = Slide(path, mpp=0.5)
     assert s.vendor == "generic-tiff" and s.tile_reader is not None, s.tile_reader_note
     assert [lv.colorspace for lv in s.tile_reader.levels] == ["RGB", "RGB"]
@@ -183,7 +197,7 @@ def test_non_integer_downsample_levels_give_stored_pixels(tmp_path):
             x, y = int(rng.integers(0, lw - 2)), int(rng.integers(0, lh - 2))
             w, h = int(rng.integers(1, lw - x + 1)), int(rng.integers(1, lh - y + 1))
             got = s._read_level(level, x, y, w, h)
-            assert np.array_equal(got, stored[level][y: y + h, x: x + w])
+            assert np.array_equal(got, stored[level][y : y + h, x : x + w])
             if level == 0:
                 assert np.array_equal(got, plain._read_level(0, x, y, w, h))
 
@@ -230,7 +244,9 @@ def test_unsupported_compression_falls_back():
     path = shared_slide("boxes.tiff")  # generic tiled TIFF, deflate + predictor
     s = Slide(path, mpp=1.0)
     assert s.tile_reader is None and "compression 8" in s.tile_reader_note
-    assert np.array_equal(s.read_region((10, 10), 0, (50, 40)), Slide(path, mpp=1.0, fast=False).read_region((10, 10), 0, (50, 40)))
+    assert np.array_equal(
+        s.read_region((10, 10), 0, (50, 40)), Slide(path, mpp=1.0, fast=False).read_region((10, 10), 0, (50, 40))
+    )
 
 
 def test_jpeg2000_tiles_are_refused(tmp_path):
@@ -326,8 +342,10 @@ def test_threads_read_the_same_pixels(tiny_demo):
     s.tile_reader.cache_bytes = 4 * 256 * 256 * 3  # small cache: constant eviction while threads race
     s.tile_reader.close()
     rng = np.random.default_rng(7)
-    boxes = [(int(rng.integers(-20, 1000)), int(rng.integers(-20, 740)), int(rng.integers(1, 400)), int(rng.integers(1, 400)))
-             for _ in range(120)]
+    boxes = [
+        (int(rng.integers(-20, 1000)), int(rng.integers(-20, 740)), int(rng.integers(1, 400)), int(rng.integers(1, 400)))
+        for _ in range(120)
+    ]
     ref = [Slide(path, fast=False).read_region((x, y), 0, (w, h)) for x, y, w, h in boxes]
     with ThreadPoolExecutor(4) as ex:
         got = list(ex.map(lambda b: s.read_region((b[0], b[1]), 0, (b[2], b[3])), boxes))
@@ -360,7 +378,7 @@ def test_reads_after_fork(tiny_demo):
             out = list(ex.map(_child_read, boxes))
     finally:
         _FORK_SLIDE = None
-    for (pid, st_pid, fd, img), want in zip(out, ref):
+    for (pid, st_pid, _fd, img), want in zip(out, ref):
         assert pid != os.getpid() and st_pid == pid
         assert np.array_equal(img, want)
     assert r._st.pid == os.getpid() and r._st.fd == parent_fd

@@ -1,4 +1,5 @@
 """The task wrapper: returns the swept metric, always closes the W&B run, reports user errors cleanly."""
+
 import sys
 import types
 

@@ -1,4 +1,5 @@
 """histolight: whole-slide images and annotations to trained models."""
+
 from histolight.errors import ConfigError, HistolightError, MissingMPPError, ROIError, SlideError
 
 __version__ = "0.1.0"

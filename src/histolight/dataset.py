@@ -3,12 +3,13 @@
 >>> ds = Dataset("data/demo/slides", rois="data/demo/rois", annotations="data/demo/annotations.csv")
 >>> ds.names[:2], ds.rois("demo_000")[0].label
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pandas as pd
 
@@ -55,7 +56,9 @@ class Dataset:
         self._paths = self._discover(recursive)
         for d in self.roi_dirs:
             if not d.is_dir():
-                raise ConfigError(f"ROI folder '{d}' does not exist (set dataset.rois to a folder of <slide>.csv/.geojson files, or null)")
+                raise ConfigError(
+                    f"ROI folder '{d}' does not exist (set dataset.rois to a folder of <slide>.csv/.geojson files, or null)"
+                )
         self.annotations = self._load_annotations(annotations)
         self._warn_orphan_rois()
 
@@ -73,8 +76,10 @@ class Dataset:
             for p in files:
                 name = slide_name(p)
                 if name in found and found[name] != p:
-                    raise HistolightError(f"two slides share the name '{name}': {found[name]} and {p}. "
-                                          "Slide names (file names without extension) must be unique in a cohort.")
+                    raise HistolightError(
+                        f"two slides share the name '{name}': {found[name]} and {p}. "
+                        "Slide names (file names without extension) must be unique in a cohort."
+                    )
                 found[name] = p
         return dict(sorted(found.items()))
 
@@ -90,7 +95,7 @@ class Dataset:
                 raise ConfigError(f"annotations file '{ann}' does not exist (dataset.annotations)")
             try:
                 df = pd.read_csv(ann, dtype={"slide": str, "patient": str})
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise HistolightError(f"{src}: cannot read CSV ({e})") from e
         df.columns = [str(c).strip() for c in df.columns]
         if "slide" not in df.columns:
@@ -178,7 +183,7 @@ class Dataset:
         v = df.at[name, column]
         return None if pd.isna(v) else v
 
-    def filter(self, slides: Iterable[str] | None = None, **column_values) -> "Dataset":
+    def filter(self, slides: Iterable[str] | None = None, **column_values) -> Dataset:
         """A copy restricted to ``slides`` and/or annotation columns equal to the given value(s)
         (e.g. ``split='train'`` or ``split=['train', 'val']``)."""
         keep = set(self.names if slides is None else slides)

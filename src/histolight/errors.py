@@ -1,4 +1,5 @@
 """Project exception types. Every error a user can cause derives from `HistolightError`."""
+
 from __future__ import annotations
 
 

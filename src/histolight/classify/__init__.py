@@ -13,6 +13,7 @@ Modules: :mod:`~.labels` (label sources, label map), :mod:`~.splits` (patient sp
 :mod:`~.module` (LightningModule, metrics), :mod:`~.artifacts` (model folder), :mod:`~.predict`,
 :mod:`~.pipeline` (extract + label), :mod:`~.config` (validated task/data/model options).
 """
+
 from histolight.classify.artifacts import LoadedModel, load_model, make_model_config, read_model_config, save_model
 from histolight.classify.augment import build_transform
 from histolight.classify.data import (
@@ -31,11 +32,36 @@ from histolight.classify.predict import aggregate_slides, evaluate_predictions, 
 from histolight.classify.splits import balance_weights, check_no_leakage, check_splits, split_patients
 
 __all__ = [
-    "LABEL_SOURCES", "LabelMap", "UnknownLabelError", "label_tiles", "read_label_table", "tile_id",
-    "split_patients", "check_no_leakage", "check_splits", "balance_weights",
-    "find_tfrecords", "index_tfrecords", "TileDataset", "StreamingTileDataset", "WeightedDistributedSampler",
-    "EvalDistributedSampler", "build_transform", "TileDataModule", "TileClassifier", "create_timm_model",
-    "classification_metrics", "LoadedModel", "make_model_config", "save_model", "load_model", "read_model_config",
-    "predict_tfrecords", "aggregate_slides", "evaluate_predictions", "write_heatmaps", "PreparedTiles",
+    "LABEL_SOURCES",
+    "LabelMap",
+    "UnknownLabelError",
+    "label_tiles",
+    "read_label_table",
+    "tile_id",
+    "split_patients",
+    "check_no_leakage",
+    "check_splits",
+    "balance_weights",
+    "find_tfrecords",
+    "index_tfrecords",
+    "TileDataset",
+    "StreamingTileDataset",
+    "WeightedDistributedSampler",
+    "EvalDistributedSampler",
+    "build_transform",
+    "TileDataModule",
+    "TileClassifier",
+    "create_timm_model",
+    "classification_metrics",
+    "LoadedModel",
+    "make_model_config",
+    "save_model",
+    "load_model",
+    "read_model_config",
+    "predict_tfrecords",
+    "aggregate_slides",
+    "evaluate_predictions",
+    "write_heatmaps",
+    "PreparedTiles",
     "prepare_tiles",
 ]

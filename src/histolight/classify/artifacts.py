@@ -12,14 +12,16 @@
 :func:`load_model` accepts that folder, the JSON file, or a Lightning ``.ckpt`` written by
 ``task=train_tiles`` (which embeds the same config under ``checkpoint['histolight']``).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,19 +38,39 @@ CONFIG_NAME = "model_config.json"
 WEIGHTS_NAME = "weights.pt"
 
 
-def make_model_config(timm_name: str, label_map: LabelMap, tile_px: int, tile_um: Any, *, normalizer: Any = None,
-                      mean: Sequence[float], std: Sequence[float], drop_rate: float = 0.0,
-                      model_kwargs: dict | None = None, label_source: str | None = None, **extra) -> dict:
+def make_model_config(
+    timm_name: str,
+    label_map: LabelMap,
+    tile_px: int,
+    tile_um: Any,
+    *,
+    normalizer: Any = None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    drop_rate: float = 0.0,
+    model_kwargs: dict | None = None,
+    label_source: str | None = None,
+    **extra,
+) -> dict:
     """The JSON-able description of a model (``normalizer``: a StainNormalizer, its ``to_config()`` dict, or None)."""
     import histolight
 
     if normalizer is not None and hasattr(normalizer, "to_config"):
         normalizer = normalizer.to_config()
     cfg = {
-        "format": FORMAT, "version": VERSION, "timm_name": timm_name, "model_kwargs": dict(model_kwargs or {}),
-        "drop_rate": float(drop_rate), "label_map": label_map.to_dict(), "num_classes": len(label_map),
-        "tile_px": int(tile_px), "tile_um": tile_um, "normalizer": _jsonable(normalizer),
-        "mean": [float(v) for v in mean], "std": [float(v) for v in std], "label_source": label_source,
+        "format": FORMAT,
+        "version": VERSION,
+        "timm_name": timm_name,
+        "model_kwargs": dict(model_kwargs or {}),
+        "drop_rate": float(drop_rate),
+        "label_map": label_map.to_dict(),
+        "num_classes": len(label_map),
+        "tile_px": int(tile_px),
+        "tile_um": tile_um,
+        "normalizer": _jsonable(normalizer),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "label_source": label_source,
         "histolight_version": histolight.__version__,
     }
     cfg.update(_jsonable(extra))
@@ -133,7 +155,7 @@ class LoadedModel:
         out = []
         for i in range(0, len(images), batch_size):
             xs = []
-            for img in images[i:i + batch_size]:
+            for img in images[i : i + batch_size]:
                 if img.shape[0] != self.tile_px or img.shape[1] != self.tile_px:
                     img = cv2.resize(img, (self.tile_px, self.tile_px), interpolation=cv2.INTER_AREA)
                 xs.append(tf(img))
@@ -159,8 +181,9 @@ def read_model_config(path: str | os.PathLike) -> dict:
     if p.is_dir():
         p = p / CONFIG_NAME
     if not p.exists():
-        raise HistolightError(f"model '{path}' not found (expected a folder with {CONFIG_NAME}, the JSON file, "
-                              "or a .ckpt from task=train_tiles)")
+        raise HistolightError(
+            f"model '{path}' not found (expected a folder with {CONFIG_NAME}, the JSON file, or a .ckpt from task=train_tiles)"
+        )
     if p.suffix == ".ckpt":
         ck = torch.load(p, map_location="cpu", weights_only=False)
         if "histolight" not in ck:
@@ -176,8 +199,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     p = Path(path)
     cfg = read_model_config(p)
     label_map = LabelMap.from_dict(cfg["label_map"])
-    net = create_timm_model(cfg["timm_name"], len(label_map), pretrained=False, drop_rate=cfg.get("drop_rate", 0.0),
-                            **cfg.get("model_kwargs", {}))
+    net = create_timm_model(
+        cfg["timm_name"], len(label_map), pretrained=False, drop_rate=cfg.get("drop_rate", 0.0), **cfg.get("model_kwargs", {})
+    )
     if p.suffix == ".ckpt":
         ck = torch.load(p, map_location="cpu", weights_only=False)
         sd = {k[4:]: v for k, v in ck["state_dict"].items() if k.startswith("net.")}
@@ -200,5 +224,4 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     return LoadedModel(net, cfg, label_map, normalizer, str(p))
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LoadedModel", "make_model_config", "save_model", "load_model",
-           "read_model_config"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LoadedModel", "make_model_config", "save_model", "load_model", "read_model_config"]

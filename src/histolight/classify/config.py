@@ -4,6 +4,7 @@
 Mistakes fail at startup with the key, the value and what is allowed, e.g.
 ``invalid config 'data': label_source='rio' is invalid: must be one of roi, slide, table``.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,13 +42,25 @@ class SplitConfig:
         check(self.method in SPLIT_METHODS, "split.method", self.method, f"must be one of {', '.join(SPLIT_METHODS)}")
         for k in ("val_fraction", "test_fraction"):
             v = getattr(self, k)
-            check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, f"split.{k}", v,
-                  "must be a fraction in [0, 1)")
-        check(self.val_fraction + self.test_fraction < 1, "split.val_fraction+test_fraction",
-              self.val_fraction + self.test_fraction, "must leave patients for training (< 1)")
+            check(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                f"split.{k}",
+                v,
+                "must be a fraction in [0, 1)",
+            )
+        check(
+            self.val_fraction + self.test_fraction < 1,
+            "split.val_fraction+test_fraction",
+            self.val_fraction + self.test_fraction,
+            "must leave patients for training (< 1)",
+        )
         check(is_pos_int(self.k) and self.k >= 2, "split.k", self.k, "must be an integer >= 2 (number of folds)")
-        check(isinstance(self.fold, int) and not isinstance(self.fold, bool) and 0 <= self.fold < self.k,
-              "split.fold", self.fold, f"must be an integer in 0..{self.k - 1} (k={self.k})")
+        check(
+            isinstance(self.fold, int) and not isinstance(self.fold, bool) and 0 <= self.fold < self.k,
+            "split.fold",
+            self.fold,
+            f"must be an integer in 0..{self.k - 1} (k={self.k})",
+        )
         check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "split.seed", self.seed, "must be an integer")
 
 
@@ -85,44 +98,92 @@ class TileDataConfig:
     def __post_init__(self):
         from histolight.extract.config import parse_tile_um
 
-        check(is_pos_int(self.tile_px) and self.tile_px >= 8, "tile_px", self.tile_px,
-              "must be an integer >= 8 (tile side in pixels, e.g. 128)")
+        check(
+            is_pos_int(self.tile_px) and self.tile_px >= 8,
+            "tile_px",
+            self.tile_px,
+            "must be an integer >= 8 (tile side in pixels, e.g. 128)",
+        )
         parse_tile_um(self.tile_um)
-        check(isinstance(self.tiles_dir, str) and self.tiles_dir.strip() != "", "tiles_dir", self.tiles_dir,
-              "must be a folder (tiles go to <tiles_dir>/<tile_px>px_<tile_um>um)")
-        check(self.tfrecords is None or isinstance(self.tfrecords, (str, list)), "tfrecords", self.tfrecords,
-              "must be null (use tiles_dir) or a folder / glob / list of .tfrecords files")
+        check(
+            isinstance(self.tiles_dir, str) and self.tiles_dir.strip() != "",
+            "tiles_dir",
+            self.tiles_dir,
+            "must be a folder (tiles go to <tiles_dir>/<tile_px>px_<tile_um>um)",
+        )
+        check(
+            self.tfrecords is None or isinstance(self.tfrecords, (str, list)),
+            "tfrecords",
+            self.tfrecords,
+            "must be null (use tiles_dir) or a folder / glob / list of .tfrecords files",
+        )
         _bool("extract", self.extract)
-        check(isinstance(self.extract_options, dict), "extract_options", self.extract_options,
-              "must be a mapping of histolight.extract options (roi_method, roi_filter_method, qc, ...)")
+        check(
+            isinstance(self.extract_options, dict),
+            "extract_options",
+            self.extract_options,
+            "must be a mapping of histolight.extract options (roi_method, roi_filter_method, qc, ...)",
+        )
         bad = {"tile_px", "tile_um", "outdir", "name"} & set(self.extract_options)
-        check(not bad, "extract_options", self.extract_options,
-              f"must not set {sorted(bad)} (use data.tile_px / data.tile_um / data.tiles_dir)")
-        check(self.label_source in LABEL_SOURCES, "label_source", self.label_source,
-              f"must be one of {', '.join(LABEL_SOURCES)} (roi: tile label = its ROI's label; slide: the slide's "
-              "annotation in label_column; table: tile id -> label from label_table)")
-        check(isinstance(self.label_column, str) and self.label_column != "", "label_column", self.label_column,
-              "must be a column name")
-        check(self.label_source != "table" or isinstance(self.label_table, str), "label_table", self.label_table,
-              "must be a CSV/Parquet path when label_source=table")
+        check(
+            not bad,
+            "extract_options",
+            self.extract_options,
+            f"must not set {sorted(bad)} (use data.tile_px / data.tile_um / data.tiles_dir)",
+        )
+        check(
+            self.label_source in LABEL_SOURCES,
+            "label_source",
+            self.label_source,
+            f"must be one of {', '.join(LABEL_SOURCES)} (roi: tile label = its ROI's label; slide: the slide's "
+            "annotation in label_column; table: tile id -> label from label_table)",
+        )
+        check(
+            isinstance(self.label_column, str) and self.label_column != "",
+            "label_column",
+            self.label_column,
+            "must be a column name",
+        )
+        check(
+            self.label_source != "table" or isinstance(self.label_table, str),
+            "label_table",
+            self.label_table,
+            "must be a CSV/Parquet path when label_source=table",
+        )
         self.labels = check_labels("labels", self.labels, min_len=2)
         self.split = SplitConfig(**(self.split or {})) if not isinstance(self.split, SplitConfig) else self.split
         check(is_pos_int(self.batch_size), "batch_size", self.batch_size, "must be an integer >= 1")
-        check(self.eval_batch_size is None or is_pos_int(self.eval_batch_size), "eval_batch_size", self.eval_batch_size,
-              "must be null or an integer >= 1")
+        check(
+            self.eval_batch_size is None or is_pos_int(self.eval_batch_size),
+            "eval_batch_size",
+            self.eval_batch_size,
+            "must be null or an integer >= 1",
+        )
         _nonneg_int("num_workers", self.num_workers)
         _bool("streaming", self.streaming)
         check(is_pos_int(self.shuffle_buffer), "shuffle_buffer", self.shuffle_buffer, "must be an integer >= 1")
-        check(self.balance in BALANCE_METHODS, "balance", self.balance,
-              f"must be one of {', '.join(BALANCE_METHODS)} (weighted sampling by class over tiles or over slides)")
-        check(self.samples_per_epoch is None or is_pos_int(self.samples_per_epoch), "samples_per_epoch",
-              self.samples_per_epoch, "must be null (= number of training tiles) or an integer >= 1")
+        check(
+            self.balance in BALANCE_METHODS,
+            "balance",
+            self.balance,
+            f"must be one of {', '.join(BALANCE_METHODS)} (weighted sampling by class over tiles or over slides)",
+        )
+        check(
+            self.samples_per_epoch is None or is_pos_int(self.samples_per_epoch),
+            "samples_per_epoch",
+            self.samples_per_epoch,
+            "must be null (= number of training tiles) or an integer >= 1",
+        )
         self.augment = validate_augment(self.augment)
         for k in ("normalize", "pin_memory", "persistent_workers", "verify_crc"):
             _bool(k, getattr(self, k))
         check_mean_std(self.mean, self.std, prefix="data")
-        check(self.prefetch_factor is None or is_pos_int(self.prefetch_factor), "prefetch_factor",
-              self.prefetch_factor, "must be null or an integer >= 1")
+        check(
+            self.prefetch_factor is None or is_pos_int(self.prefetch_factor),
+            "prefetch_factor",
+            self.prefetch_factor,
+            "must be null or an integer >= 1",
+        )
 
     @property
     def tile_dir_name(self) -> str:
@@ -154,24 +215,49 @@ class TimmModelConfig:
         except ConfigError as e:
             raise ValueError(str(e).replace("model.name", "name")) from None
         _bool("pretrained", self.pretrained)
-        check(self.checkpoint_path is None or isinstance(self.checkpoint_path, str), "checkpoint_path",
-              self.checkpoint_path, "must be null or a local weights file (.pth/.pt/.safetensors/.ckpt)")
+        check(
+            self.checkpoint_path is None or isinstance(self.checkpoint_path, str),
+            "checkpoint_path",
+            self.checkpoint_path,
+            "must be null or a local weights file (.pth/.pt/.safetensors/.ckpt)",
+        )
         for k, hi in (("drop_rate", 1.0), ("label_smoothing", 1.0)):
             v = getattr(self, k)
-            check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < hi and math.isfinite(v), k, v,
-                  "must be a number in [0, 1)")
-        check(self.freeze in (None, "none", "backbone") or (isinstance(self.freeze, list) and all(isinstance(p, str) for p in self.freeze)),
-              "freeze", self.freeze, "must be null, 'backbone' (train the head only) or a list of parameter-name prefixes")
+            check(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < hi and math.isfinite(v),
+                k,
+                v,
+                "must be a number in [0, 1)",
+            )
+        check(
+            self.freeze in (None, "none", "backbone")
+            or (isinstance(self.freeze, list) and all(isinstance(p, str) for p in self.freeze)),
+            "freeze",
+            self.freeze,
+            "must be null, 'backbone' (train the head only) or a list of parameter-name prefixes",
+        )
         for k in ("optimizer", "scheduler"):
             v = getattr(self, k)
             if v is None and k == "scheduler":
                 continue
-            check(isinstance(v, dict) and "_target_" in v and v.get("_partial_") is True, k, v,
-                  "must be a Hydra node with _target_ and _partial_: true (e.g. torch.optim.AdamW)")
-        check(self.scheduler_interval in ("epoch", "step"), "scheduler_interval", self.scheduler_interval,
-              "must be 'epoch' or 'step'")
-        check(isinstance(self.model_kwargs, dict), "model_kwargs", self.model_kwargs,
-              "must be a mapping of extra timm.create_model arguments")
+            check(
+                isinstance(v, dict) and "_target_" in v and v.get("_partial_") is True,
+                k,
+                v,
+                "must be a Hydra node with _target_ and _partial_: true (e.g. torch.optim.AdamW)",
+            )
+        check(
+            self.scheduler_interval in ("epoch", "step"),
+            "scheduler_interval",
+            self.scheduler_interval,
+            "must be 'epoch' or 'step'",
+        )
+        check(
+            isinstance(self.model_kwargs, dict),
+            "model_kwargs",
+            self.model_kwargs,
+            "must be a mapping of extra timm.create_model arguments",
+        )
 
 
 @dataclass
@@ -188,15 +274,29 @@ class TrainTilesTaskConfig:
     slide_metrics: Any = "auto"
 
     def __post_init__(self):
-        check(isinstance(self.monitor, str) and "/" in self.monitor, "monitor", self.monitor,
-              "must be a logged metric such as val/bal_acc, val/loss, val/auroc")
+        check(
+            isinstance(self.monitor, str) and "/" in self.monitor,
+            "monitor",
+            self.monitor,
+            "must be a logged metric such as val/bal_acc, val/loss, val/auroc",
+        )
         check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be 'min' or 'max'")
-        check(self.ckpt in ("best", "last"), "ckpt", self.ckpt, "must be 'best' or 'last' (the checkpoint evaluated and exported)")
-        check(isinstance(self.eval_splits, list) and set(self.eval_splits) <= {"val", "test"}, "eval_splits",
-              self.eval_splits, "must be a list drawn from [val, test]")
+        check(
+            self.ckpt in ("best", "last"), "ckpt", self.ckpt, "must be 'best' or 'last' (the checkpoint evaluated and exported)"
+        )
+        check(
+            isinstance(self.eval_splits, list) and set(self.eval_splits) <= {"val", "test"},
+            "eval_splits",
+            self.eval_splits,
+            "must be a list drawn from [val, test]",
+        )
         _bool("overwrite", self.overwrite)
-        check(self.slide_metrics in ("auto", True, False), "slide_metrics", self.slide_metrics,
-              "must be auto (on for label_source=slide), true or false")
+        check(
+            self.slide_metrics in ("auto", True, False),
+            "slide_metrics",
+            self.slide_metrics,
+            "must be auto (on for label_source=slide), true or false",
+        )
 
 
 @dataclass
@@ -219,22 +319,44 @@ class PredictTaskConfig:
     roi_filter_method: Any = "center"
 
     def __post_init__(self):
-        check(isinstance(self.model, str) and self.model.strip() != "", "model", self.model,
-              "must be a trained model: a folder with model_config.json (train_tiles writes <run>/model), "
-              "the JSON file, or a .ckpt")
-        check(self.tfrecords is None or isinstance(self.tfrecords, (str, list)), "tfrecords", self.tfrecords,
-              "must be null (the model's tile folder under tiles_dir) or a folder / glob / list of .tfrecords")
-        check(self.tfrecords is not None or isinstance(self.tiles_dir, str), "tiles_dir", self.tiles_dir,
-              "must be a folder when tfrecords is null")
-        check(self.slides is None or isinstance(self.slides, list), "slides", self.slides, "must be null or a list of slide names")
+        check(
+            isinstance(self.model, str) and self.model.strip() != "",
+            "model",
+            self.model,
+            "must be a trained model: a folder with model_config.json (train_tiles writes <run>/model), "
+            "the JSON file, or a .ckpt",
+        )
+        check(
+            self.tfrecords is None or isinstance(self.tfrecords, (str, list)),
+            "tfrecords",
+            self.tfrecords,
+            "must be null (the model's tile folder under tiles_dir) or a folder / glob / list of .tfrecords",
+        )
+        check(
+            self.tfrecords is not None or isinstance(self.tiles_dir, str),
+            "tiles_dir",
+            self.tiles_dir,
+            "must be a folder when tfrecords is null",
+        )
+        check(
+            self.slides is None or isinstance(self.slides, list), "slides", self.slides, "must be null or a list of slide names"
+        )
         check(is_pos_int(self.batch_size), "batch_size", self.batch_size, "must be an integer >= 1")
         _nonneg_int("num_workers", self.num_workers)
-        check(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
-              "device", self.device, "must be auto, cpu, cuda or cuda:<n>")
+        check(
+            isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
+            "device",
+            self.device,
+            "must be auto, cpu, cuda or cuda:<n>",
+        )
         _bool("heatmaps", self.heatmaps)
         check(is_pos_int(self.heatmap_scale), "heatmap_scale", self.heatmap_scale, "must be an integer >= 1 (px per tile)")
-        check(self.label_source is None or self.label_source in LABEL_SOURCES, "label_source", self.label_source,
-              f"must be null (no evaluation) or one of {', '.join(LABEL_SOURCES)}")
+        check(
+            self.label_source is None or self.label_source in LABEL_SOURCES,
+            "label_source",
+            self.label_source,
+            f"must be null (no evaluation) or one of {', '.join(LABEL_SOURCES)}",
+        )
         from histolight.extract.config import parse_roi_filter_method
 
         self.roi_filter_method = parse_roi_filter_method(self.roi_filter_method)
@@ -252,5 +374,12 @@ def load_configs(cfg: Any) -> tuple[TrainTilesTaskConfig, TileDataConfig, TimmMo
     return task, data, model
 
 
-__all__ = ["SplitConfig", "TileDataConfig", "TimmModelConfig", "TrainTilesTaskConfig", "PredictTaskConfig",
-           "load_configs", "to_dict"]
+__all__ = [
+    "SplitConfig",
+    "TileDataConfig",
+    "TimmModelConfig",
+    "TrainTilesTaskConfig",
+    "PredictTaskConfig",
+    "load_configs",
+    "to_dict",
+]

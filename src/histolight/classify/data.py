@@ -14,6 +14,7 @@ Items are dicts: ``image`` (uint8 tensor 3 x H x W; mean/std normalization runs 
 device: :func:`histolight.classify.augment.normalize_batch`), ``label`` (int64, -1 when unlabelled),
 ``index`` (position in the dataset), ``slide`` (slide number in the dataset's ``slides`` list).
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,8 +22,8 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,8 +57,11 @@ def find_tfrecords(src: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     for it in items:
         s = os.fspath(it)
         if os.path.isdir(s):
-            out += [str(p) for p in Path(s).iterdir() if p.is_file() and p.name.lower().endswith(TFRECORD_EXTENSIONS)
-                    and not p.name.startswith(".")]
+            out += [
+                str(p)
+                for p in Path(s).iterdir()
+                if p.is_file() and p.name.lower().endswith(TFRECORD_EXTENSIONS) and not p.name.startswith(".")
+            ]
         elif os.path.isfile(s):
             out.append(s)
         elif any(c in s for c in "*?["):
@@ -89,15 +93,30 @@ def index_tfrecords(paths: Sequence[str | os.PathLike], slides: Sequence[str] | 
         r.close()
         if locs is None:
             raise HistolightError(f"TFRecord '{p}' has records without loc_x/loc_y; tiles cannot be matched to labels")
-        frames.append(pd.DataFrame({"tfrecord": p, "record": np.arange(n, dtype=np.int64), "slide": slide,
-                                    "loc_x": locs[:, 0].astype(np.int64), "loc_y": locs[:, 1].astype(np.int64)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "tfrecord": p,
+                    "record": np.arange(n, dtype=np.int64),
+                    "slide": slide,
+                    "loc_x": locs[:, 0].astype(np.int64),
+                    "loc_y": locs[:, 1].astype(np.int64),
+                }
+            )
+        )
     if not frames:
-        return pd.DataFrame({"tfrecord": pd.Series(dtype=object), "record": pd.Series(dtype=np.int64),
-                             "slide": pd.Series(dtype=object), "loc_x": pd.Series(dtype=np.int64),
-                             "loc_y": pd.Series(dtype=np.int64)}, index=pd.Index([], name="tile_id", dtype=object))
+        return pd.DataFrame(
+            {
+                "tfrecord": pd.Series(dtype=object),
+                "record": pd.Series(dtype=np.int64),
+                "slide": pd.Series(dtype=object),
+                "loc_x": pd.Series(dtype=np.int64),
+                "loc_y": pd.Series(dtype=np.int64),
+            },
+            index=pd.Index([], name="tile_id", dtype=object),
+        )
     df = pd.concat(frames, ignore_index=True)
-    df.index = pd.Index(df["slide"].astype(str) + "-" + df["loc_x"].astype(str) + "-" + df["loc_y"].astype(str),
-                        name="tile_id")
+    df.index = pd.Index(df["slide"].astype(str) + "-" + df["loc_x"].astype(str) + "-" + df["loc_y"].astype(str), name="tile_id")
     dup = df.index.duplicated()
     if dup.any():
         log.warning("%d duplicate tile id(s) across TFRecords (kept the first), e.g. %s", int(dup.sum()), df.index[dup][0])
@@ -171,8 +190,16 @@ def default_transform(img: np.ndarray) -> torch.Tensor:
 class _TileArrays:
     """What every tile dataset holds: parallel numpy arrays (cheap to pickle, no per-item Python objects)."""
 
-    def _init_arrays(self, table: pd.DataFrame, labels: np.ndarray | None, slides: Sequence[str] | None,
-                     transform: Callable | None, tile_px: int | None, verify: bool, max_open: int):
+    def _init_arrays(
+        self,
+        table: pd.DataFrame,
+        labels: np.ndarray | None,
+        slides: Sequence[str] | None,
+        transform: Callable | None,
+        tile_px: int | None,
+        verify: bool,
+        max_open: int,
+    ):
         for c in ("tfrecord", "record", "slide"):
             if c not in table.columns:
                 raise HistolightError(f"tile table needs a '{c}' column (see index_tfrecords)")
@@ -183,7 +210,7 @@ class _TileArrays:
         self.slides: list[str] = list(slides) if slides is not None else sorted(table["slide"].astype(str).unique())
         smap = {s: i for i, s in enumerate(self.slides)}
         self.slide_idx = table["slide"].astype(str).map(smap).fillna(-1).to_numpy(np.int64)
-        self.labels = (np.full(len(table), -1, np.int64) if labels is None else np.asarray(labels, np.int64))
+        self.labels = np.full(len(table), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
         if len(self.labels) != len(table):
             raise ValueError("labels must align with the tile table")
         self.tile_ids = np.asarray(table.index.astype(str))
@@ -211,9 +238,16 @@ class TileDataset(_TileArrays, Dataset):
         max_open: open file handles per worker.
     """
 
-    def __init__(self, table: pd.DataFrame, labels: np.ndarray | None = None, slides: Sequence[str] | None = None,
-                 transform: Callable | None = None, tile_px: int | None = None, verify: bool = False,
-                 max_open: int = 128):
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        labels: np.ndarray | None = None,
+        slides: Sequence[str] | None = None,
+        transform: Callable | None = None,
+        tile_px: int | None = None,
+        verify: bool = False,
+        max_open: int = 128,
+    ):
         self._init_arrays(table, labels, slides, transform, tile_px, verify, max_open)
 
     def __len__(self) -> int:
@@ -258,10 +292,22 @@ class StreamingTileDataset(_TileArrays, IterableDataset):
         rank, world_size: DDP rank and size (default: from ``torch.distributed`` when initialised).
     """
 
-    def __init__(self, table: pd.DataFrame, labels: np.ndarray | None = None, slides: Sequence[str] | None = None,
-                 transform: Callable | None = None, tile_px: int | None = None, verify: bool = False,
-                 max_open: int = 128, weights: np.ndarray | None = None, samples_per_epoch: int | None = None,
-                 shuffle_buffer: int = 1024, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        labels: np.ndarray | None = None,
+        slides: Sequence[str] | None = None,
+        transform: Callable | None = None,
+        tile_px: int | None = None,
+        verify: bool = False,
+        max_open: int = 128,
+        weights: np.ndarray | None = None,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         self._init_arrays(table, labels, slides, transform, tile_px, verify, max_open)
         n = len(self.record_idx)
         if n == 0:
@@ -367,8 +413,7 @@ class WeightedDistributedSampler(DistributedSampler):
     (``seed``, epoch, rank), so ranks never share a random stream. Works without DDP (``num_replicas=1``).
     """
 
-    def __init__(self, weights: np.ndarray, num_samples: int | None = None, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0):
+    def __init__(self, weights: np.ndarray, num_samples: int | None = None, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         self.weights = torch.as_tensor(np.asarray(weights, np.float64), dtype=torch.double)
         self.num_replicas, self.rank, self.seed, self.epoch = int(num_replicas), int(rank), int(seed), 0
         self.total = int(num_samples or len(self.weights))
@@ -401,7 +446,14 @@ class EvalDistributedSampler(DistributedSampler):
 
 
 __all__ = [
-    "TFRECORD_EXTENSIONS", "find_tfrecords", "index_tfrecords", "tfrecord_slide_name", "load_tile",
-    "default_transform", "TileDataset", "StreamingTileDataset", "WeightedDistributedSampler",
+    "TFRECORD_EXTENSIONS",
+    "find_tfrecords",
+    "index_tfrecords",
+    "tfrecord_slide_name",
+    "load_tile",
+    "default_transform",
+    "TileDataset",
+    "StreamingTileDataset",
+    "WeightedDistributedSampler",
     "EvalDistributedSampler",
 ]

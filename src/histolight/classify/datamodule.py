@@ -8,16 +8,17 @@ The tile table it takes (one row per tile, index tile id) needs ``tfrecord``, ``
 Training: map-style random access with a (weighted) sampler, or ``streaming=True`` (interleave across
 slides with a shuffle buffer). Evaluation: map-style, in order, each tile exactly once across DDP ranks.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import lightning as L
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
-
-import lightning as L
 
 from histolight.classify.augment import build_transform
 from histolight.classify.data import (
@@ -62,12 +63,29 @@ class TileDataModule(L.LightningDataModule):
         verify: check TFRecord CRCs on every read. max_open_files: open TFRecords per worker.
     """
 
-    def __init__(self, tiles: pd.DataFrame, label_map: LabelMap, *, tile_px: int, batch_size: int = 64,
-                 eval_batch_size: int | None = None, num_workers: int = 0, streaming: bool = False,
-                 shuffle_buffer: int = 1024, balance: str = "tile", samples_per_epoch: int | None = None,
-                 augment: Mapping | None = None, normalizer: Any = None, seed: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False, prefetch_factor: int | None = None, verify: bool = False,
-                 max_open_files: int = 128, required_splits: Sequence[str] = ("train", "val")):
+    def __init__(
+        self,
+        tiles: pd.DataFrame,
+        label_map: LabelMap,
+        *,
+        tile_px: int,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        streaming: bool = False,
+        shuffle_buffer: int = 1024,
+        balance: str = "tile",
+        samples_per_epoch: int | None = None,
+        augment: Mapping | None = None,
+        normalizer: Any = None,
+        seed: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        verify: bool = False,
+        max_open_files: int = 128,
+        required_splits: Sequence[str] = ("train", "val"),
+    ):
         super().__init__()
         for c in ("tfrecord", "record", "slide", "label", "split"):
             if c not in tiles.columns:
@@ -129,21 +147,34 @@ class TileDataModule(L.LightningDataModule):
         if t.empty:
             raise HistolightError(f"the '{name}' split is empty")
         tf = build_transform(train, self.augment, self.normalizer)
-        kw = dict(labels=t["y"].to_numpy(), slides=self.slides, transform=tf, tile_px=self.tile_px,
-                  verify=self.verify, max_open=self.max_open_files)
+        kw = dict(
+            labels=t["y"].to_numpy(),
+            slides=self.slides,
+            transform=tf,
+            tile_px=self.tile_px,
+            verify=self.verify,
+            max_open=self.max_open_files,
+        )
         if train and self.streaming:
             rank, world = self._dist()
             w = balance_weights(t["y"].to_numpy(), t["slide"].to_numpy(), self.balance)
-            ds = StreamingTileDataset(t, weights=w, samples_per_epoch=self.samples_per_epoch or len(t),
-                                      shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world, **kw)
+            ds = StreamingTileDataset(
+                t,
+                weights=w,
+                samples_per_epoch=self.samples_per_epoch or len(t),
+                shuffle_buffer=self.shuffle_buffer,
+                seed=self.seed,
+                rank=rank,
+                world_size=world,
+                **kw,
+            )
         else:
             ds = TileDataset(t, **kw)
         self._datasets[key] = ds
         return ds
 
     def _loader_kw(self) -> dict:
-        kw: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        persistent_workers=self.persistent_workers)
+        kw: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)
         if self.prefetch_factor:
             kw["prefetch_factor"] = self.prefetch_factor
         return kw
@@ -162,15 +193,21 @@ class TileDataModule(L.LightningDataModule):
         else:
             sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=False)
         # drop a ragged last batch (a batch of 1 breaks BatchNorm) unless it is the only one
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=len(sampler) > self.batch_size,
-                          **self._loader_kw())
+        return DataLoader(
+            ds, batch_size=self.batch_size, sampler=sampler, drop_last=len(sampler) > self.batch_size, **self._loader_kw()
+        )
 
     def eval_dataloader(self, name: str) -> DataLoader:
         """In-order loader over split ``name``; under DDP each tile goes to exactly one rank."""
         ds = self.dataset(name, train=False)
         rank, world = self._dist()
-        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False,
-                          sampler=EvalDistributedSampler(len(ds), num_replicas=world, rank=rank), **self._loader_kw())
+        return DataLoader(
+            ds,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=EvalDistributedSampler(len(ds), num_replicas=world, rank=rank),
+            **self._loader_kw(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

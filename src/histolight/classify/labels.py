@@ -11,12 +11,14 @@ Label sources (``data.label_source``):
 - ``table``: an explicit tile id -> label table (DataFrame, CSV or Parquet), like Slideflow's
   ``build_trainer(labels=df)``.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,7 +38,8 @@ class UnknownLabelError(HistolightError):
         more = f" ({n_bad - 1} more tile(s) with unknown labels)" if n_bad > 1 else ""
         super().__init__(
             f"tile '{tile_id}' has label {label!r}, which is not in the model's label map {self.classes}{more}. "
-            "The label map is fixed at training time; relabel these tiles or drop them before evaluating.")
+            "The label map is fixed at training time; relabel these tiles or drop them before evaluating."
+        )
 
 
 def tile_id(slide: str, loc_x: int, loc_y: int) -> str:
@@ -66,7 +69,7 @@ class LabelMap:
         self._index = {c: i for i, c in enumerate(classes)}
 
     @classmethod
-    def from_labels(cls, labels: Iterable[Any], classes: Sequence[str] | None = None) -> "LabelMap":
+    def from_labels(cls, labels: Iterable[Any], classes: Sequence[str] | None = None) -> LabelMap:
         """The given ``classes`` (in that order), else the sorted distinct ``labels``."""
         if classes is not None:
             return cls(classes)
@@ -113,7 +116,7 @@ class LabelMap:
         return {"classes": list(self.names), "index": dict(self._index)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LabelMap":
+    def from_dict(cls, d: dict) -> LabelMap:
         if "classes" in d:
             return cls(d["classes"])
         # {name: index}
@@ -146,14 +149,16 @@ def read_label_table(src: str | os.PathLike | pd.DataFrame | pd.Series, column: 
             if p.suffix.lower() in (".parquet", ".pq"):
                 df = pd.read_parquet(p)
             else:
-                df = pd.read_csv(p, sep="\t" if p.suffix.lower() in (".tsv", ".tab") else ",",
-                                 dtype={"slide": str, "tile_id": str, "tile": str, "id": str})
-        except Exception as e:  # noqa: BLE001
+                df = pd.read_csv(
+                    p,
+                    sep="\t" if p.suffix.lower() in (".tsv", ".tab") else ",",
+                    dtype={"slide": str, "tile_id": str, "tile": str, "id": str},
+                )
+        except Exception as e:
             raise HistolightError(f"{where}: cannot read ({type(e).__name__}: {e})") from e
     df.columns = [str(c).strip() for c in df.columns]
     if column not in df.columns:
-        raise HistolightError(f"{where}: no label column '{column}' (found {list(df.columns)}); "
-                              "set data.label_column")
+        raise HistolightError(f"{where}: no label column '{column}' (found {list(df.columns)}); set data.label_column")
     for idc in ("tile_id", "tile", "id"):
         if idc in df.columns:
             ids = df[idc].astype(str)
@@ -216,11 +221,9 @@ def label_tiles(
     elif source == "slide":
         ann = getattr(dataset, "annotations", None)
         if ann is None:
-            raise ConfigError("data.label_source=slide needs an annotations CSV (dataset.annotations) "
-                              "with one label per slide")
+            raise ConfigError("data.label_source=slide needs an annotations CSV (dataset.annotations) with one label per slide")
         if column not in ann.columns:
-            raise ConfigError(f"data.label_column={column!r} is not a column of the annotations "
-                              f"(found {list(ann.columns)})")
+            raise ConfigError(f"data.label_column={column!r} is not a column of the annotations (found {list(ann.columns)})")
         lab = df["slide"].astype(str).map(ann[column])
         why = f"on slides without a '{column}' annotation"
     else:
@@ -230,8 +233,11 @@ def label_tiles(
         lab = pd.Series(df.index, index=df.index).map(t)
         missing_in_tiles = len(t.index.difference(df.index))
         if missing_in_tiles:
-            log.warning("label table: %d tile id(s) match no extracted tile (ignored), e.g. %s",
-                        missing_in_tiles, list(t.index.difference(df.index)[:3]))
+            log.warning(
+                "label table: %d tile id(s) match no extracted tile (ignored), e.g. %s",
+                missing_in_tiles,
+                list(t.index.difference(df.index)[:3]),
+            )
         why = "not in the label table"
     keep = lab.map(_present).astype(bool).to_numpy()
     df["label"] = lab.where(keep, None)

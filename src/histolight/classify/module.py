@@ -6,19 +6,20 @@ accuracy = mean recall over the classes present), ``auroc`` (macro one-vs-rest A
 present), ``n_tiles``; with ``slide_metrics`` (weak supervision) also ``slide_auroc`` and ``slide_acc``
 from per-slide mean tile probabilities.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import lightning as L
 from torchmetrics import Metric
 
 from histolight.classify.augment import normalize_batch
@@ -67,7 +68,7 @@ def _read_state_dict(path: str) -> dict:
             continue
         for pre in ("net.", "model.", "module."):
             if k.startswith(pre):
-                k = k[len(pre):]
+                k = k[len(pre) :]
                 break
         out[k] = v
     return out
@@ -86,12 +87,20 @@ def load_local_weights(model: nn.Module, path: str) -> None:
     if not ok:
         raise HistolightError(f"no tensor in '{path}' matches the model's parameters (wrong architecture?)")
     missing, _ = model.load_state_dict(ok, strict=False)
-    log.info("loaded %d/%d tensors from %s (%d shape mismatches skipped: %s; %d left at init)",
-             len(ok), len(own), path, len(skipped), skipped[:4], len(missing))
+    log.info(
+        "loaded %d/%d tensors from %s (%d shape mismatches skipped: %s; %d left at init)",
+        len(ok),
+        len(own),
+        path,
+        len(skipped),
+        skipped[:4],
+        len(missing),
+    )
 
 
-def create_timm_model(name: str, num_classes: int, pretrained: bool = False, checkpoint_path: str | None = None,
-                      drop_rate: float = 0.0, **kwargs) -> nn.Module:
+def create_timm_model(
+    name: str, num_classes: int, pretrained: bool = False, checkpoint_path: str | None = None, drop_rate: float = 0.0, **kwargs
+) -> nn.Module:
     """``timm.create_model(name, pretrained, num_classes, drop_rate)`` plus optional local weights."""
     import timm
 
@@ -162,6 +171,7 @@ class _Collector(Metric):
             if isinstance(x, list):
                 return torch.cat(x) if x else torch.empty(0)
             return x
+
         return cat(self.probs), cat(self.target), cat(self.slide), cat(self.index), self.loss_sum
 
 
@@ -177,8 +187,9 @@ def _macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs and len(np.unique(y)) >= 2 else float("nan")
 
 
-def classification_metrics(probs: np.ndarray, target: np.ndarray, slides: np.ndarray | None = None,
-                           slide_level: bool = False) -> dict[str, float]:
+def classification_metrics(
+    probs: np.ndarray, target: np.ndarray, slides: np.ndarray | None = None, slide_level: bool = False
+) -> dict[str, float]:
     """Tile accuracy, balanced accuracy, macro AUROC (+ slide-level AUROC/accuracy from mean probabilities)."""
     probs, target = np.asarray(probs, np.float64), np.asarray(target)
     out: dict[str, float] = {"n_tiles": float(len(target))}
@@ -224,17 +235,35 @@ class TileClassifier(L.LightningModule):
             :meth:`forward` on the device.
     """
 
-    def __init__(self, model_name: str, classes: Sequence[str], pretrained: bool = False,
-                 checkpoint_path: str | None = None, drop_rate: float = 0.0, freeze: Any = None,
-                 label_smoothing: float = 0.0, optimizer: Callable | None = None, scheduler: Callable | None = None,
-                 scheduler_interval: str = "epoch", slide_metrics: bool = False, model_config: dict | None = None,
-                 model_kwargs: dict | None = None, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225)):
+    def __init__(
+        self,
+        model_name: str,
+        classes: Sequence[str],
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        drop_rate: float = 0.0,
+        freeze: Any = None,
+        label_smoothing: float = 0.0,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        scheduler_interval: str = "epoch",
+        slide_metrics: bool = False,
+        model_config: dict | None = None,
+        model_kwargs: dict | None = None,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "model_config"])
         self.classes = list(classes)
-        self.net = create_timm_model(model_name, len(self.classes), pretrained=pretrained,
-                                     checkpoint_path=checkpoint_path, drop_rate=drop_rate, **(model_kwargs or {}))
+        self.net = create_timm_model(
+            model_name,
+            len(self.classes),
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            drop_rate=drop_rate,
+            **(model_kwargs or {}),
+        )
         self.n_frozen = apply_freeze(self.net, freeze)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -282,8 +311,10 @@ class TileClassifier(L.LightningModule):
         collector.reset()
         idx = index.cpu().numpy()
         if len(np.unique(idx)) != len(idx):
-            raise HistolightError(f"{prefix}: {len(idx) - len(np.unique(idx))} tiles were evaluated twice "
-                                  "(a sampler padded the split; use EvalDistributedSampler)")
+            raise HistolightError(
+                f"{prefix}: {len(idx) - len(np.unique(idx))} tiles were evaluated twice "
+                "(a sampler padded the split; use EvalDistributedSampler)"
+            )
         m = classification_metrics(probs.cpu().numpy(), target.cpu().numpy(), slide.cpu().numpy(), self.slide_metrics)
         if len(target):
             m["loss"] = float(loss_sum) / len(target)
@@ -324,5 +355,12 @@ class TileClassifier(L.LightningModule):
             self.model_config = checkpoint["histolight"]
 
 
-__all__ = ["TileClassifier", "create_timm_model", "check_timm_name", "load_local_weights", "apply_freeze",
-           "timm_preprocessing", "classification_metrics"]
+__all__ = [
+    "TileClassifier",
+    "create_timm_model",
+    "check_timm_name",
+    "load_local_weights",
+    "apply_freeze",
+    "timm_preprocessing",
+    "classification_metrics",
+]

@@ -6,13 +6,15 @@
 ``tiles`` is indexed by tile id and has ``tfrecord, record, slide, loc_x, loc_y, label, patient``:
 the records that exist in the TFRecords (after extraction QC), joined with their labels.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -88,28 +90,41 @@ def prepare_tiles(
     index = index_tfrecords(files, slides=dataset.names if dataset is not None else None)
     info.n_records = len(index)
     if index.empty:
-        raise HistolightError(f"no tiles in the TFRecords ({len(files)} file(s) under "
-                              f"{info.tile_dir or tfrecords}) for the slides of this dataset")
+        raise HistolightError(
+            f"no tiles in the TFRecords ({len(files)} file(s) under {info.tile_dir or tfrecords}) for the slides of this dataset"
+        )
     if label_source == "roi":
         from histolight.extract import get_tile_dataframe
 
-        grid = get_tile_dataframe(dataset, tile_px, tile_um, roi_method="auto", roi_filter_method=roi_filter_method,
-                                  stride_div=opts.get("stride_div", 1), edge_tiles=opts.get("edge_tiles", False),
-                                  slides=sorted(index["slide"].unique()))
+        grid = get_tile_dataframe(
+            dataset,
+            tile_px,
+            tile_um,
+            roi_method="auto",
+            roi_filter_method=roi_filter_method,
+            stride_div=opts.get("stride_div", 1),
+            edge_tiles=opts.get("edge_tiles", False),
+            slides=sorted(index["slide"].unique()),
+        )
         lab = label_tiles(grid, "roi", dataset=dataset, classes=classes)
         keep = [c for c in ("label", "patient", "roi_name") if c in lab.columns]
         tiles = index.join(lab[keep], how="inner")
         n_unmatched = int(len(index) - len(tiles))
         if n_unmatched:
-            log.info("labels (roi): %d of %d extracted tiles are outside labelled ROIs (%s) and are not used",
-                     n_unmatched, len(index), roi_filter_method)
+            log.info(
+                "labels (roi): %d of %d extracted tiles are outside labelled ROIs (%s) and are not used",
+                n_unmatched,
+                len(index),
+                roi_filter_method,
+            )
     else:
-        tiles = label_tiles(index, label_source, dataset=dataset, column=label_column, table=label_table,
-                            classes=classes)
+        tiles = label_tiles(index, label_source, dataset=dataset, column=label_column, table=label_table, classes=classes)
     info.n_labelled = len(tiles)
     if tiles.empty:
-        raise HistolightError(f"no extracted tile has a label (label_source={label_source}); "
-                              "check the ROI labels / annotations column / label table and data.labels")
+        raise HistolightError(
+            f"no extracted tile has a label (label_source={label_source}); "
+            "check the ROI labels / annotations column / label table and data.labels"
+        )
     return tiles, info
 
 

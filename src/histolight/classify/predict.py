@@ -5,13 +5,15 @@
 >>> slides = aggregate_slides(df, m.classes)                          # one row per slide
 >>> write_heatmaps(df, m.classes, "heatmaps/")                          # <slide>.png, one px per tile
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,8 +30,16 @@ log = logging.getLogger(__name__)
 _TILE_DIR = re.compile(r"^(\d+)px_(.+)$")
 
 #: heatmap colours per class (RGB), cycled; a tile's colour is the probability-weighted mix
-PALETTE = [(220, 40, 60), (40, 160, 80), (60, 90, 220), (240, 180, 20), (150, 60, 200), (20, 190, 200),
-           (120, 120, 120), (250, 120, 180)]
+PALETTE = [
+    (220, 40, 60),
+    (40, 160, 80),
+    (60, 90, 220),
+    (240, 180, 20),
+    (150, 60, 200),
+    (20, 190, 200),
+    (120, 120, 120),
+    (250, 120, 180),
+]
 
 
 def prob_columns(classes: Sequence[str]) -> list[str]:
@@ -43,8 +53,10 @@ def check_tile_geometry(tfrecords: Sequence[str], tile_px: int, tile_um: Any) ->
     want = tile_dir_name(tile_px, tile_um)
     for d in sorted({os.path.basename(os.path.dirname(os.path.abspath(p))) for p in tfrecords}):
         if _TILE_DIR.match(d) and d != want:
-            raise ConfigError(f"TFRecords in '{d}' do not match the model's tiles ({want}); "
-                              f"extract tiles with tile_px={tile_px}, tile_um={tile_um}")
+            raise ConfigError(
+                f"TFRecords in '{d}' do not match the model's tiles ({want}); "
+                f"extract tiles with tile_px={tile_px}, tile_um={tile_um}"
+            )
 
 
 def _device(device: str | None) -> torch.device:
@@ -54,9 +66,18 @@ def _device(device: str | None) -> torch.device:
 
 
 @torch.no_grad()
-def predict_tfrecords(model: LoadedModel | str | os.PathLike, tfrecords: Any, *, batch_size: int = 256,
-                      num_workers: int = 0, device: str | None = None, slides: Sequence[str] | None = None,
-                      check_geometry: bool = True, amp: bool | None = None, progress: bool = True) -> pd.DataFrame:
+def predict_tfrecords(
+    model: LoadedModel | str | os.PathLike,
+    tfrecords: Any,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | None = None,
+    slides: Sequence[str] | None = None,
+    check_geometry: bool = True,
+    amp: bool | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Per-tile class probabilities for every record of ``tfrecords`` (folder / glob / files).
 
     Returns a DataFrame indexed by tile id with ``slide, loc_x, loc_y, prob_<class>...`` and ``pred``
@@ -77,8 +98,7 @@ def predict_tfrecords(model: LoadedModel | str | os.PathLike, tfrecords: Any, *,
     dev = _device(device)
     net = m.net.to(dev).eval()
     amp = (dev.type == "cuda") if amp is None else amp
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        pin_memory=dev.type == "cuda")
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False, pin_memory=dev.type == "cuda")
     probs = np.zeros((len(ds), len(m.classes)), np.float32)
     it = loader
     if progress:
@@ -107,8 +127,9 @@ def aggregate_slides(pred: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame
     return out
 
 
-def evaluate_predictions(pred: pd.DataFrame, labels: pd.Series, label_map: LabelMap,
-                         slide_level: bool = False) -> dict[str, float]:
+def evaluate_predictions(
+    pred: pd.DataFrame, labels: pd.Series, label_map: LabelMap, slide_level: bool = False
+) -> dict[str, float]:
     """Metrics of per-tile predictions against ``labels`` (tile id -> class name), on the tiles both have.
 
     A label outside ``label_map`` raises :class:`~histolight.classify.labels.UnknownLabelError` naming the tile.
@@ -172,5 +193,13 @@ def write_heatmaps(pred: pd.DataFrame, classes: Sequence[str], outdir: str | os.
     return paths
 
 
-__all__ = ["predict_tfrecords", "aggregate_slides", "evaluate_predictions", "write_heatmaps", "heatmap_image",
-           "prob_columns", "check_tile_geometry", "PALETTE"]
+__all__ = [
+    "predict_tfrecords",
+    "aggregate_slides",
+    "evaluate_predictions",
+    "write_heatmaps",
+    "heatmap_image",
+    "prob_columns",
+    "check_tile_geometry",
+    "PALETTE",
+]

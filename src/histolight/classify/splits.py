@@ -3,10 +3,12 @@
 A patient's tiles always land in one split: tiles of one patient are correlated (same stain, same
 scanner day, often the same tumour), so splitting tiles or slides would leak.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -75,11 +77,15 @@ def split_patients(
     assign: dict[str, str | None] = {}
     if method == "annotations":
         if dataset is None or getattr(dataset, "annotations", None) is None:
-            raise ConfigError("data.split.method=annotations needs an annotations CSV with a split column "
-                              "(or use data.split.method=random|kfold)")
+            raise ConfigError(
+                "data.split.method=annotations needs an annotations CSV with a split column "
+                "(or use data.split.method=random|kfold)"
+            )
         if column not in dataset.annotations.columns:
-            raise ConfigError(f"data.split.column={column!r} is not a column of the annotations "
-                              f"(found {list(dataset.annotations.columns)}); use data.split.method=random|kfold")
+            raise ConfigError(
+                f"data.split.column={column!r} is not a column of the annotations "
+                f"(found {list(dataset.annotations.columns)}); use data.split.method=random|kfold"
+            )
         slide_split = {s: dataset.column(s, column) for s in tiles["slide"].astype(str).unique()}
         slide_split = {s: (str(v).strip().lower() if v is not None else None) for s, v in slide_split.items()}
         by_patient: dict[str, set] = {}
@@ -90,7 +96,8 @@ def split_patients(
             if len(vals) > 1:
                 raise HistolightError(
                     f"patient '{p}' has slides in several splits {sorted(vals)} (annotations column '{column}'); "
-                    "put all slides of a patient in one split")
+                    "put all slides of a patient in one split"
+                )
             assign[p] = vals.pop() if vals else None
         unused = sorted({v for v in slide_split.values() if v not in SPLITS and v is not None})
         if unused:
@@ -104,19 +111,18 @@ def split_patients(
         if test_fraction > 0:
             n_test = max(1, n_test)
         order = _stratified_order(pat, seed)
-        test = set(order[len(order) - n_test:]) if n_test else set()
+        test = set(order[len(order) - n_test :]) if n_test else set()
         rest = [p for p in order if p not in test]
         if method == "random":
             n_val = max(1, int(round(val_fraction * n))) if val_fraction > 0 else 0
-            val = set(rest[len(rest) - n_val:]) if n_val else set()
+            val = set(rest[len(rest) - n_val :]) if n_val else set()
         else:
             if not (isinstance(k, int) and k >= 2):
                 raise ConfigError(f"data.split.k={k!r} is invalid: k-fold needs an integer k >= 2")
             if not (isinstance(fold, int) and 0 <= fold < k):
                 raise ConfigError(f"data.split.fold={fold!r} is invalid: must be an integer in [0, {k - 1}]")
             if len(rest) < k:
-                raise HistolightError(f"{k}-fold split needs at least {k} patients outside the test set; "
-                                      f"there are {len(rest)}")
+                raise HistolightError(f"{k}-fold split needs at least {k} patients outside the test set; there are {len(rest)}")
             val = {p for i, p in enumerate(rest) if i % k == fold}
         for p in patients:
             assign[p] = "test" if p in test else "val" if p in val else "train"
@@ -132,8 +138,9 @@ def check_no_leakage(tiles: pd.DataFrame) -> None:
     n = t.groupby("patient")["split"].nunique()
     if (n > 1).any():
         p = n[n > 1].index[0]
-        raise HistolightError(f"patient leakage: patient '{p}' has tiles in splits "
-                              f"{sorted(t.loc[t['patient'] == p, 'split'].unique())}")
+        raise HistolightError(
+            f"patient leakage: patient '{p}' has tiles in splits {sorted(t.loc[t['patient'] == p, 'split'].unique())}"
+        )
 
 
 def check_splits(tiles: pd.DataFrame, classes: Sequence[str], required: Sequence[str] = ("train", "val")) -> None:
@@ -144,14 +151,16 @@ def check_splits(tiles: pd.DataFrame, classes: Sequence[str], required: Sequence
             have = {k: int(v) for k, v in counts.items()}
             raise HistolightError(
                 f"the '{s}' split is empty (tiles per split: {have or 'none'}). Check the split column of the "
-                "annotations, the split fractions, or that the label source labels tiles on those slides.")
+                "annotations, the split fractions, or that the label source labels tiles on those slides."
+            )
     tr = tiles.loc[tiles["split"] == "train", "label"].value_counts()
     missing = [c for c in classes if tr.get(c, 0) == 0]
     if missing:
         raise HistolightError(
             f"class(es) {missing} have no training tiles (train tiles per class: "
             f"{ {k: int(v) for k, v in tr.items()} }). Every class in the label map must be present in the "
-            "training split: change the split, or drop the class from data.labels.")
+            "training split: change the split, or drop the class from data.labels."
+        )
 
 
 def balance_weights(labels: np.ndarray, slides: np.ndarray, method: str = "tile") -> np.ndarray | None:
@@ -179,5 +188,4 @@ def balance_weights(labels: np.ndarray, slides: np.ndarray, method: str = "tile"
     return w / w.sum()
 
 
-__all__ = ["SPLIT_METHODS", "SPLITS", "BALANCE_METHODS", "split_patients", "check_no_leakage", "check_splits",
-           "balance_weights"]
+__all__ = ["SPLIT_METHODS", "SPLITS", "BALANCE_METHODS", "split_patients", "check_no_leakage", "check_splits", "balance_weights"]

@@ -4,13 +4,15 @@ Each schema validates itself in ``__post_init__`` and raises ``ValueError`` nami
 bad value and what is allowed; :func:`from_config` adds the config path (``task.tile_px``) and
 rejects unknown keys with a suggestion.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from histolight.errors import ConfigError
 
@@ -91,6 +93,10 @@ class DatasetConfig:
 
     def __post_init__(self):
         check(self.slides not in (None, "", []), "slides", self.slides, "must be a folder or slide file (or a list)")
-        check(self.mpp_override is None or is_pos_num(self.mpp_override), "mpp_override", self.mpp_override,
-              "must be null or a positive number of microns per pixel (e.g. 0.25 for 40x, 0.5 for 20x)")
+        check(
+            self.mpp_override is None or is_pos_num(self.mpp_override),
+            "mpp_override",
+            self.mpp_override,
+            "must be null or a positive number of microns per pixel (e.g. 0.25 for 40x, 0.5 for 20x)",
+        )
         self.labels = check_labels("labels", self.labels)

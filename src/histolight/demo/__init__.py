@@ -18,6 +18,7 @@ written next to the slides::
     <root>/annotations.csv               patient,slide,label,split
     <root>/manifest.json                 generator parameters; written last (its presence = complete)
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -212,8 +213,9 @@ def _render(cfg: DemoConfig, labels: np.ndarray, rng: np.random.Generator) -> np
 def _add_pen(img: np.ndarray, rng: np.random.Generator, mpp: float) -> Polygon:
     h, w = img.shape[:2]
     x0 = rng.uniform(0.05, 0.2) * w
-    pts = np.stack([np.linspace(x0, x0 + rng.uniform(0.3, 0.5) * w, 6),
-                    rng.uniform(0.1, 0.3) * h + rng.normal(0, 0.03 * h, 6)], 1)
+    pts = np.stack(
+        [np.linspace(x0, x0 + rng.uniform(0.3, 0.5) * w, 6), rng.uniform(0.1, 0.3) * h + rng.normal(0, 0.03 * h, 6)], 1
+    )
     thick = max(8, int(round(60 * 0.5 / mpp)))
     mask = np.zeros((h, w), np.uint8)
     cv2.polylines(mask, [pts.astype(np.int32)], False, 1, thickness=thick, lineType=cv2.LINE_8)
@@ -243,8 +245,15 @@ def _add_blur(img: np.ndarray, tissue: Polygon, rng: np.random.Generator, frac: 
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_aperio_svs(path: str | os.PathLike, image: np.ndarray, mpp: float, tile: int = 256, quality: int = 90,
-                     min_level_px: int = 192, name: str | None = None) -> None:
+def write_aperio_svs(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    mpp: float,
+    tile: int = 256,
+    quality: int = 90,
+    min_level_px: int = 192,
+    name: str | None = None,
+) -> None:
     """Write ``image`` (H x W x 3 uint8) as an Aperio-style JPEG-tiled pyramid (downsample 4 per level).
 
     The description carries ``MPP`` and ``AppMag`` so OpenSlide reports ``openslide.mpp-x``.
@@ -268,11 +277,22 @@ def write_aperio_svs(path: str | os.PathLike, image: np.ndarray, mpp: float, til
         with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as tif:
             for k, lv in enumerate(levels):
                 lh, lw = lv.shape[:2]
-                desc = (f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
-                        f"JPEG/RGB Q={quality}" + ("" if k == 0 else f" -> {lw}x{lh}") +
-                        f"|AppMag = {mag}|MPP = {mpp:.4f}|Filename = {name}")
-                tif.write(lv, tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
-                          photometric="rgb", description=desc, metadata=None, subfiletype=0 if k == 0 else 1)
+                desc = (
+                    f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
+                    f"JPEG/RGB Q={quality}"
+                    + ("" if k == 0 else f" -> {lw}x{lh}")
+                    + f"|AppMag = {mag}|MPP = {mpp:.4f}|Filename = {name}"
+                )
+                tif.write(
+                    lv,
+                    tile=(tile, tile),
+                    compression="jpeg",
+                    compressionargs={"level": quality},
+                    photometric="rgb",
+                    description=desc,
+                    metadata=None,
+                    subfiletype=0 if k == 0 else 1,
+                )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ Pieces: :mod:`~histolight.extract.grid` (tile grid in base px), :mod:`~histoligh
 :mod:`~histolight.extract.slide` (one slide -> TFRecord), :mod:`~histolight.extract.runner`
 (cohort, workers, shards, resume), :mod:`~histolight.extract.report` (HTML report).
 """
+
 from histolight.extract.config import ExtractConfig, load_extract_config, parse_tile_um, tile_dir_name
 from histolight.extract.filters import grayspace_fraction, tile_reject_reason, whitespace_fraction
 from histolight.extract.grid import TileGrid, make_grid, nearest_level
@@ -38,10 +39,33 @@ from histolight.extract.slide import (
 )
 
 __all__ = [
-    "ExtractConfig", "load_extract_config", "parse_tile_um", "tile_dir_name",
-    "grayspace_fraction", "whitespace_fraction", "tile_reject_reason",
-    "TileGrid", "make_grid", "nearest_level", "ROIAssignment", "assign_rois",
-    "ExtractionResult", "SlideJob", "extract_tiles", "get_tile_dataframe", "make_config", "shard_slides",
-    "REASONS", "TABLE_COLUMNS", "QCResult", "SlidePlan", "SlideResult", "SlideSkipped", "encode_tile", "extract_slide",
-    "is_complete", "plan_slide", "run_qc",
+    "ExtractConfig",
+    "load_extract_config",
+    "parse_tile_um",
+    "tile_dir_name",
+    "grayspace_fraction",
+    "whitespace_fraction",
+    "tile_reject_reason",
+    "TileGrid",
+    "make_grid",
+    "nearest_level",
+    "ROIAssignment",
+    "assign_rois",
+    "ExtractionResult",
+    "SlideJob",
+    "extract_tiles",
+    "get_tile_dataframe",
+    "make_config",
+    "shard_slides",
+    "REASONS",
+    "TABLE_COLUMNS",
+    "QCResult",
+    "SlidePlan",
+    "SlideResult",
+    "SlideSkipped",
+    "encode_tile",
+    "extract_slide",
+    "is_complete",
+    "plan_slide",
+    "run_qc",
 ]

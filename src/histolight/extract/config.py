@@ -3,6 +3,7 @@
 Every mistake fails at startup with the key, the value and what is allowed, e.g.
 ``invalid config 'task': roi_method='insde' is invalid: must be one of auto, inside, outside, ignore``.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,9 +65,13 @@ def parse_roi_filter_method(v: Any) -> str | float:
             v = float(v)
         except ValueError:
             pass
-    check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < 1, "roi_filter_method", v,
-          "must be 'center' (keep tiles whose centre lies in an ROI) or a number in (0, 1) "
-          "(keep tiles whose fraction inside ROIs exceeds it)")
+    check(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < 1,
+        "roi_filter_method",
+        v,
+        "must be 'center' (keep tiles whose centre lies in an ROI) or a number in (0, 1) "
+        "(keep tiles whose fraction inside ROIs exceeds it)",
+    )
     return float(v)
 
 
@@ -120,11 +125,19 @@ class ExtractConfig:
     report_samples: int = 12
 
     def __post_init__(self):
-        check(is_pos_int(self.tile_px) and self.tile_px >= 8, "tile_px", self.tile_px,
-              "must be an integer >= 8 (tile width/height in output pixels, e.g. 256)")
+        check(
+            is_pos_int(self.tile_px) and self.tile_px >= 8,
+            "tile_px",
+            self.tile_px,
+            "must be an integer >= 8 (tile width/height in output pixels, e.g. 256)",
+        )
         self.um, self.mag = parse_tile_um(self.tile_um)
-        check(is_pos_num(self.stride_div) and self.stride_div >= 1, "stride_div", self.stride_div,
-              "must be a number >= 1 (1 = no overlap, 2 = 50% overlap)")
+        check(
+            is_pos_num(self.stride_div) and self.stride_div >= 1,
+            "stride_div",
+            self.stride_div,
+            "must be a number >= 1 (1 = no overlap, 2 = 50% overlap)",
+        )
         _bool("edge_tiles", self.edge_tiles)
         check(self.roi_method in ROI_METHODS, "roi_method", self.roi_method, f"must be one of {', '.join(ROI_METHODS)}")
         self.roi_filter_method = parse_roi_filter_method(self.roi_filter_method)
@@ -138,26 +151,52 @@ class ExtractConfig:
         self.grayspace_threshold = _frac("grayspace_threshold", self.grayspace_threshold)
         self.grayspace_fraction = _frac("grayspace_fraction", self.grayspace_fraction)
         wt = self.whitespace_threshold
-        check(isinstance(wt, (int, float)) and not isinstance(wt, bool) and 0 <= wt <= 255, "whitespace_threshold", wt,
-              "must be a brightness in [0, 255] (mean RGB above it counts as white)")
+        check(
+            isinstance(wt, (int, float)) and not isinstance(wt, bool) and 0 <= wt <= 255,
+            "whitespace_threshold",
+            wt,
+            "must be a brightness in [0, 255] (mean RGB above it counts as white)",
+        )
         self.whitespace_fraction = _frac("whitespace_fraction", self.whitespace_fraction)
         self.blur_flag = _frac("blur_flag", self.blur_flag)
         check(self.img_format in IMG_FORMATS, "img_format", self.img_format, "must be 'jpg' or 'png'")
-        check(is_pos_int(self.quality) and self.quality <= 100, "quality", self.quality, "must be an integer in 1..100 (JPEG quality)")
-        check(self.normalizer is None or isinstance(self.normalizer, (str, dict)), "normalizer", self.normalizer,
-              "must be null, a method name (e.g. macenko, reinhard) or a dict of normalizer options")
-        check(self.normalizer_source is None or isinstance(self.normalizer_source, str), "normalizer_source",
-              self.normalizer_source, "must be null, a preset name (e.g. v1), 'context' (fit per slide on its thumbnail) or a path")
+        check(
+            is_pos_int(self.quality) and self.quality <= 100,
+            "quality",
+            self.quality,
+            "must be an integer in 1..100 (JPEG quality)",
+        )
+        check(
+            self.normalizer is None or isinstance(self.normalizer, (str, dict)),
+            "normalizer",
+            self.normalizer,
+            "must be null, a method name (e.g. macenko, reinhard) or a dict of normalizer options",
+        )
+        check(
+            self.normalizer_source is None or isinstance(self.normalizer_source, str),
+            "normalizer_source",
+            self.normalizer_source,
+            "must be null, a preset name (e.g. v1), 'context' (fit per slide on its thumbnail) or a path",
+        )
         check(isinstance(self.outdir, str) and self.outdir.strip() != "", "outdir", self.outdir, "must be a folder path")
         check(is_pos_int(self.workers), "workers", self.workers, "must be an integer >= 1 (parallel slide processes)")
         check(is_pos_int(self.num_shards), "num_shards", self.num_shards, "must be an integer >= 1")
-        check(isinstance(self.shard_index, int) and not isinstance(self.shard_index, bool)
-              and 0 <= self.shard_index < self.num_shards, "shard_index", self.shard_index,
-              f"must be an integer in 0..{self.num_shards - 1} (num_shards={self.num_shards})")
+        check(
+            isinstance(self.shard_index, int)
+            and not isinstance(self.shard_index, bool)
+            and 0 <= self.shard_index < self.num_shards,
+            "shard_index",
+            self.shard_index,
+            f"must be an integer in 0..{self.num_shards - 1} (num_shards={self.num_shards})",
+        )
         for k in ("overwrite", "dry_run", "save_tiles", "report"):
             _bool(k, getattr(self, k))
-        check(isinstance(self.report_samples, int) and not isinstance(self.report_samples, bool) and self.report_samples >= 0,
-              "report_samples", self.report_samples, "must be an integer >= 0 (sample tiles shown per slide)")
+        check(
+            isinstance(self.report_samples, int) and not isinstance(self.report_samples, bool) and self.report_samples >= 0,
+            "report_samples",
+            self.report_samples,
+            "must be an integer >= 0 (sample tiles shown per slide)",
+        )
 
     # ----------------------------------------------------------------- derived
     @property
@@ -173,8 +212,19 @@ class ExtractConfig:
     def settings(self) -> dict:
         """The options that change what is extracted (stored with each slide to detect changed settings)."""
         d = asdict(self)
-        for k in ("name", "outdir", "workers", "shard_index", "num_shards", "overwrite", "dry_run", "report",
-                  "report_samples", "save_tiles", "blur_flag"):
+        for k in (
+            "name",
+            "outdir",
+            "workers",
+            "shard_index",
+            "num_shards",
+            "overwrite",
+            "dry_run",
+            "report",
+            "report_samples",
+            "save_tiles",
+            "blur_flag",
+        ):
             d.pop(k, None)
         return d
 

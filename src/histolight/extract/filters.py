@@ -5,6 +5,7 @@
 - whitespace: fraction of pixels whose mean RGB is above ``whitespace_threshold`` (0-255); dropped when
   it exceeds ``whitespace_fraction`` (defaults 230 and 1.0, i.e. off).
 """
+
 from __future__ import annotations
 
 import cv2
@@ -23,8 +24,13 @@ def whitespace_fraction(img: np.ndarray, threshold: float = 230) -> float:
     return float(np.count_nonzero(s > 3.0 * threshold)) / s.size
 
 
-def tile_reject_reason(img: np.ndarray, grayspace_threshold: float = 0.05, grayspace_fraction_max: float = 0.6,
-                       whitespace_threshold: float = 230, whitespace_fraction_max: float = 1.0) -> str | None:
+def tile_reject_reason(
+    img: np.ndarray,
+    grayspace_threshold: float = 0.05,
+    grayspace_fraction_max: float = 0.6,
+    whitespace_threshold: float = 230,
+    whitespace_fraction_max: float = 1.0,
+) -> str | None:
     """``'grayspace'``, ``'whitespace'`` or None (kept). A filter with fraction 1.0 never rejects."""
     if grayspace_fraction_max < 1.0 and grayspace_fraction(img, grayspace_threshold) > grayspace_fraction_max:
         return "grayspace"

@@ -15,6 +15,7 @@ Tile origins step by ``extract_px / stride_div`` base px (rounded); tiles must l
 slide unless ``edge_tiles`` (then the last row/column reaching the border is kept and padded white).
 ``loc_x, loc_y = x + extract_px // 2, y + extract_px // 2`` is the tile centre in base px.
 """
+
 from __future__ import annotations
 
 import logging
@@ -141,7 +142,7 @@ class TileGrid:
         out = []
         for o, (_, _, lw, _) in zip(origins, boxes):
             off = o - origins[0]
-            out.append(resize_area(np.ascontiguousarray(strip[:, off: off + lw]), (self.tile_px, self.tile_px)))
+            out.append(resize_area(np.ascontiguousarray(strip[:, off : off + lw]), (self.tile_px, self.tile_px)))
         return out
 
     def runs(self, idx: np.ndarray, max_px: int = 4096) -> list[list[int]]:
@@ -153,8 +154,11 @@ class TileGrid:
         for i in np.asarray(idx).tolist():
             if cur:
                 j0, j = cur[0], cur[-1]
-                if (self.y[i] == self.y[j] and self.x[i] <= self.x[j] + self.extract_px
-                        and self.x[i] + self.extract_px - self.x[j0] <= limit):
+                if (
+                    self.y[i] == self.y[j]
+                    and self.x[i] <= self.x[j] + self.extract_px
+                    and self.x[i] + self.extract_px - self.x[j0] <= limit
+                ):
                     cur.append(i)
                     continue
                 out.append(cur)
@@ -164,8 +168,9 @@ class TileGrid:
         return out
 
 
-def make_grid(slide, tile_px: int, tile_um: float | None = None, mag: float | None = None, stride_div: float = 1,
-              edge_tiles: bool = False) -> TileGrid:
+def make_grid(
+    slide, tile_px: int, tile_um: float | None = None, mag: float | None = None, stride_div: float = 1, edge_tiles: bool = False
+) -> TileGrid:
     """The tile grid of ``slide`` (see module docstring). Needs ``slide.mpp`` (raises MissingMPPError)."""
     if (tile_um is None) == (mag is None):
         raise ValueError("give exactly one of tile_um (microns) or mag (magnification)")
@@ -177,8 +182,15 @@ def make_grid(slide, tile_px: int, tile_um: float | None = None, mag: float | No
         ds = slide.level_downsamples[level]
         lvl_mpp = slide.level_mpp(level)
         if abs(math.log(lvl_mpp / target)) > math.log(1.1):
-            log.warning("%s: no pyramid level at %gx (%.3g um/px); using level %d at %.3g um/px (%.3gx) without resizing",
-                        slide.name, mag, target, level, lvl_mpp, 10.0 / lvl_mpp)
+            log.warning(
+                "%s: no pyramid level at %gx (%.3g um/px); using level %d at %.3g um/px (%.3gx) without resizing",
+                slide.name,
+                mag,
+                target,
+                level,
+                lvl_mpp,
+                10.0 / lvl_mpp,
+            )
         extract_px = max(1, int(round(tile_px * ds)))
         read_mpp = lvl_mpp
     else:
@@ -192,8 +204,18 @@ def make_grid(slide, tile_px: int, tile_um: float | None = None, mag: float | No
     gy, gx = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
     gx, gy = gx.ravel().astype(np.int64), gy.ravel().astype(np.int64)
     g = TileGrid(
-        x=xs[gx] if len(xs) else np.zeros(0, np.int64), y=ys[gy] if len(ys) else np.zeros(0, np.int64),
-        grid_x=gx, grid_y=gy, extract_px=extract_px, stride_px=stride, tile_px=int(tile_px), level=level,
-        read_mpp=read_mpp, tile_mpp=extract_px * mpp / tile_px, mag=mag, slide_dims=(W, H), level_ds=float(ds),
+        x=xs[gx] if len(xs) else np.zeros(0, np.int64),
+        y=ys[gy] if len(ys) else np.zeros(0, np.int64),
+        grid_x=gx,
+        grid_y=gy,
+        extract_px=extract_px,
+        stride_px=stride,
+        tile_px=int(tile_px),
+        level=level,
+        read_mpp=read_mpp,
+        tile_mpp=extract_px * mpp / tile_px,
+        mag=mag,
+        slide_dims=(W, H),
+        level_ds=float(ds),
     )
     return g

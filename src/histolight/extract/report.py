@@ -4,14 +4,15 @@ The HTML is self-contained (images embedded as base64 JPEG) so it can be mailed 
 anywhere; cohort totals and a "needs attention" list come first, then one row per slide and one
 section per slide. A CSV summary (one row per slide) sits beside it.
 """
+
 from __future__ import annotations
 
 import base64
 import html
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -64,6 +65,7 @@ def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.nda
     ov = thumb.copy()
     q = plan.qc
     if q.mask is not None:
+
         def fit(m):
             return None if m is None else cv2.resize(m.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST) > 0
 
@@ -99,7 +101,7 @@ def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.nda
             s = int(plan.status[i])
             if REASONS[s] == "roi":
                 continue
-            layer[y0[i]: y1[i] + 1, x0[i]: x1[i] + 1] = s
+            layer[y0[i] : y1[i] + 1, x0[i] : x1[i] + 1] = s
         for s, name in enumerate(REASONS):
             col = STATE_COLORS.get(name)
             if col is not None:
@@ -116,8 +118,9 @@ def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.nda
     return ov, tm
 
 
-def sample_montage(kept: Sequence[tuple[np.ndarray, str]], rejected: Sequence[tuple[np.ndarray, str]],
-                   cols: int = SAMPLE_COLS) -> np.ndarray | None:
+def sample_montage(
+    kept: Sequence[tuple[np.ndarray, str]], rejected: Sequence[tuple[np.ndarray, str]], cols: int = SAMPLE_COLS
+) -> np.ndarray | None:
     """A grid of sample tiles: kept first, then rejected ones framed in red with their reason."""
     items = [(im, "") for im, _ in kept] + [(im, tag) for im, tag in rejected]
     if not items:
@@ -129,7 +132,7 @@ def sample_montage(kept: Sequence[tuple[np.ndarray, str]], rejected: Sequence[tu
     for k, (im, tag) in enumerate(items):
         r, c = divmod(k, cols)
         y, x = pad + r * (s + pad), pad + c * (s + pad)
-        out[y: y + s, x: x + s] = im
+        out[y : y + s, x : x + s] = im
         if tag:
             cv2.rectangle(out, (x, y), (x + s - 1, y + s - 1), (220, 0, 0), 2)
             cv2.putText(out, tag[:5], (x + 3, y + s - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (220, 0, 0), 1, cv2.LINE_AA)
@@ -197,10 +200,13 @@ def _fmt_num(v) -> str:
 def _legend() -> str:
     def sw(c):
         return f"background:rgb{tuple(c)}"
+
     qc = "".join(f'<span><i style="{sw(c)}"></i>{k}</span>' for k, c in QC_COLORS.items())
     st = "".join(f'<span><i style="{sw(c)}"></i>{k}</span>' for k, c in STATE_COLORS.items())
-    return (f'<div class="legend">QC overlay: {qc} &nbsp; ROI outlines coloured by label</div>'
-            f'<div class="legend">Tile map: {st} (tiles outside ROIs not drawn)</div>')
+    return (
+        f'<div class="legend">QC overlay: {qc} &nbsp; ROI outlines coloured by label</div>'
+        f'<div class="legend">Tile map: {st} (tiles outside ROIs not drawn)</div>'
+    )
 
 
 def attention(row: dict, low_tissue: float = 0.02) -> list[str]:
@@ -221,9 +227,15 @@ def attention(row: dict, low_tissue: float = 0.02) -> list[str]:
     return out
 
 
-def write_report(summary: pd.DataFrame, meta_dir: str | os.PathLike, html_path: str | os.PathLike,
-                 csv_path: str | os.PathLike | None = None, title: str = "Tile extraction", settings: dict | None = None,
-                 embed: bool | None = None) -> Path:
+def write_report(
+    summary: pd.DataFrame,
+    meta_dir: str | os.PathLike,
+    html_path: str | os.PathLike,
+    csv_path: str | os.PathLike | None = None,
+    title: str = "Tile extraction",
+    settings: dict | None = None,
+    embed: bool | None = None,
+) -> Path:
     """Write the HTML report (and the CSV summary) for ``summary`` (one row per slide, see ``SlideResult``).
 
     ``embed``: embed images as base64 (default: when at most 300 slides; else link to ``meta_dir``).
@@ -241,29 +253,49 @@ def write_report(summary: pd.DataFrame, meta_dir: str | os.PathLike, html_path: 
     kept = int(sum(int(r.get("kept") or 0) for r in rows))
     rej = {k: int(sum(int(r.get(f"rejected_{k}") or 0) for r in rows)) for k in ("roi", "qc", "grayspace", "whitespace")}
     flagged = [(r["slide"], attention(r)) for r in rows if attention(r)]
-    cards = [("slides", n, False), ("extracted", by("done") + by("reused"), False), ("0 tiles", by("empty"), by("empty") > 0),
-             ("failed", by("failed"), by("failed") > 0), ("skipped", by("skipped"), by("skipped") > 0),
-             ("tiles kept", kept, False), ("rejected: ROI", rej["roi"], False), ("rejected: QC", rej["qc"], False),
-             ("rejected: grayspace", rej["grayspace"], False), ("rejected: whitespace", rej["whitespace"], False),
-             ("need attention", len(flagged), len(flagged) > 0)]
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1>"]
+    cards = [
+        ("slides", n, False),
+        ("extracted", by("done") + by("reused"), False),
+        ("0 tiles", by("empty"), by("empty") > 0),
+        ("failed", by("failed"), by("failed") > 0),
+        ("skipped", by("skipped"), by("skipped") > 0),
+        ("tiles kept", kept, False),
+        ("rejected: ROI", rej["roi"], False),
+        ("rejected: QC", rej["qc"], False),
+        ("rejected: grayspace", rej["grayspace"], False),
+        ("rejected: whitespace", rej["whitespace"], False),
+        ("need attention", len(flagged), len(flagged) > 0),
+    ]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     if settings:
         s = ", ".join(f"{k}={v}" for k, v in settings.items())
         out.append(f'<div class="sub">{html.escape(s)}</div>')
-    out.append('<div class="totals">' + "".join(
-        f'<div class="card{" bad" if bad else ""}"><b>{v}</b><span>{html.escape(k)}</span></div>' for k, v, bad in cards) + "</div>")
+    out.append(
+        '<div class="totals">'
+        + "".join(
+            f'<div class="card{" bad" if bad else ""}"><b>{v}</b><span>{html.escape(k)}</span></div>' for k, v, bad in cards
+        )
+        + "</div>"
+    )
     if flagged:
         out.append('<h2>Needs attention</h2><ul class="attn">')
         for name, why in flagged:
-            out.append(f'<li><a href="#s-{html.escape(name)}">{html.escape(name)}</a>: '
-                       f'<span class="reason">{html.escape("; ".join(why))}</span></li>')
+            out.append(
+                f'<li><a href="#s-{html.escape(name)}">{html.escape(name)}</a>: '
+                f'<span class="reason">{html.escape("; ".join(why))}</span></li>'
+            )
         out.append("</ul>")
     # summary table
-    out.append("<h2>Slides</h2><table><tr><th class='l'>slide</th><th class='l'>status</th><th>kept</th><th>grid</th>"
-               "<th>ROI</th><th>QC</th><th>gray</th><th>white</th><th>tissue</th><th>blur burden</th><th class='l'>ROIs</th>"
-               "<th>mpp</th><th>s</th></tr>")
+    out.append(
+        "<h2>Slides</h2><table><tr><th class='l'>slide</th><th class='l'>status</th><th>kept</th><th>grid</th>"
+        "<th>ROI</th><th>QC</th><th>gray</th><th>white</th><th>tissue</th><th>blur burden</th><th class='l'>ROIs</th>"
+        "<th>mpp</th><th>s</th></tr>"
+    )
     for r in rows:
         flag = attention(r)
         cls = "fail" if r.get("status") == "failed" else ("flag" if flag else "")
@@ -277,7 +309,8 @@ def write_report(summary: pd.DataFrame, meta_dir: str | os.PathLike, html_path: 
             f"<td{' class=reason' if r.get('blur_flagged') else ''}>{_fmt_pct(r.get('blur_burden'))}</td>"
             f"<td class='l'>{html.escape(str(r.get('roi_mode') or '-'))} ({r.get('n_rois') if r.get('n_rois') is not None else '-'})</td>"
             f"<td>{_fmt_num(r.get('mpp'))}</td>"
-            f"<td>{float(r.get('seconds') or 0):.1f}</td></tr>")
+            f"<td>{float(r.get('seconds') or 0):.1f}</td></tr>"
+        )
     out.append("</table>")
     out.append(_legend())
     # per-slide sections
@@ -285,7 +318,9 @@ def write_report(summary: pd.DataFrame, meta_dir: str | os.PathLike, html_path: 
         name = r["slide"]
         flag = attention(r)
         out.append(f'<div class="slide{" flagged" if flag else ""}" id="s-{html.escape(name)}">')
-        out.append(f"<h3>{html.escape(name)} <span class='st st-{r.get('status')}'>{html.escape(str(r.get('status')))}</span></h3>")
+        out.append(
+            f"<h3>{html.escape(name)} <span class='st st-{r.get('status')}'>{html.escape(str(r.get('status')))}</span></h3>"
+        )
         if flag:
             out.append(f"<div class='reason'>{html.escape('; '.join(flag))}</div>")
         if r.get("status") in ("failed", "skipped"):
@@ -296,11 +331,16 @@ def write_report(summary: pd.DataFrame, meta_dir: str | os.PathLike, html_path: 
             f"ROI {int(r.get('rejected_roi') or 0)}, QC {int(r.get('rejected_qc') or 0)}, grayspace {int(r.get('rejected_grayspace') or 0)}, "
             f"whitespace {int(r.get('rejected_whitespace') or 0)}. Tissue {_fmt_pct(r.get('tissue_fraction'))}, "
             f"blur burden {_fmt_pct(r.get('blur_burden'))}. QC: {html.escape(str(r.get('qc') or 'none'))}; "
-            f"ROIs: {html.escape(str(r.get('roi_mode')))}; level {r.get('level')}, {r.get('extract_px')} base px per tile.</div>")
+            f"ROIs: {html.escape(str(r.get('roi_mode')))}; level {r.get('level')}, {r.get('extract_px')} base px per tile.</div>"
+        )
         if r.get("status") == "empty" and r.get("reason"):
             out.append(f"<div class='reason'>{html.escape(str(r.get('reason')))}</div>")
         out.append('<div class="imgs">')
-        for suffix, cap in (("overlay", "QC mask and ROIs"), ("tilemap", "tiles kept / rejected"), ("samples", "sample tiles (rejected framed red)")):
+        for suffix, cap in (
+            ("overlay", "QC mask and ROIs"),
+            ("tilemap", "tiles kept / rejected"),
+            ("samples", "sample tiles (rejected framed red)"),
+        ):
             tag = _img_tag(md / f"{name}.{suffix}.jpg", f"{name} {cap}", embed, html_path.parent)
             out.append(f"<figure>{tag}<figcaption>{html.escape(cap)}</figcaption></figure>")
         out.append("</div></div>")

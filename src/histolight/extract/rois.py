@@ -9,10 +9,11 @@
 
 ``roi_method='inside'`` keeps inside tiles; ``'outside'`` keeps the others (they carry no ROI).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import shapely

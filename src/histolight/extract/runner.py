@@ -12,6 +12,7 @@ tables, summaries, report images), ``tiles.parquet`` (cohort tile table), ``summ
 ``report.html``. With ``num_shards > 1`` the cohort files carry a ``.shard-<i>-of-<n>`` suffix; a
 final run with ``num_shards=1`` skips the finished slides and writes the merged cohort files.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -21,9 +22,10 @@ import os
 import queue as queue_mod
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,9 +33,11 @@ import pandas as pd
 from histolight.errors import ConfigError, HistolightError
 from histolight.extract.config import ExtractConfig
 from histolight.extract.slide import (
+    KEPT,
     TABLE_COLUMNS,
     SlideResult,
     SlideSkipped,
+    _table,
     extract_slide,
     is_complete,
     meta_dir,
@@ -42,8 +46,6 @@ from histolight.extract.slide import (
     remove_outputs,
     tfrecord_path,
     write_table,
-    _table,
-    KEPT,
 )
 
 log = logging.getLogger(__name__)
@@ -115,8 +117,10 @@ def run_job(job: SlideJob, cfg: ExtractConfig, progress=None) -> dict:
     t0 = time.time()
     q = _PROGRESS_Q
     if progress is None and q is not None:
+
         def progress(n, total, _name=job.name):
             q.put((_name, n, total))
+
     try:
         if not job.dry_run:
             remove_outputs(job.tile_dir, job.name)  # an overwrite, or leftovers of an incomplete slide
@@ -182,8 +186,13 @@ class ExtractionResult:
         fresh_tiles = int(done["kept"].sum()) if len(done) else 0
         busy = float(done["seconds"].sum()) if len(done) else 0.0
         return {
-            "n_slides": int(len(s)), "n_done": count("done"), "n_reused": count("reused"), "n_empty": count("empty"),
-            "n_failed": count("failed"), "n_skipped": count("skipped"), "n_tiles": self.n_tiles,
+            "n_slides": int(len(s)),
+            "n_done": count("done"),
+            "n_reused": count("reused"),
+            "n_empty": count("empty"),
+            "n_failed": count("failed"),
+            "n_skipped": count("skipped"),
+            "n_tiles": self.n_tiles,
             "n_blur_flagged": int(s["blur_flagged"].fillna(False).astype(bool).sum()) if len(s) else 0,
             "seconds": round(self.seconds, 2),
             "tiles_per_s": round(fresh_tiles / self.seconds, 1) if self.seconds > 0 else 0.0,
@@ -261,8 +270,17 @@ def extract_tiles(
             results[name] = _reused(tile_dir, name, cfg)
             continue
         roi_path = dataset.roi_path(name)
-        jobs.append(SlideJob(name, str(dataset.path(name)), dataset.mpp_for(name), str(roi_path) if roi_path else None,
-                             str(tile_dir), cfg.overwrite, cfg.dry_run))
+        jobs.append(
+            SlideJob(
+                name,
+                str(dataset.path(name)),
+                dataset.mpp_for(name),
+                str(roi_path) if roi_path else None,
+                str(tile_dir),
+                cfg.overwrite,
+                cfg.dry_run,
+            )
+        )
     if results:
         log.info("%d slide(s) already extracted in %s: skipped (overwrite=true redoes them)", len(results), tile_dir)
     _run_jobs(jobs, cfg, results, progress)
@@ -270,8 +288,19 @@ def extract_tiles(
     summary = pd.DataFrame(rows, columns=list(SlideResult.__dataclass_fields__))
     if "settings" in summary.columns:
         summary = summary.drop(columns=["settings"])
-    for c in ("grid_tiles", "kept", "rejected_roi", "rejected_qc", "rejected_grayspace", "rejected_whitespace", "n_rois",
-              "width", "height", "level", "extract_px"):
+    for c in (
+        "grid_tiles",
+        "kept",
+        "rejected_roi",
+        "rejected_qc",
+        "rejected_grayspace",
+        "rejected_whitespace",
+        "n_rois",
+        "width",
+        "height",
+        "level",
+        "extract_px",
+    ):
         summary[c] = pd.to_numeric(summary[c]).astype("Int64")
     summary["blur_flagged"] = summary["blur_flagged"].fillna(False).astype(bool)
     res = ExtractionResult(tile_dir, summary, cfg, seconds=time.time() - t0)
@@ -296,10 +325,18 @@ def _check_buildable(cfg: ExtractConfig) -> None:
 def _reused(tile_dir: Path, name: str, cfg: ExtractConfig) -> dict:
     meta = read_meta(tile_dir, name)
     if meta is None or not is_complete(tile_dir, name):
-        log.warning("%s: %s exists without histolight metadata (written by another tool?): kept as is, not in the tile table. "
-                    "overwrite=true re-extracts it.", name, tfrecord_path(tile_dir, name))
-        return SlideResult(name, "reused", "TFRecord present without histolight metadata (not re-extracted)",
-                           tfrecord=str(tfrecord_path(tile_dir, name))).to_dict()
+        log.warning(
+            "%s: %s exists without histolight metadata (written by another tool?): kept as is, not in the tile table. "
+            "overwrite=true re-extracts it.",
+            name,
+            tfrecord_path(tile_dir, name),
+        )
+        return SlideResult(
+            name,
+            "reused",
+            "TFRecord present without histolight metadata (not re-extracted)",
+            tfrecord=str(tfrecord_path(tile_dir, name)),
+        ).to_dict()
     meta = dict(meta)
     prev = meta.get("settings") or {}
     now = cfg.settings()
@@ -343,7 +380,9 @@ def _run_jobs(jobs: list[SlideJob], cfg: ExtractConfig, results: dict, progress:
     try:
         method = _start_method() if workers > 1 else None
         if workers > 1 and method is None:
-            log.warning("cannot start worker processes from a script read from stdin; extracting the %d slides serially", len(jobs))
+            log.warning(
+                "cannot start worker processes from a script read from stdin; extracting the %d slides serially", len(jobs)
+            )
         if workers == 1 or method is None:
             for job in jobs:
                 finish(job.name, run_job(job, cfg, progress=lambda n, t, _n=job.name: on_progress(_n, n, t)))
@@ -366,8 +405,15 @@ def _run_jobs(jobs: list[SlideJob], cfg: ExtractConfig, results: dict, progress:
                             finish(job.name, f.result())
                         except cf.process.BrokenProcessPool:
                             broken = True
-                            finish(job.name, SlideResult(job.name, "failed", "the worker process died (crash or out of memory) "
-                                                         "while this slide was being processed; rerun to retry").to_dict())
+                            finish(
+                                job.name,
+                                SlideResult(
+                                    job.name,
+                                    "failed",
+                                    "the worker process died (crash or out of memory) "
+                                    "while this slide was being processed; rerun to retry",
+                                ).to_dict(),
+                            )
                         except Exception as e:  # noqa: BLE001
                             finish(job.name, SlideResult(job.name, "failed", f"{type(e).__name__}: {e}").to_dict())
                     if broken:
@@ -429,8 +475,11 @@ def _write_cohort(res: ExtractionResult, names: Sequence[str]) -> None:
     if cfg.report:
         from histolight.extract.report import write_report
 
-        title = f"Tile extraction {cfg.tile_dir}" + (" (dry run)" if cfg.dry_run else "") + \
-            (f", shard {cfg.shard_index + 1} of {cfg.num_shards}" if cfg.num_shards > 1 else "")
+        title = (
+            f"Tile extraction {cfg.tile_dir}"
+            + (" (dry run)" if cfg.dry_run else "")
+            + (f", shard {cfg.shard_index + 1} of {cfg.num_shards}" if cfg.num_shards > 1 else "")
+        )
         shown = {k: v for k, v in cfg.settings().items() if k not in ("name",)}
         res.report_path = write_report(res.summary, md, d / f"report{suffix}.html", res.summary_path, title=title, settings=shown)
     else:
@@ -441,9 +490,19 @@ def _write_cohort(res: ExtractionResult, names: Sequence[str]) -> None:
 
 def _log_outcome(res: ExtractionResult) -> None:
     m = res.metrics()
-    log.info("extraction %s: %d slide(s): %d extracted, %d reused, %d with 0 tiles, %d skipped, %d failed; %d tiles in %.1f s -> %s",
-             res.config.tile_dir, m["n_slides"], m["n_done"], m["n_reused"], m["n_empty"], m["n_skipped"], m["n_failed"],
-             m["n_tiles"], res.seconds, res.tile_dir)
+    log.info(
+        "extraction %s: %d slide(s): %d extracted, %d reused, %d with 0 tiles, %d skipped, %d failed; %d tiles in %.1f s -> %s",
+        res.config.tile_dir,
+        m["n_slides"],
+        m["n_done"],
+        m["n_reused"],
+        m["n_empty"],
+        m["n_skipped"],
+        m["n_failed"],
+        m["n_tiles"],
+        res.seconds,
+        res.tile_dir,
+    )
     if m["n_tiles"] == 0 and m["n_slides"]:
         log.warning("no tiles were kept in any slide; see %s for the reasons per slide", res.report_path or res.summary_path)
     if res.report_path:
@@ -482,11 +541,20 @@ def get_tile_dataframe(
         md = meta_dir(d)
         frames = [pd.read_parquet(md / f"{n}.parquet") for n in names if is_complete(d, n)]
         if not frames:
-            raise HistolightError(f"no extracted slides of this dataset in {d}; run extract_tiles first "
-                                  "(or call get_tile_dataframe without outdir for the ROI-filtered grid)")
+            raise HistolightError(
+                f"no extracted slides of this dataset in {d}; run extract_tiles first "
+                "(or call get_tile_dataframe without outdir for the ROI-filtered grid)"
+            )
         return _as_tile_frame(pd.concat(frames, ignore_index=True), columns)
-    cfg = make_config(tile_px=tile_px, tile_um=tile_um, roi_method=roi_method, roi_filter_method=roi_filter_method,
-                      stride_div=stride_div, edge_tiles=edge_tiles, qc=None)
+    cfg = make_config(
+        tile_px=tile_px,
+        tile_um=tile_um,
+        roi_method=roi_method,
+        roi_filter_method=roi_filter_method,
+        stride_div=stride_div,
+        edge_tiles=edge_tiles,
+        qc=None,
+    )
     frames = []
     from histolight.roi import read_rois
 

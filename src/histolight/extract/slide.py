@@ -12,6 +12,7 @@ The TFRecord is written under a temp name and renamed last, after the table and 
 slide is complete exactly when ``<slide>.tfrecords`` exists with its ``meta/<slide>.json``; an
 interrupted slide leaves only hidden temp files (removed on the next run).
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,9 +22,10 @@ import os
 import shutil
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -87,8 +89,11 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temps(tile_dir: str | os.PathLike, name: str) -> int:
     """Remove temp files/folders of slide ``name`` left by dead processes (interrupted runs). Returns the count."""
     d = Path(tile_dir)
-    pats = [d / f".{glob.escape(name)}.*tmp-*", d / "meta" / f".{glob.escape(name)}.*tmp-*",
-            d / "tiles" / f".{glob.escape(name)}.tmp-*"]
+    pats = [
+        d / f".{glob.escape(name)}.*tmp-*",
+        d / "meta" / f".{glob.escape(name)}.*tmp-*",
+        d / "tiles" / f".{glob.escape(name)}.tmp-*",
+    ]
     n = 0
     for pat in pats:
         for p in glob.glob(str(pat)):
@@ -168,16 +173,22 @@ def resolve_roi_mode(roi_method: str, has_roi_file: bool, n_rois: int, name: str
         if not has_roi_file:
             return "whole"
         if n_rois == 0:
-            raise SlideSkipped(f"slide '{name}': its ROI file{where} has no ROI inside the slide (all outside or invalid); "
-                               "fix the ROI coordinates (level-0 px), remove the file to extract the whole slide, or use roi_method=ignore")
+            raise SlideSkipped(
+                f"slide '{name}': its ROI file{where} has no ROI inside the slide (all outside or invalid); "
+                "fix the ROI coordinates (level-0 px), remove the file to extract the whole slide, or use roi_method=ignore"
+            )
         return "inside"
     if not has_roi_file:
-        raise SlideSkipped(f"slide '{name}': roi_method={roi_method} but the slide has no ROI file; "
-                           "add <slide>.csv/.geojson to dataset.rois or use roi_method=auto")
+        raise SlideSkipped(
+            f"slide '{name}': roi_method={roi_method} but the slide has no ROI file; "
+            "add <slide>.csv/.geojson to dataset.rois or use roi_method=auto"
+        )
     if roi_method == "inside" and n_rois == 0:
         raise SlideSkipped(f"slide '{name}': roi_method=inside but its ROI file{where} has no ROI inside the slide")
     if roi_method == "outside" and n_rois == 0:
-        log.warning("slide '%s': roi_method=outside but its ROI file%s has no ROI inside the slide: every tile is outside", name, where)
+        log.warning(
+            "slide '%s': roi_method=outside but its ROI file%s has no ROI inside the slide: every tile is outside", name, where
+        )
     return roi_method
 
 
@@ -283,8 +294,15 @@ def run_qc(slide, methods: Sequence[Callable]) -> QCResult:
     return QCResult(QCMask(combined, finest.mpp, "+".join(names)), tissue_fraction, burden, names, parts)
 
 
-def plan_slide(slide, cfg: ExtractConfig, rois: Sequence[ROI] | None, *, roi_file: str | None = None,
-               qc_methods: Sequence[Callable] | None = None, apply_qc: bool = True) -> SlidePlan:
+def plan_slide(
+    slide,
+    cfg: ExtractConfig,
+    rois: Sequence[ROI] | None,
+    *,
+    roi_file: str | None = None,
+    qc_methods: Sequence[Callable] | None = None,
+    apply_qc: bool = True,
+) -> SlidePlan:
     """Grid, ROI decision and QC for ``slide`` (no tile pixels read).
 
     Args:
@@ -308,9 +326,11 @@ def plan_slide(slide, cfg: ExtractConfig, rois: Sequence[ROI] | None, *, roi_fil
     notes = []
     if n == 0:
         W, H = slide.dimensions
-        notes.append(f"the tile footprint ({grid.extract_px}x{grid.extract_px} base px = {cfg.tile_um} "
-                     f"{'um' if cfg.mag is None else ''}) does not fit in the slide ({W}x{H} px); "
-                     "use a smaller tile_um or edge_tiles=true")
+        notes.append(
+            f"the tile footprint ({grid.extract_px}x{grid.extract_px} base px = {cfg.tile_um} "
+            f"{'um' if cfg.mag is None else ''}) does not fit in the slide ({W}x{H} px); "
+            "use a smaller tile_um or edge_tiles=true"
+        )
     qc = QCResult()
     qc_fraction = np.zeros(n)
     if apply_qc:
@@ -365,8 +385,10 @@ def build_normalizer_for(cfg: ExtractConfig):
         else:
             from histolight.errors import ConfigError
 
-            raise ConfigError(f"normalizer_source={src!r} is invalid: allowed a preset {available_presets()}, "
-                              "'context', a fit .json file or an image file")
+            raise ConfigError(
+                f"normalizer_source={src!r} is invalid: allowed a preset {available_presets()}, "
+                "'context', a fit .json file or an image file"
+            )
     norm = build_normalizer(spec)
     if fit_image is not None:
         img = cv2.imread(fit_image, cv2.IMREAD_COLOR)
@@ -416,7 +438,7 @@ class SlideResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SlideResult":
+    def from_dict(cls, d: dict) -> SlideResult:
         import dataclasses
 
         names = {f.name for f in dataclasses.fields(cls)}
@@ -460,19 +482,25 @@ def _table(name: str, grid: TileGrid, plan: SlidePlan, idx: np.ndarray) -> pd.Da
                 roi = plan.rois[r]
                 roi_name[k], roi_desc[k], label[k] = roi.name, roi.description, roi.label
     roi_frac = plan.assign.fraction[idx] if plan.assign is not None else np.zeros(len(idx))
-    df = pd.DataFrame({
-        "tile_id": [f"{name}-{x}-{y}" for x, y in zip(lx.tolist(), ly.tolist())],
-        "slide": pd.Series([name] * len(idx), dtype=object),
-        "loc_x": lx.astype(np.int64), "loc_y": ly.astype(np.int64),
-        "grid_x": grid.grid_x[idx].astype(np.int64), "grid_y": grid.grid_y[idx].astype(np.int64),
-        "roi_name": pd.Series(roi_name, dtype=object), "roi_desc": pd.Series(roi_desc, dtype=object),
-        "label": pd.Series(label, dtype=object),
-        "record": np.arange(len(idx), dtype=np.int64),
-        "x": grid.x[idx].astype(np.int64), "y": grid.y[idx].astype(np.int64),
-        "size_base": np.full(len(idx), grid.extract_px, np.int64),
-        "qc_fraction": plan.qc_fraction[idx].astype(np.float32) if len(plan.qc_fraction) else np.zeros(len(idx), np.float32),
-        "roi_fraction": roi_frac.astype(np.float32),
-    })
+    df = pd.DataFrame(
+        {
+            "tile_id": [f"{name}-{x}-{y}" for x, y in zip(lx.tolist(), ly.tolist())],
+            "slide": pd.Series([name] * len(idx), dtype=object),
+            "loc_x": lx.astype(np.int64),
+            "loc_y": ly.astype(np.int64),
+            "grid_x": grid.grid_x[idx].astype(np.int64),
+            "grid_y": grid.grid_y[idx].astype(np.int64),
+            "roi_name": pd.Series(roi_name, dtype=object),
+            "roi_desc": pd.Series(roi_desc, dtype=object),
+            "label": pd.Series(label, dtype=object),
+            "record": np.arange(len(idx), dtype=np.int64),
+            "x": grid.x[idx].astype(np.int64),
+            "y": grid.y[idx].astype(np.int64),
+            "size_base": np.full(len(idx), grid.extract_px, np.int64),
+            "qc_fraction": plan.qc_fraction[idx].astype(np.float32) if len(plan.qc_fraction) else np.zeros(len(idx), np.float32),
+            "roi_fraction": roi_frac.astype(np.float32),
+        }
+    )
     return df[["tile_id", *TABLE_COLUMNS, *[c for c in EXTRA_COLUMNS if c != "tile_id"]]]
 
 
@@ -541,8 +569,10 @@ def extract_slide(
         try:
             normalizer.set_context(slide.thumbnail(max_size=2048))
         except ValueError as e:
-            raise HistolightError(f"slide '{name}': cannot fit the stain normalizer on its thumbnail ({e}); "
-                                  "use a preset normalizer_source instead of 'context'") from None
+            raise HistolightError(
+                f"slide '{name}': cannot fit the stain normalizer on its thumbnail ({e}); "
+                "use a preset normalizer_source instead of 'context'"
+            ) from None
     if normalizer is not None and hasattr(normalizer, "reset_stats"):
         normalizer.reset_stats()
 
@@ -571,8 +601,9 @@ def extract_slide(
         for run in grid.runs(cand):
             imgs = grid.read_run(slide, run)
             for i, img in zip(run, imgs):
-                why = tile_reject_reason(img, cfg.grayspace_threshold, cfg.grayspace_fraction,
-                                         cfg.whitespace_threshold, cfg.whitespace_fraction)
+                why = tile_reject_reason(
+                    img, cfg.grayspace_threshold, cfg.grayspace_fraction, cfg.whitespace_threshold, cfg.whitespace_fraction
+                )
                 if why is not None:
                     plan.status[i] = GRAY_R if why == "grayspace" else WHITE_R
                     rej_s.offer(i, img, why)
@@ -595,15 +626,30 @@ def extract_slide(
         counts = np.bincount(plan.status.astype(np.int64), minlength=len(REASONS))
         W, H = slide.dimensions
         res = SlideResult(
-            slide=name, status="done" if len(idx) else "empty", grid_tiles=len(grid), kept=int(len(idx)),
-            rejected_roi=int(counts[ROI_R]), rejected_qc=int(counts[QC_R]), rejected_grayspace=int(counts[GRAY_R]),
-            rejected_whitespace=int(counts[WHITE_R]), tissue_fraction=plan.tissue_fraction, blur_burden=plan.blur_burden,
+            slide=name,
+            status="done" if len(idx) else "empty",
+            grid_tiles=len(grid),
+            kept=int(len(idx)),
+            rejected_roi=int(counts[ROI_R]),
+            rejected_qc=int(counts[QC_R]),
+            rejected_grayspace=int(counts[GRAY_R]),
+            rejected_whitespace=int(counts[WHITE_R]),
+            tissue_fraction=plan.tissue_fraction,
+            blur_burden=plan.blur_burden,
             blur_flagged=bool(plan.blur_burden is not None and plan.blur_burden > cfg.blur_flag),
-            roi_mode=plan.roi_mode, n_rois=len(plan.rois), width=W, height=H, mpp=mpp,
-            mpp_source=getattr(slide, "mpp_source", None), level=grid.level, extract_px=grid.extract_px,
-            tile_mpp=grid.tile_mpp, qc="+".join(plan.qc_names) or None,
+            roi_mode=plan.roi_mode,
+            n_rois=len(plan.rois),
+            width=W,
+            height=H,
+            mpp=mpp,
+            mpp_source=getattr(slide, "mpp_source", None),
+            level=grid.level,
+            extract_px=grid.extract_px,
+            tile_mpp=grid.tile_mpp,
+            qc="+".join(plan.qc_names) or None,
             tfrecord=str(tfrecord_path(d, name)) if (d is not None and not dry) else None,
-            normalizer=None if normalizer is None else repr(normalizer), settings=cfg.settings(),
+            normalizer=None if normalizer is None else repr(normalizer),
+            settings=cfg.settings(),
         )
         if not len(idx):
             res.reason = zero_tiles_message(res, plan.notes)
@@ -638,10 +684,21 @@ def extract_slide(
 
 def zero_tiles_message(res: SlideResult, notes: Sequence[str] = ()) -> str:
     """A clear explanation of why a slide yielded no tiles."""
-    parts = [f"{k} {v}" for k, v in (("roi", res.rejected_roi), ("qc", res.rejected_qc),
-                                      ("grayspace", res.rejected_grayspace), ("whitespace", res.rejected_whitespace)) if v]
-    why = "; ".join(notes) if notes else (f"all {res.grid_tiles} grid tiles were rejected ({', '.join(parts)})"
-                                          if parts else "the grid is empty")
+    parts = [
+        f"{k} {v}"
+        for k, v in (
+            ("roi", res.rejected_roi),
+            ("qc", res.rejected_qc),
+            ("grayspace", res.rejected_grayspace),
+            ("whitespace", res.rejected_whitespace),
+        )
+        if v
+    ]
+    why = (
+        "; ".join(notes)
+        if notes
+        else (f"all {res.grid_tiles} grid tiles were rejected ({', '.join(parts)})" if parts else "the grid is empty")
+    )
     return f"slide '{res.slide}': 0 tiles kept: {why}. Its TFRecord is empty but valid."
 
 

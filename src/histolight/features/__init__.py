@@ -14,14 +14,16 @@ Output layout (the same as Slideflow's feature bags)::
 A slide counts as done when its ``.pt`` exists (written atomically, after the index); re-running
 skips done slides unless ``overwrite=True``. One failing slide is logged and the rest go on.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -83,8 +85,13 @@ def _is_model_path(model: str) -> bool:
     return p.suffix in (".json", ".ckpt") or (p.is_dir() and (p / "model_config.json").exists())
 
 
-def build_extractor(model: str, checkpoint_path: str | None = None, tile_px: int | None = None,
-                    normalizer: Any = None, device: str | torch.device = "cpu") -> FeatureExtractor:
+def build_extractor(
+    model: str,
+    checkpoint_path: str | None = None,
+    tile_px: int | None = None,
+    normalizer: Any = None,
+    device: str | torch.device = "cpu",
+) -> FeatureExtractor:
     """A :class:`FeatureExtractor` from a trained classifier path or a timm model name.
 
     Args:
@@ -103,9 +110,17 @@ def build_extractor(model: str, checkpoint_path: str | None = None, tile_px: int
             log.warning("checkpoint_path is ignored for a trained classifier (%s): its own weights are used", model)
         m = load_model(model, device=device)
         net = _PreLogits(m.net).eval().to(device)
-        cfg = {"source": "classifier", "model": str(Path(model).resolve()), "timm_name": m.config["timm_name"],
-               "dim": int(m.net.num_features), "tile_px": m.tile_px, "tile_um": m.tile_um,
-               "normalizer": m.config.get("normalizer"), "mean": m.config["mean"], "std": m.config["std"]}
+        cfg = {
+            "source": "classifier",
+            "model": str(Path(model).resolve()),
+            "timm_name": m.config["timm_name"],
+            "dim": int(m.net.num_features),
+            "tile_px": m.tile_px,
+            "tile_um": m.tile_um,
+            "normalizer": m.config.get("normalizer"),
+            "mean": m.config["mean"],
+            "std": m.config["std"],
+        }
         return FeatureExtractor(net, m.transform(), m.config["mean"], m.config["std"], m.tile_px, m.tile_um, cfg)
 
     import timm
@@ -114,8 +129,10 @@ def build_extractor(model: str, checkpoint_path: str | None = None, tile_px: int
 
     if not timm.is_model(str(model)):
         close = timm.list_models(f"*{str(model)[:6]}*")[:5]
-        raise ConfigError(f"task.model={model!r} is neither a trained classifier path (folder with model_config.json, "
-                          f"the JSON or a .ckpt) nor a timm model name" + (f"; similar timm names: {close}" if close else ""))
+        raise ConfigError(
+            f"task.model={model!r} is neither a trained classifier path (folder with model_config.json, "
+            f"the JSON or a .ckpt) nor a timm model name" + (f"; similar timm names: {close}" if close else "")
+        )
     try:
         backbone = create_timm_model(str(model), num_classes=0, pretrained=False, checkpoint_path=checkpoint_path)
     except HistolightError:
@@ -129,9 +146,18 @@ def build_extractor(model: str, checkpoint_path: str | None = None, tile_px: int
         norm = build_normalizer(normalizer)
     mean, std = timm_preprocessing(str(model))
     net = _PreLogits(backbone).eval().to(device)
-    cfg = {"source": "timm", "timm_name": str(model), "checkpoint_path": checkpoint_path,
-           "random_init": not checkpoint_path, "dim": int(backbone.num_features), "tile_px": tile_px, "tile_um": None,
-           "normalizer": norm.to_config() if norm is not None else None, "mean": list(mean), "std": list(std)}
+    cfg = {
+        "source": "timm",
+        "timm_name": str(model),
+        "checkpoint_path": checkpoint_path,
+        "random_init": not checkpoint_path,
+        "dim": int(backbone.num_features),
+        "tile_px": tile_px,
+        "tile_um": None,
+        "normalizer": norm.to_config() if norm is not None else None,
+        "mean": list(mean),
+        "std": list(std),
+    }
     if not checkpoint_path:
         log.warning("timm backbone %s has random weights (no checkpoint_path): features are only useful for testing", model)
     return FeatureExtractor(net, build_transform(False, normalizer=norm), mean, std, tile_px, None, cfg)
@@ -143,9 +169,18 @@ def _save_tensor(path: Path, t: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def extract_features(extractor: FeatureExtractor, tfrecords: Any, outdir: str | os.PathLike, *,
-                     batch_size: int = 64, num_workers: int = 0, device: str | torch.device = "cpu",
-                     overwrite: bool = False, slides: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
+def extract_features(
+    extractor: FeatureExtractor,
+    tfrecords: Any,
+    outdir: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    slides: Sequence[str] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Write one feature bag per slide of ``tfrecords`` (folder / glob / files) into ``outdir``.
 
     Returns the per-slide summary (``slide, tiles, dim, status, error``), also written as ``summary.csv``.
@@ -167,9 +202,13 @@ def extract_features(extractor: FeatureExtractor, tfrecords: Any, outdir: str | 
     cfg_path = outdir / "bags_config.json"
     if cfg_path.exists() and not overwrite:
         old = json.loads(cfg_path.read_text())
-        if {k: old.get(k) for k in ("timm_name", "dim", "model")} != {k: extractor.config.get(k) for k in ("timm_name", "dim", "model")}:
-            raise HistolightError(f"'{outdir}' holds feature bags of another extractor ({old.get('timm_name')}, "
-                                  f"dim {old.get('dim')}); choose another outdir or pass overwrite=true")
+        if {k: old.get(k) for k in ("timm_name", "dim", "model")} != {
+            k: extractor.config.get(k) for k in ("timm_name", "dim", "model")
+        }:
+            raise HistolightError(
+                f"'{outdir}' holds feature bags of another extractor ({old.get('timm_name')}, "
+                f"dim {old.get('dim')}); choose another outdir or pass overwrite=true"
+            )
     atomic_write_json(cfg_path, extractor.config)
     table = index_tfrecords(paths, slides=slides)
     names = sorted(table["slide"].unique()) if len(table) else []

@@ -3,6 +3,7 @@
 Readers never see a half-written file; on error the temp file is removed and any
 existing target is left untouched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,9 @@ class AtomicFile:
     `abort()` (or garbage collection without commit) deletes the temp file.
     """
 
-    def __init__(self, path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
-                 buffering: int = -1, fsync: bool = True):
+    def __init__(
+        self, path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None, buffering: int = -1, fsync: bool = True
+    ):
         if mode not in ("wb", "w", "wt"):
             raise ValueError(f"AtomicFile mode must be 'wb', 'w' or 'wt', got {mode!r}")
         self.path = os.fspath(path)
@@ -34,8 +36,7 @@ class AtomicFile:
         # os.open with 0o666 honours the umask (mkstemp would force 0600 on the final file).
         fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            self.file: IO[Any] = os.fdopen(fd, mode, buffering=buffering,
-                                           encoding=encoding)
+            self.file: IO[Any] = os.fdopen(fd, mode, buffering=buffering, encoding=encoding)
         except BaseException:
             os.close(fd)
             os.unlink(self.tmp_path)
@@ -89,8 +90,9 @@ def _fsync_dir(d: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
-                 fsync: bool = True) -> Iterator[IO[Any]]:
+def atomic_write(
+    path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None, fsync: bool = True
+) -> Iterator[IO[Any]]:
     """Context manager yielding a file; on clean exit it replaces `path` atomically, on error it is discarded."""
     if "b" not in mode and encoding is None:
         encoding = "utf-8"

@@ -14,6 +14,7 @@ tutorial example in the TF docs this reproduces TensorFlow's bytes exactly). The
 accepts anything a conforming protobuf writer produces: entries in any order, packed or
 unpacked repeated fields, repeated/merged sub-messages, unknown fields (skipped).
 """
+
 from __future__ import annotations
 
 import struct
@@ -38,6 +39,7 @@ class ExampleDecodeError(HistolightError, ValueError):
 
 
 # ----------------------------------------------------------------------------- encoding
+
 
 def _varint(v: int) -> bytes:
     out = bytearray()
@@ -119,6 +121,7 @@ def encode_example(features: Mapping[str, Any], kinds: Mapping[str, str] | None 
 
 
 # ----------------------------------------------------------------------------- decoding
+
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0

@@ -16,6 +16,7 @@ Index (Slideflow layout, `slideflow/util/tfrecord2idx.py`): `<stem>.index.npz` n
 as Slideflow writes it). Also read: Slideflow's plain-text `<stem>.index` ("offset length" per
 line) and `<stem>.index.npy`. A missing, unreadable or stale index is rebuilt by scanning.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -34,15 +35,26 @@ from histolight.io.atomic import AtomicFile, atomic_save_npz
 from histolight.io.example import ExampleDecodeError, decode_example, encode_example
 
 __all__ = [
-    "TFRecordError", "ImageDecodeError", "TileRecord", "TFRecordWriter", "TFRecordReader",
-    "masked_crc32c", "frame_record", "index_path_for", "find_index", "load_index", "save_index",
-    "build_index", "iter_records", "decode_image",
+    "TFRecordError",
+    "ImageDecodeError",
+    "TileRecord",
+    "TFRecordWriter",
+    "TFRecordReader",
+    "masked_crc32c",
+    "frame_record",
+    "index_path_for",
+    "find_index",
+    "load_index",
+    "save_index",
+    "build_index",
+    "iter_records",
+    "decode_image",
 ]
 
 log = logging.getLogger(__name__)
 
 HEADER_BYTES = 12  # uint64 length + uint32 crc
-FOOTER_BYTES = 4   # uint32 crc
+FOOTER_BYTES = 4  # uint32 crc
 FRAME_BYTES = HEADER_BYTES + FOOTER_BYTES
 _GZIP_MAGIC = b"\x1f\x8b"
 _MASK_DELTA = 0xA282EAD8
@@ -74,6 +86,7 @@ class TileRecord(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- framing
+
 
 def masked_crc32c(data: bytes | bytearray | memoryview) -> int:
     """TFRecord checksum: CRC-32C of `data`, rotated right by 15 bits plus 0xa282ead8 (uint32)."""
@@ -131,13 +144,19 @@ def _frames(f, path: str, verify: bool, size: int | None) -> Iterator[tuple[int,
             raise TFRecordError(path, f"length checksum mismatch (length field reads {length})", off)
         if size is not None and off + FRAME_BYTES + length > size:
             raise TFRecordError(
-                path, f"truncated record: header says {length} data bytes + {FOOTER_BYTES} checksum bytes, "
-                f"only {size - off - HEADER_BYTES} bytes remain", off)
+                path,
+                f"truncated record: header says {length} data bytes + {FOOTER_BYTES} checksum bytes, "
+                f"only {size - off - HEADER_BYTES} bytes remain",
+                off,
+            )
         body = _read_exact(f, length + FOOTER_BYTES)
         if len(body) < length + FOOTER_BYTES:
             raise TFRecordError(
-                path, f"truncated record: header says {length} data bytes + {FOOTER_BYTES} checksum bytes, "
-                f"only {len(body)} bytes remain", off)
+                path,
+                f"truncated record: header says {length} data bytes + {FOOTER_BYTES} checksum bytes, "
+                f"only {len(body)} bytes remain",
+                off,
+            )
         data = memoryview(body)[:length]
         if verify and masked_crc32c(data) != struct.unpack_from("<I", body, length)[0]:
             raise TFRecordError(path, f"data checksum mismatch ({length}-byte record)", off)
@@ -164,8 +183,7 @@ def _decode(data, path: str, offset: int | None, unwrap: bool = True) -> dict:
         raise TFRecordError(path, f"record is not a valid tf.train.Example: {e}", offset) from None
 
 
-def iter_records(path: str | os.PathLike, *, verify: bool = True, raw: bool = False,
-                 unwrap: bool = True) -> Iterator[Any]:
+def iter_records(path: str | os.PathLike, *, verify: bool = True, raw: bool = False, unwrap: bool = True) -> Iterator[Any]:
     """Sequentially yield decoded records (dicts, see `decode_example`) or raw bytes (`raw=True`).
 
     Works on plain and GZIP-compressed files; no index needed. verify: check both CRCs per record.
@@ -178,6 +196,7 @@ def iter_records(path: str | os.PathLike, *, verify: bool = True, raw: bool = Fa
 
 
 # ----------------------------------------------------------------------------- index
+
 
 def _stem(path: str) -> str:
     name = os.path.basename(path)
@@ -282,8 +301,7 @@ def _scan(path: str, verify: bool) -> tuple[np.ndarray, np.ndarray | None]:
     return idx, (np.asarray(locs, dtype=np.int64).reshape(-1, 2) if locs and rows else None)
 
 
-def build_index(path: str | os.PathLike, *, write: bool = True,
-                verify: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def build_index(path: str | os.PathLike, *, write: bool = True, verify: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Scan an uncompressed TFRecord, optionally (write=True) save `<stem>.index.npz`; return (index, locations)."""
     path = os.fspath(path)
     if _is_gzip(path):
@@ -313,6 +331,7 @@ def _index_problem(idx: np.ndarray, size: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------- reader
+
 
 class TFRecordReader:
     """Random and sequential access to one TFRecord file.
@@ -370,7 +389,7 @@ class TFRecordReader:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
 
     def __repr__(self) -> str:
@@ -456,8 +475,10 @@ class TFRecordReader:
     def _frame(self, i: int) -> tuple[memoryview, int]:
         """(record data, byte offset) of record i via the index."""
         if self._gzip:
-            raise TFRecordError(self.path, "random access is not supported for GZIP-compressed TFRecords; "
-                                "iterate sequentially or decompress the file")
+            raise TFRecordError(
+                self.path,
+                "random access is not supported for GZIP-compressed TFRecords; iterate sequentially or decompress the file",
+            )
         idx = self._load()
         n = idx.shape[0]
         if not -n <= i < n:
@@ -466,13 +487,20 @@ class TFRecordReader:
         off, total = (int(v) for v in idx[i])
         buf = self._pread(total, off)
         if len(buf) != total:
-            raise TFRecordError(self.path, f"record {i}: index says {total} bytes but only {len(buf)} remain "
-                                "(stale index? delete it to rebuild)", off)
+            raise TFRecordError(
+                self.path,
+                f"record {i}: index says {total} bytes but only {len(buf)} remain (stale index? delete it to rebuild)",
+                off,
+            )
         length, length_crc = struct.unpack_from("<QI", buf)
         if length + FRAME_BYTES != total:
-            raise TFRecordError(self.path, f"record {i}: length field {length} does not match index entry of "
-                                f"{total} bytes (stale index? delete it to rebuild)", off)
-        data = memoryview(buf)[HEADER_BYTES:HEADER_BYTES + length]
+            raise TFRecordError(
+                self.path,
+                f"record {i}: length field {length} does not match index entry of "
+                f"{total} bytes (stale index? delete it to rebuild)",
+                off,
+            )
+        data = memoryview(buf)[HEADER_BYTES : HEADER_BYTES + length]
         if self.verify:
             if masked_crc32c(buf[:8]) != length_crc:
                 raise TFRecordError(self.path, f"record {i}: length checksum mismatch", off)
@@ -527,12 +555,16 @@ def _as_tile(rec: Mapping) -> TileRecord:
     img = rec.get("image_raw")
     if not isinstance(img, bytes):
         raise KeyError("record has no single 'image_raw' bytes feature")
-    return TileRecord(img, slide.decode("utf-8") if isinstance(slide, bytes) else str(slide),
-                      rec.get("loc_x") if isinstance(rec.get("loc_x"), int) else None,
-                      rec.get("loc_y") if isinstance(rec.get("loc_y"), int) else None)
+    return TileRecord(
+        img,
+        slide.decode("utf-8") if isinstance(slide, bytes) else str(slide),
+        rec.get("loc_x") if isinstance(rec.get("loc_x"), int) else None,
+        rec.get("loc_y") if isinstance(rec.get("loc_y"), int) else None,
+    )
 
 
 # ----------------------------------------------------------------------------- writer
+
 
 class TFRecordWriter:
     """Write a TFRecord atomically: records go to `.<name>.tmp-<pid>-<token>` in the same directory,
@@ -542,8 +574,15 @@ class TFRecordWriter:
     slide: default slide name for `write_tile`. overwrite=False: refuse an existing `path`.
     """
 
-    def __init__(self, path: str | os.PathLike, slide: str | None = None, *, write_index: bool = True,
-                 overwrite: bool = True, fsync: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        slide: str | None = None,
+        *,
+        write_index: bool = True,
+        overwrite: bool = True,
+        fsync: bool = True,
+    ):
         self.path = os.fspath(path)
         self.closed = True
         if not overwrite and os.path.exists(self.path):
@@ -593,8 +632,7 @@ class TFRecordWriter:
         if slide is None:
             raise ValueError("write_tile needs a slide name (pass slide= here or to TFRecordWriter)")
         x, y = int(loc_x), int(loc_y)
-        self.write_raw(encode_example({"image_raw": bytes(image_bytes), "slide": slide, "loc_x": x, "loc_y": y}),
-                       (x, y))
+        self.write_raw(encode_example({"image_raw": bytes(image_bytes), "slide": slide, "loc_x": x, "loc_y": y}), (x, y))
 
     def close(self) -> None:
         """Finish: fsync, rename onto `path`, write the index (and drop stale Slideflow `.index`/`.index.npy`)."""
@@ -631,6 +669,7 @@ class TFRecordWriter:
 
 
 # ----------------------------------------------------------------------------- images
+
 
 def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     """Decode JPEG/PNG bytes -> (H, W, 3) uint8 RGB. EXIF orientation is ignored (as in tf.io.decode_jpeg)."""

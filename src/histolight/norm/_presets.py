@@ -1,4 +1,5 @@
 """Shipped presets: `presets/<name>.json` = {"name", "description", "provenance", "fits": {method: fit}}."""
+
 from __future__ import annotations
 
 import json

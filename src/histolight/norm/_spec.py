@@ -1,8 +1,10 @@
 """Method table, option defaults and config validation for `histolight.norm`."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from histolight.errors import ConfigError
 
@@ -31,13 +33,13 @@ def _num(lo: float | None = None, hi: float | None = None, lo_open=False, hi_ope
             kind = "an integer" if integer else "a finite number"
             raise ConfigError(f"normalizer option '{key}'={v!r} is invalid: must be {kind}")
         v = int(v) if integer else float(v)
-        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (
-            hi is not None and (v >= hi if hi_open else v > hi))
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
         if bad:
             lb = "(" if lo_open else "["
             rb = ")" if hi_open else "]"
             raise ConfigError(f"normalizer option '{key}'={v!r} is out of range: allowed {lb}{lo}, {hi}{rb}")
         return v
+
     return check
 
 
@@ -55,16 +57,26 @@ _BRIGHT = (90.0, _num(0.0, 100.0, lo_open=True))
 _MASKTHR = (220, _num(1, 255, integer=True))
 
 OPTIONS: dict[str, dict[str, tuple[Any, Callable]]] = {
-    "macenko": {"io": _IO, "alpha": (1.0, _num(0.0, 50.0, hi_open=True)), "beta": _BETA,
-                "min_tissue_pixels": _MINPX},
+    "macenko": {"io": _IO, "alpha": (1.0, _num(0.0, 50.0, hi_open=True)), "beta": _BETA, "min_tissue_pixels": _MINPX},
     "reinhard": {"mask_threshold": _MASKTHR, "min_tissue_pixels": _MINPX},
-    "vahadane": {"io": _IO, "beta": _BETA, "lambda_fit": (0.1, _num(0.0, 10.0)),
-                 "lambda_code": (0.01, _num(0.0, 10.0)), "n_iter": (10, _num(0, 10000, integer=True)),
-                 "max_fit_pixels": (2048, _num(16, 10**8, integer=True)), "min_tissue_pixels": _MINPX},
-    "augment": {"io": _IO, "stain_alpha": (0.1, _num(0.0, 1.0, hi_open=True)),
-                "stain_beta": (0.05, _num(0.0, 2.0)), "hue": (0.02, _num(0.0, 0.5)),
-                "saturation": (0.1, _num(0.0, 1.0)), "value": (0.1, _num(0.0, 1.0, hi_open=True)),
-                "seed": (None, _opt_int)},
+    "vahadane": {
+        "io": _IO,
+        "beta": _BETA,
+        "lambda_fit": (0.1, _num(0.0, 10.0)),
+        "lambda_code": (0.01, _num(0.0, 10.0)),
+        "n_iter": (10, _num(0, 10000, integer=True)),
+        "max_fit_pixels": (2048, _num(16, 10**8, integer=True)),
+        "min_tissue_pixels": _MINPX,
+    },
+    "augment": {
+        "io": _IO,
+        "stain_alpha": (0.1, _num(0.0, 1.0, hi_open=True)),
+        "stain_beta": (0.05, _num(0.0, 2.0)),
+        "hue": (0.02, _num(0.0, 0.5)),
+        "saturation": (0.1, _num(0.0, 1.0)),
+        "value": (0.1, _num(0.0, 1.0, hi_open=True)),
+        "seed": (None, _opt_int),
+    },
 }
 
 
@@ -79,8 +91,7 @@ def option_spec(method: str) -> dict[str, tuple[Any, Callable]]:
 
 def check_method(method: Any) -> str:
     if not isinstance(method, str) or method not in METHODS:
-        raise ConfigError(
-            f"normalizer 'method'={method!r} is not supported: allowed {['none', *METHODS]}")
+        raise ConfigError(f"normalizer 'method'={method!r} is not supported: allowed {['none', *METHODS]}")
     return method
 
 
@@ -91,8 +102,8 @@ def validate_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in options.items():
         if k not in spec:
             raise ConfigError(
-                f"normalizer key '{k}'={v!r} is not valid for method '{method}': allowed "
-                f"{sorted([*COMMON_KEYS, *spec])}")
+                f"normalizer key '{k}'={v!r} is not valid for method '{method}': allowed {sorted([*COMMON_KEYS, *spec])}"
+            )
         out[k] = spec[k][1](k, v)
     for k, (default, _) in spec.items():
         out.setdefault(k, default)

@@ -5,6 +5,7 @@
 Deterministic: fixed tile grid, fixed selection rule, no randomness; values rounded to 6 decimals.
 `--check` recomputes and compares with the files instead of writing them (exit 1 on mismatch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,21 +24,32 @@ from histolight.norm._spec import METHODS
 from histolight.norm.normalizer import StainNormalizer
 
 SLIDE_NAME = "cmu_small_region.svs"
-TISSUE_LUMA = 220          # a pixel is tissue if its luma < 220
+TISSUE_LUMA = 220  # a pixel is tissue if its luma < 220
 MIN_TISSUE_FRACTION = 0.7  # a tile qualifies if >= 70% of its pixels are tissue
 
 #: preset name -> (level-0 region size read, output tile size, number of tiles, description)
 PRESETS = {
-    "v1": (256, 256, 24, "24 tissue tiles of 256 px at level 0 (0.499 um/px, ~20x) of CMU-1 small region, "
-                         "per-tile fits averaged"),
-    "v2": (512, 256, 8, "8 tissue tiles of 512 px at level 0 resized to 256 px (INTER_AREA, ~1 um/px, ~10x) "
-                         "of CMU-1 small region, per-tile fits averaged"),
+    "v1": (
+        256,
+        256,
+        24,
+        "24 tissue tiles of 256 px at level 0 (0.499 um/px, ~20x) of CMU-1 small region, per-tile fits averaged",
+    ),
+    "v2": (
+        512,
+        256,
+        8,
+        "8 tissue tiles of 512 px at level 0 resized to 256 px (INTER_AREA, ~1 um/px, ~10x) "
+        "of CMU-1 small region, per-tile fits averaged",
+    ),
 }
 
-_DUMMY = {"macenko": {"stain_matrix": np_ops.RUIFROK_HE.tolist(), "max_conc": [1.0, 1.0]},
-          "vahadane": {"stain_matrix": np_ops.RUIFROK_HE.tolist(), "max_conc": [1.0, 1.0]},
-          "augment": {"stain_matrix": np_ops.RUIFROK_HE.tolist()},
-          "reinhard": {"means": [50.0, 0.0, 0.0], "stds": [1.0, 1.0, 1.0]}}
+_DUMMY = {
+    "macenko": {"stain_matrix": np_ops.RUIFROK_HE.tolist(), "max_conc": [1.0, 1.0]},
+    "vahadane": {"stain_matrix": np_ops.RUIFROK_HE.tolist(), "max_conc": [1.0, 1.0]},
+    "augment": {"stain_matrix": np_ops.RUIFROK_HE.tolist()},
+    "reinhard": {"means": [50.0, 0.0, 0.0], "stds": [1.0, 1.0, 1.0]},
+}
 
 
 def find_slide(explicit: str | None = None) -> Path | None:
@@ -64,7 +76,7 @@ def tissue_tiles(slide_path: Path, region: int, size: int, n: int) -> tuple[list
     step = region // 2
     for y in range(0, h - region + 1, step):
         for x in range(0, w - region + 1, step):
-            t = full[y:y + region, x:x + region]
+            t = full[y : y + region, x : x + region]
             if (np_ops.luma(np.ascontiguousarray(t)) < TISSUE_LUMA).mean() >= MIN_TISSUE_FRACTION:
                 cands.append((x, y))
     if not cands:
@@ -73,7 +85,7 @@ def tissue_tiles(slide_path: Path, region: int, size: int, n: int) -> tuple[list
     coords = [list(cands[i]) for i in pick]
     tiles = []
     for x, y in coords:
-        t = np.ascontiguousarray(full[y:y + region, x:x + region])
+        t = np.ascontiguousarray(full[y : y + region, x : x + region])
         if region != size:
             t = cv2.resize(t, (size, size), interpolation=cv2.INTER_AREA)
         tiles.append(t)
@@ -106,9 +118,11 @@ def build_preset(name: str, slide_path: Path) -> dict:
             "region_px": region,
             "tile_px": size,
             "tile_origins_xy": coords,
-            "selection": (f"grid of {region}px regions (stride {region // 2}); keep those with >= "
-                          f"{MIN_TISSUE_FRACTION:.0%} pixels of luma < {TISSUE_LUMA}; take {len(coords)} "
-                          "evenly spaced in raster order"),
+            "selection": (
+                f"grid of {region}px regions (stride {region // 2}); keep those with >= "
+                f"{MIN_TISSUE_FRACTION:.0%} pixels of luma < {TISSUE_LUMA}; take {len(coords)} "
+                "evenly spaced in raster order"
+            ),
             "fit": "StainNormalizer(method).fit(tiles) with default options: per-tile statistics averaged",
             "rounding": "6 decimals",
         },

@@ -1,4 +1,5 @@
 """`StainNormalizer`: fit to a target, transform HxWx3 uint8 images (NumPy) or (B,3,H,W) tensors (torch)."""
+
 from __future__ import annotations
 
 import copy
@@ -61,15 +62,20 @@ def _stain_matrix(v):
     a = np.asarray(v, dtype=np.float64)
     if a.shape != (2, 3) or not np.all(np.isfinite(a)):
         raise ConfigError(
-            f"normalizer fit 'stain_matrix'={v!r} is invalid: expected 2 rows (H, E) of 3 optical densities (R, G, B)")
+            f"normalizer fit 'stain_matrix'={v!r} is invalid: expected 2 rows (H, E) of 3 optical densities (R, G, B)"
+        )
     nrm = np.linalg.norm(a, axis=1)
     if np.any(nrm < 1e-6) or abs(float(a[0] @ a[1] / (nrm[0] * nrm[1]))) > 0.9999:
         raise ConfigError(f"normalizer fit 'stain_matrix'={v!r} is invalid: rows must be non-zero and not parallel")
     return a
 
 
-_FIT_KEYS = {"macenko": ("stain_matrix", "max_conc"), "vahadane": ("stain_matrix", "max_conc"),
-             "reinhard": ("means", "stds"), "augment": ("stain_matrix",)}
+_FIT_KEYS = {
+    "macenko": ("stain_matrix", "max_conc"),
+    "vahadane": ("stain_matrix", "max_conc"),
+    "reinhard": ("means", "stds"),
+    "augment": ("stain_matrix",),
+}
 
 
 def _canonical_fit(family: str, fit: Any) -> dict:
@@ -118,8 +124,15 @@ class StainNormalizer:
     statistics of the *target* (fit) and of the *source* (context, else each tile).
     """
 
-    def __init__(self, method: str, preset: str | None = None, fit: Mapping | None = None,
-                 fit_path: str | None = None, context: bool = False, **options):
+    def __init__(
+        self,
+        method: str,
+        preset: str | None = None,
+        fit: Mapping | None = None,
+        fit_path: str | None = None,
+        context: bool = False,
+        **options,
+    ):
         self.method = check_method(method)
         self.family, self._bright, self._mask = METHODS[self.method]
         self.options = validate_options(self.method, options)
@@ -152,7 +165,7 @@ class StainNormalizer:
         """Copy of the target fit (JSON-able)."""
         return copy.deepcopy(self._fit)
 
-    def set_fit(self, fit: Mapping) -> "StainNormalizer":
+    def set_fit(self, fit: Mapping) -> StainNormalizer:
         """Use a fit dict (validated) as the target."""
         self._fit = _canonical_fit(self.family, fit)
         self._torch_cache = {}
@@ -163,7 +176,7 @@ class StainNormalizer:
         self._refresh_context()
         return self
 
-    def fit_preset(self, name: str) -> "StainNormalizer":
+    def fit_preset(self, name: str) -> StainNormalizer:
         """Fit to a shipped preset (see `available_presets()`)."""
         self.set_fit(preset_fit(name, self.method))
         self.preset = name
@@ -180,20 +193,20 @@ class StainNormalizer:
         if isinstance(doc, Mapping) and "fit" in doc:
             m = doc.get("method", self.method)
             if m != self.method:
-                raise ConfigError(f"normalizer 'fit_path'={str(path)!r} holds a fit for method {m!r}, "
-                                  f"not {self.method!r}")
+                raise ConfigError(f"normalizer 'fit_path'={str(path)!r} holds a fit for method {m!r}, not {self.method!r}")
             doc = doc["fit"]
         self.set_fit(doc)
         self.fit_path = str(path)
 
-    def fit(self, images) -> "StainNormalizer":
+    def fit(self, images) -> StainNormalizer:
         """Fit the target to one HxWx3 uint8 RGB image or a list of them (fits averaged).
 
         Raises ValueError if the image (or every image of the list) has too little tissue
         or no colour variation; degenerate members of a list are skipped with a warning.
         """
         single = isinstance(images, np.ndarray) or (
-            type(images).__module__.startswith("torch") and getattr(images, "ndim", 0) == 3)
+            type(images).__module__.startswith("torch") and getattr(images, "ndim", 0) == 3
+        )
         imgs = [images] if single else list(images)
         if not imgs:
             raise ValueError(f"cannot fit '{self.method}': empty list of images")
@@ -204,12 +217,17 @@ class StainNormalizer:
             except Degenerate as e:
                 skipped.append(f"#{i}: {e}")
         if not stats or (single and skipped):
-            raise ValueError(f"cannot fit stain normalizer '{self.method}' to this target: "
-                             f"{'; '.join(skipped)} (need at least {self._min_px()} tissue pixels "
-                             "and more than one colour)")
+            raise ValueError(
+                f"cannot fit stain normalizer '{self.method}' to this target: "
+                f"{'; '.join(skipped)} (need at least {self._min_px()} tissue pixels "
+                "and more than one colour)"
+            )
         if skipped:
-            warnings.warn(f"fit '{self.method}': skipped {len(skipped)} of {len(imgs)} images ({'; '.join(skipped)})",
-                          NormalizerWarning, stacklevel=2)
+            warnings.warn(
+                f"fit '{self.method}': skipped {len(skipped)} of {len(imgs)} images ({'; '.join(skipped)})",
+                NormalizerWarning,
+                stacklevel=2,
+            )
         self.set_fit(self._average_fit(stats))
         return self
 
@@ -218,8 +236,10 @@ class StainNormalizer:
 
     def _average_fit(self, stats: list[dict]) -> dict:
         if self.family == "reinhard":
-            return {"means": np.mean([s["mean"] for s in stats], 0).tolist(),
-                    "stds": np.mean([s["std"] for s in stats], 0).tolist()}
+            return {
+                "means": np.mean([s["mean"] for s in stats], 0).tolist(),
+                "stds": np.mean([s["std"] for s in stats], 0).tolist(),
+            }
         he = np.mean([s["he"] for s in stats], 0)
         he = he / np.linalg.norm(he, axis=0, keepdims=True)
         fit = {"stain_matrix": he.T.tolist()}
@@ -229,8 +249,7 @@ class StainNormalizer:
 
     def to_config(self) -> dict:
         """JSON-able dict (method, fit, options) that `build_normalizer` rebuilds exactly."""
-        cfg = {"method": self.method, "preset": self.preset, "fit": self.fit_params,
-               "context": self.use_context}
+        cfg = {"method": self.method, "preset": self.preset, "fit": self.fit_params, "context": self.use_context}
         cfg.update(copy.deepcopy(self.options))
         return cfg
 
@@ -289,7 +308,7 @@ class StainNormalizer:
             return None
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self._ctx["stats"].items()}
 
-    def set_context(self, image) -> "StainNormalizer":
+    def set_context(self, image) -> StainNormalizer:
         """Fit the *source* statistics once on a larger context (e.g. the slide thumbnail, HxWx3
         uint8 RGB) and use them for every tile until cleared with `set_context(None)`.
 
@@ -350,7 +369,9 @@ class StainNormalizer:
             warnings.warn(
                 f"stain normalizer '{self.method}': image passed through unchanged ({reasons[0]}); "
                 "further passthroughs are only counted in .stats until reset_stats()",
-                NormalizerWarning, stacklevel=3)
+                NormalizerWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ numpy transform
     def __call__(self, img: np.ndarray) -> np.ndarray:
@@ -451,8 +472,7 @@ class StainNormalizer:
         from histolight.norm import torch_ops as T
 
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a (B,3,H,W) tensor, got {type(x).__name__} "
-                             f"{tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(f"expected a (B,3,H,W) tensor, got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
         if x.dtype != torch.uint8 and not x.is_floating_point():
             raise ValueError(f"expected uint8 or float tensor, got {x.dtype}")
         bsz, _, h, w = x.shape
@@ -470,10 +490,10 @@ class StainNormalizer:
         outs, oks, reasons = [], [], []
         with torch.no_grad():
             for i in range(0, bsz, step):
-                xf = x[i:i + step].reshape(-1, 3, h * w).float()
+                xf = x[i : i + step].reshape(-1, 3, h * w).float()
                 if not integer:
                     xf = torch.clamp(xf, 0, 255)
-                out, ok, rs = self._batch(xf, integer, None if prm is None else prm[i:i + step], T)
+                out, ok, rs = self._batch(xf, integer, None if prm is None else prm[i : i + step], T)
                 if not bool(ok.all()):
                     out = torch.where(ok[:, None, None], out, xf)
                 outs.append(torch.round_(out).to(torch.uint8) if integer else out.to(x.dtype))
@@ -585,10 +605,16 @@ class StainNormalizer:
 def sample_augment_params(n: int, rng: np.random.Generator, options: Mapping) -> np.ndarray:
     """(n,7) float64 uniform draws: alpha_H, alpha_E in 1 +- stain_alpha; beta_H, beta_E in
     +- stain_beta (OD); hue shift in +- hue (fraction of circle); saturation/value scales in 1 +- s/v."""
-    lo = np.array([1 - options["stain_alpha"]] * 2 + [-options["stain_beta"]] * 2
-                  + [-options["hue"], 1 - options["saturation"], 1 - options["value"]])
-    hi = np.array([1 + options["stain_alpha"]] * 2 + [options["stain_beta"]] * 2
-                  + [options["hue"], 1 + options["saturation"], 1 + options["value"]])
+    lo = np.array(
+        [1 - options["stain_alpha"]] * 2
+        + [-options["stain_beta"]] * 2
+        + [-options["hue"], 1 - options["saturation"], 1 - options["value"]]
+    )
+    hi = np.array(
+        [1 + options["stain_alpha"]] * 2
+        + [options["stain_beta"]] * 2
+        + [options["hue"], 1 + options["saturation"], 1 + options["value"]]
+    )
     u = rng.random((n, 7))
     return lo + (hi - lo) * u
 
@@ -621,12 +647,12 @@ def build_normalizer(cfg) -> StainNormalizer | None:
     if method is None or method == "none":
         extra = [k for k in cfg if k not in COMMON_KEYS]
         if extra:
-            raise ConfigError(f"normalizer key '{extra[0]}'={cfg[extra[0]]!r} is not valid for method 'none': "
-                              f"allowed {list(COMMON_KEYS)}")
+            raise ConfigError(
+                f"normalizer key '{extra[0]}'={cfg[extra[0]]!r} is not valid for method 'none': allowed {list(COMMON_KEYS)}"
+            )
         return None
     check_method(method)
     return StainNormalizer(method, **cfg)
 
 
-__all__ = ["StainNormalizer", "build_normalizer", "available_methods", "NormalizerWarning",
-           "sample_augment_params"]
+__all__ = ["StainNormalizer", "build_normalizer", "available_methods", "NormalizerWarning", "sample_augment_params"]

@@ -9,6 +9,7 @@ Conventions shared with `torch_ops` (the two must agree within 1 grey level):
 - percentiles of float data: linear interpolation between order statistics.
 Statistics raise `Degenerate` when an image cannot be fitted (too little tissue, one colour).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,7 +91,7 @@ def _order_stats(x: np.ndarray, lo: int, count: int) -> np.ndarray:
             off = n - cand.size  # rank of cand's smallest element in x
             if lo >= off:
                 part = np.partition(cand, lo - off)
-                return np.sort(part[lo - off:])[:count]
+                return np.sort(part[lo - off :])[:count]
     part = np.partition(x, lo)
     rest = np.sort(np.partition(part[lo:], min(count - 1, n - lo - 1))[:count])
     return rest
@@ -302,8 +303,7 @@ def macenko_he(od: np.ndarray, m8: np.ndarray, n: int, alpha: float) -> np.ndarr
     return he_from_angles(basis, percentile_lin(phi, alpha), percentile_lin(phi, 100 - alpha))
 
 
-def macenko_stats_od(od: np.ndarray, m8: np.ndarray, alpha: float, min_px: int,
-                     maxc_tissue_only: bool = False):
+def macenko_stats_od(od: np.ndarray, m8: np.ndarray, alpha: float, min_px: int, maxc_tissue_only: bool = False):
     """(he 3x2, max_conc 2) float64 from an OD image and its uint8 tissue mask."""
     he = macenko_he(od, m8, count_tissue(m8, min_px), alpha)
     sel = m8.ravel().view(bool)
@@ -325,15 +325,14 @@ def macenko_map(src_he, src_mc, tgt_he, tgt_mc) -> np.ndarray:
 # linear function of f = cbrt-like(XYZ/white), so the Reinhard affine is folded into one 3x4 map
 # on f, and only the elementwise non-linearities remain.
 LAB_WHITE = np.array([0.950456, 1.0, 1.088754])
-RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                    [0.019334, 0.119193, 0.950227]])
-RGB2XYZN = RGB2XYZ / LAB_WHITE[:, None]          # linear RGB -> XYZ / white
+RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
+RGB2XYZN = RGB2XYZ / LAB_WHITE[:, None]  # linear RGB -> XYZ / white
 XYZN2RGB = np.linalg.inv(RGB2XYZN)
 F2LAB = np.array([[0.0, 116.0, 0.0, -16.0], [500.0, -500.0, 0.0, 0.0], [0.0, 200.0, -200.0, 0.0]])
 _LAB2F = np.linalg.inv(F2LAB[:, :3])
-LAB_T0 = 0.008856                                # f(t) = cbrt(t) above, 7.787 t + 16/116 below
-LAB_F0 = 7.787 * LAB_T0 + 16.0 / 116.0           # f value at the switch
-SRGB_T0 = 0.0031308                              # sRGB encode: 12.92 x below, 1.055 x^(1/2.4) - 0.055 above
+LAB_T0 = 0.008856  # f(t) = cbrt(t) above, 7.787 t + 16/116 below
+LAB_F0 = 7.787 * LAB_T0 + 16.0 / 116.0  # f value at the switch
+SRGB_T0 = 0.0031308  # sRGB encode: 12.92 x below, 1.055 x^(1/2.4) - 0.055 above
 
 
 def srgb_to_linear(v: np.ndarray) -> np.ndarray:
@@ -461,8 +460,7 @@ def _nnlasso2_general(b1, b2, g: np.ndarray, lam: float):
 DICT_RELAX = 1.9
 
 
-def dict_learn(y: np.ndarray, lam: float, n_iter: int, d0: np.ndarray = RUIFROK_HE,
-               finish: bool = True) -> np.ndarray:
+def dict_learn(y: np.ndarray, lam: float, n_iter: int, d0: np.ndarray = RUIFROK_HE, finish: bool = True) -> np.ndarray:
     """Sparse non-negative 2-atom dictionary (2x3 float64 rows H, E, unit length) of OD rows y (n,3).
 
     Alternates the closed-form non-negative lasso codes and one (over-relaxed) block-coordinate

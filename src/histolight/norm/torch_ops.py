@@ -3,6 +3,7 @@
 Mirrors `np_ops` (same conventions, see its docstring) so that both agree within 1 grey level.
 Small per-image statistics (covariances, stain matrices, percentiles) are float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,7 @@ def _order_stats(x: torch.Tensor, lo: int, count: int) -> torch.Tensor:
             if lo >= off:
                 top = torch.topk(cand, cand.numel() - (lo - off), largest=True, sorted=True).values
                 return top.flip(0)[:count]
-    return torch.sort(x).values[lo:lo + count]
+    return torch.sort(x).values[lo : lo + count]
 
 
 def percentile_1d(x: torch.Tensor, q: float) -> float:
@@ -103,8 +104,7 @@ def apply_brightness(integer: bool, xf: torch.Tensor, p) -> torch.Tensor:
     p: per-image percentile values (int list, or a float tensor for float input).
     """
     vals = p if isinstance(p, list) else p.tolist()
-    fac = torch.tensor([float(np.float32(255.0 / max(float(v), 1.0))) for v in vals], dtype=torch.float32,
-                       device=xf.device)
+    fac = torch.tensor([float(np.float32(255.0 / max(float(v), 1.0))) for v in vals], dtype=torch.float32, device=xf.device)
     return torch.clamp_(torch.round_(xf * fac.view(-1, 1, 1)), 0, 255)
 
 
@@ -158,8 +158,7 @@ def tissue_ok(mask: torch.Tensor, min_px: int):
     return n, ok, reasons
 
 
-def macenko_he(od: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, ok: torch.Tensor, reasons: list,
-               alpha: float):
+def macenko_he(od: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, ok: torch.Tensor, reasons: list, alpha: float):
     """(he (B,3,2) float64, ok) Macenko stain matrices; updates `reasons`, see np_ops.macenko_he."""
     bsz = od.shape[0]
     ok = ok.clone()
@@ -202,8 +201,7 @@ def max_conc(c1: torch.Tensor, c2: torch.Tensor, mask, ok: torch.Tensor, reasons
     return mc, ok & ~bad
 
 
-def macenko_stats(od: torch.Tensor, mask: torch.Tensor, alpha: float, min_px: int,
-                  maxc_tissue_only: bool = False):
+def macenko_stats(od: torch.Tensor, mask: torch.Tensor, alpha: float, min_px: int, maxc_tissue_only: bool = False):
     """Per image (he (B,3,2) f64, max_conc (B,2) f64, ok (B,) bool, reasons list)."""
     n, ok, reasons = tissue_ok(mask, min_px)
     he, ok = macenko_he(od, mask, n, ok, reasons, alpha)
@@ -358,7 +356,7 @@ def dict_learn(y: torch.Tensor, w: torch.Tensor, lam: float, n_iter: int, d0: to
         for j in range(2):
             ajj = ata[:, j, j]
             upd = active & (ajj > 1e-12)
-            dta = (d * ata[:, :, j:j + 1]).sum(1)  # (B,3) = D^T ata[:, j]
+            dta = (d * ata[:, :, j : j + 1]).sum(1)  # (B,3) = D^T ata[:, j]
             u = d[:, j] + np_ops.DICT_RELAX * (yta[:, :, j] - dta) / torch.where(upd, ajj, torch.ones_like(ajj))[:, None]
             u = torch.clamp(u, min=0.0)
             u = u / torch.clamp(torch.sqrt((u * u).sum(1, keepdim=True)), min=1.0)
@@ -388,9 +386,14 @@ def vahadane_dictionary(od: torch.Tensor, mask: torch.Tensor, opts: dict):
         y[b, : idx.numel()] = od[b][:, idx].T.double()
         w[b, : idx.numel()] = 1.0
     if od.device.type == "cpu":  # tiny per-image problems: NumPy has far less per-op overhead on CPU
-        d_np = np.stack([np_ops.dict_learn(y[b, w[b] > 0].numpy(), opts["lambda_fit"], opts["n_iter"],
-                                           d0[b].numpy(), finish=False) if bool(ok[b]) else d0[b].numpy()
-                         for b in range(bsz)])
+        d_np = np.stack(
+            [
+                np_ops.dict_learn(y[b, w[b] > 0].numpy(), opts["lambda_fit"], opts["n_iter"], d0[b].numpy(), finish=False)
+                if bool(ok[b])
+                else d0[b].numpy()
+                for b in range(bsz)
+            ]
+        )
     else:
         d_np = dict_learn(y, w, opts["lambda_fit"], opts["n_iter"], d0).cpu().numpy()
     dn = torch.zeros(d_np.shape, dtype=torch.float64)

@@ -3,6 +3,7 @@
 Images are HxWx3 RGB, uint8 (returned uint8) or float32 in [0, 1] (returned float32 in [0, 1],
 quantized to 1/255 steps).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -59,15 +60,31 @@ class StainAugment(A.ImageOnlyTransform):
     Randomness comes from albumentations' generator (so `A.Compose(..., seed=...)` applies).
     """
 
-    def __init__(self, stain_alpha: float = 0.1, stain_beta: float = 0.05, hue: float = 0.02,
-                 saturation: float = 0.1, value: float = 0.1, preset: str | None = None,
-                 fit: Mapping | None = None, p: float = 0.5):
+    def __init__(
+        self,
+        stain_alpha: float = 0.1,
+        stain_beta: float = 0.05,
+        hue: float = 0.02,
+        saturation: float = 0.1,
+        value: float = 0.1,
+        preset: str | None = None,
+        fit: Mapping | None = None,
+        p: float = 0.5,
+    ):
         super().__init__(p=p)
         self.stain_alpha, self.stain_beta = stain_alpha, stain_beta
         self.hue, self.saturation, self.value = hue, saturation, value
         self.preset, self.fit = preset, fit
-        self.normalizer = StainNormalizer("augment", preset=preset, fit=fit, stain_alpha=stain_alpha,
-                                          stain_beta=stain_beta, hue=hue, saturation=saturation, value=value)
+        self.normalizer = StainNormalizer(
+            "augment",
+            preset=preset,
+            fit=fit,
+            stain_alpha=stain_alpha,
+            stain_beta=stain_beta,
+            hue=hue,
+            saturation=saturation,
+            value=value,
+        )
 
     def get_params(self) -> dict[str, Any]:
         return {"aug": sample_augment_params(1, self.random_generator, self.normalizer.options)[0]}

@@ -4,14 +4,28 @@ Built-in: :class:`Otsu` (tissue; background masked), :class:`GaussianV2` (blur).
 config with :func:`build_qc` (``["otsu", "blur"]``, ``{"name": "segment", ...}``); add methods
 with :func:`register_qc`.
 """
+
 from histolight.qc.base import QCMask, QCMethod, combine
 from histolight.qc.blur import Blur, GaussianV2, blur_burden, blur_mask_image
 from histolight.qc.otsu import Otsu, otsu_tissue
 from histolight.qc.registry import QC_REGISTRY, build_qc, qc_names, qc_role, register_qc, validate_qc_spec
-from histolight.qc.segment import Segment  # noqa: E402 - trained segmentation model as QC (torch loads lazily)
+from histolight.qc.segment import Segment
 
 __all__ = [
-    "QCMask", "QCMethod", "combine",
-    "Otsu", "otsu_tissue", "GaussianV2", "Blur", "blur_burden", "blur_mask_image",
-    "QC_REGISTRY", "build_qc", "register_qc", "qc_names", "qc_role", "validate_qc_spec", "Segment",
+    "QCMask",
+    "QCMethod",
+    "combine",
+    "Otsu",
+    "otsu_tissue",
+    "GaussianV2",
+    "Blur",
+    "blur_burden",
+    "blur_mask_image",
+    "QC_REGISTRY",
+    "build_qc",
+    "register_qc",
+    "qc_names",
+    "qc_role",
+    "validate_qc_spec",
+    "Segment",
 ]

@@ -5,10 +5,12 @@ um/px (shape ``(round(H0 * mpp0 / mpp), round(W0 * mpp0 / mpp))``) and is ``True
 must be **dropped** (background, blur, pen, or whatever the method rejects). Methods combine with
 :func:`combine` (logical OR after resizing to the finest mpp).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import cv2
 import numpy as np

@@ -10,6 +10,7 @@ The slide is processed in overlapping blocks (``block_px`` output px plus a marg
 whatever the slide size; the stitched result equals the one-shot computation up to resampling
 at block seams. Units follow ``slide.mpp``, so an mpp override is honoured.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,15 @@ class GaussianV2:
     name = "blur"
     role = "blur"
 
-    def __init__(self, mpp: float | None = None, sigma: float = 3, threshold: float = 0.02, *,
-                 tile_mpp: float | None = None, block_px: int = 1024):
+    def __init__(
+        self,
+        mpp: float | None = None,
+        sigma: float = 3,
+        threshold: float = 0.02,
+        *,
+        tile_mpp: float | None = None,
+        block_px: int = 1024,
+    ):
         for key, v in (("mpp", mpp), ("tile_mpp", tile_mpp)):
             if v is not None and not (isinstance(v, (int, float)) and v > 0):
                 raise ValueError(f"blur {key} must be a positive number of um/px, got {v!r}")
@@ -86,7 +94,9 @@ class GaussianV2:
         mpp = self.working_mpp(slide)
         ds = mpp / slide.mpp  # base px per working px
         if ds < 1:
-            log.warning("%s: blur QC at %.3g um/px is finer than the slide (%.3g um/px); using level 0", slide.name, mpp, slide.mpp)
+            log.warning(
+                "%s: blur QC at %.3g um/px is finer than the slide (%.3g um/px); using level 0", slide.name, mpp, slide.mpp
+            )
             ds, mpp = 1.0, slide.mpp
         out_w, out_h = slide.size_at_downsample(ds)
         sx, sy = slide.dimensions[0] / out_w, slide.dimensions[1] / out_h  # base px per mask px, per axis
@@ -100,7 +110,7 @@ class GaussianV2:
                 img = slide.read((x0 * sx, y0 * sy), ((x1 - x0) * sx, (y1 - y0) * sy), mpp, out_size=(x1 - x0, y1 - y0))
                 m = blur_mask_image(img, self.sigma, self.threshold)
                 ex, ey = min(out_w, bx + B), min(out_h, by + B)
-                mask[by:ey, bx:ex] = m[by - y0: ey - y0, bx - x0: ex - x0]
+                mask[by:ey, bx:ex] = m[by - y0 : ey - y0, bx - x0 : ex - x0]
         return QCMask(mask, slide.mpp * ds, self.name)
 
 

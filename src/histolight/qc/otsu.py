@@ -5,6 +5,7 @@ that level is larger than ``max_px`` on its long side), converted to HSV, the sa
 is median-blurred (kernel 7) and thresholded with Otsu's method. Pixels at or below the threshold
 (unsaturated: glass, white background) are masked (``True`` = drop).
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,7 +58,7 @@ def read_lowres(slide, downsample: float) -> np.ndarray:
     w, h = slide.size_at_downsample(downsample)
     out = np.empty((h, w, 3), np.uint8)
     for y0, strip in slide.iter_strips(downsample=downsample, strip_px=1024):
-        out[y0: y0 + strip.shape[0]] = strip
+        out[y0 : y0 + strip.shape[0]] = strip
     return out
 
 
@@ -77,8 +78,9 @@ class Otsu:
     name = "otsu"
     role = "tissue"
 
-    def __init__(self, mpp: float | None = None, level: int | None = None, max_px: int = 4096, median: int = 7,
-                 min_threshold: int = 0):
+    def __init__(
+        self, mpp: float | None = None, level: int | None = None, max_px: int = 4096, median: int = 7, min_threshold: int = 0
+    ):
         if mpp is not None and not float(mpp) > 0:
             raise ValueError(f"otsu mpp must be a positive number of um/px, got {mpp!r}")
         if not 0 <= int(min_threshold) <= 255:
@@ -96,7 +98,9 @@ class Otsu:
         ds = lowres_downsample(slide, self.mpp, self.level, self.max_px)
         img = read_lowres(slide, ds)
         tissue, thr = otsu_tissue(img, self.median, self.min_threshold)
-        log.debug("%s: Otsu saturation threshold %d at downsample %.3g (%dx%d px)", slide.name, thr, ds, img.shape[1], img.shape[0])
+        log.debug(
+            "%s: Otsu saturation threshold %d at downsample %.3g (%dx%d px)", slide.name, thr, ds, img.shape[1], img.shape[0]
+        )
         m = QCMask(~tissue, slide.mpp * ds, self.name)
         m.threshold = thr  # type: ignore[attr-defined]
         return m

@@ -7,12 +7,14 @@ tile um/px (the blur QC uses it for its default working mpp).
 >>> build_qc(["otsu", {"name": "blur", "sigma": 2}], tile_mpp=0.5)
 [Otsu(...), GaussianV2(...)]
 """
+
 from __future__ import annotations
 
 import difflib
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from histolight.errors import ConfigError
 
@@ -35,9 +37,11 @@ def register_qc(name: str, factory: Callable | str | None = None):
     Usable as a decorator: ``@register_qc("segment")``.
     """
     if factory is None:
+
         def deco(f):
             QC_REGISTRY[name] = f
             return f
+
         return deco
     QC_REGISTRY[name] = factory
     return factory
@@ -67,8 +71,10 @@ def _accepts(f: Callable, kw: str) -> bool:
 def _unknown(name: Any, key: str) -> ConfigError:
     close = difflib.get_close_matches(str(name), qc_names(), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{key}={name!r} is not a known QC method.{hint} Allowed: {qc_names()} "
-                       "(or a dict {name: <method>, ...options}, or a list of these)")
+    return ConfigError(
+        f"{key}={name!r} is not a known QC method.{hint} Allowed: {qc_names()} "
+        "(or a dict {name: <method>, ...options}, or a list of these)"
+    )
 
 
 def validate_qc_spec(spec: Any, key: str = "qc") -> list:

@@ -14,6 +14,7 @@ What is dropped (``threshold_direction='less'``, the default: keep what the mode
 trained on artifacts such as pen marks). Predictions are cached per slide, so calling the QC and
 then :meth:`Segment.generate_rois` on the same slide runs the model once.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,13 @@ class Segment:
 
     name = "segment"
 
-    def __init__(self, model_path: str | os.PathLike, class_idx: int | None = None, threshold_direction: str = "less",
-                 device: str | None = None):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        class_idx: int | None = None,
+        threshold_direction: str = "less",
+        device: str | None = None,
+    ):
         if threshold_direction not in ("less", "greater"):
             raise ValueError(f"threshold_direction={threshold_direction!r} is invalid: must be 'less' or 'greater'")
         self.model_path = str(model_path)
@@ -57,8 +63,10 @@ class Segment:
             hi = cfg.n_out - 1
             lo = 1 if cfg.mode == "multiclass" else 0
             if not (isinstance(class_idx, int) and lo <= class_idx <= hi):
-                raise ValueError(f"class_idx={class_idx!r} is invalid for this {cfg.mode} model: allowed {lo}..{hi} "
-                                 f"({', '.join(f'{i}={n}' for i, n in enumerate(cfg.class_names) if i >= lo)})")
+                raise ValueError(
+                    f"class_idx={class_idx!r} is invalid for this {cfg.mode} model: allowed {lo}..{hi} "
+                    f"({', '.join(f'{i}={n}' for i, n in enumerate(cfg.class_names) if i >= lo)})"
+                )
 
     # ------------------------------------------------------------------ model
     @property
@@ -115,13 +123,26 @@ class Segment:
         drop = ~keep if self.threshold_direction == "less" else keep
         return QCMask(drop, self.config.mpp, self.name)
 
-    def generate_rois(self, slide, apply: bool = True, min_area_mm2: float = 0.01, min_hole_mm2: float | None = None,
-                      simplify_tolerance: float | None = None):
+    def generate_rois(
+        self,
+        slide,
+        apply: bool = True,
+        min_area_mm2: float = 0.01,
+        min_hole_mm2: float | None = None,
+        simplify_tolerance: float | None = None,
+    ):
         """Labelled ROIs (base px) of ``slide`` from the model's prediction; attached as ``slide.rois`` unless ``apply=False``.
 
         See :func:`histolight.segment.rois.generate_rois` for the parameters.
         """
         from histolight.segment.rois import generate_rois
 
-        return generate_rois(slide, self.model, apply=apply, min_area_mm2=min_area_mm2, min_hole_mm2=min_hole_mm2,
-                             simplify_tolerance=simplify_tolerance, labels_pred=self.predict_labels(slide))
+        return generate_rois(
+            slide,
+            self.model,
+            apply=apply,
+            min_area_mm2=min_area_mm2,
+            min_hole_mm2=min_hole_mm2,
+            simplify_tolerance=simplify_tolerance,
+            labels_pred=self.predict_labels(slide),
+        )

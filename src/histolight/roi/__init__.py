@@ -1,4 +1,5 @@
 """ROIs: labelled polygons in base px, read/written as Slideflow CSV and QuPath GeoJSON."""
+
 from histolight.roi.core import (
     ROI,
     ROI_EXTENSIONS,
@@ -17,6 +18,18 @@ from histolight.roi.core import (
 )
 
 __all__ = [
-    "ROI", "ROI_EXTENSIONS", "clean_geometry", "clip_to_slide", "nest_holes", "rasterize_rois", "read_csv_rois",
-    "read_geojson_rois", "read_rois", "rois_to_csv", "rois_to_geojson", "write_csv_rois", "write_geojson_rois", "write_rois",
+    "ROI",
+    "ROI_EXTENSIONS",
+    "clean_geometry",
+    "clip_to_slide",
+    "nest_holes",
+    "rasterize_rois",
+    "read_csv_rois",
+    "read_geojson_rois",
+    "read_rois",
+    "rois_to_csv",
+    "rois_to_geojson",
+    "write_csv_rois",
+    "write_geojson_rois",
+    "write_rois",
 ]

@@ -4,6 +4,7 @@ Read and write Slideflow CSV (``roi_name,x_base,y_base[,label]``, one vertex per
 GeoJSON (Feature / FeatureCollection / list of features; Polygon and MultiPolygon with holes;
 label from ``properties.classification.name``, name from ``properties.name``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -12,9 +13,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import shapely
@@ -62,7 +63,7 @@ class ROI:
     def n_holes(self) -> int:
         return sum(len(p.interiors) for p in self.polygons)
 
-    def scaled(self, factor: float) -> "ROI":
+    def scaled(self, factor: float) -> ROI:
         """Copy with coordinates multiplied by ``factor`` (e.g. base px -> thumbnail px)."""
         g = shapely.affinity.scale(self.geometry, factor, factor, origin=(0, 0))
         return ROI(self.name, g, self.label, self.description, dict(self.properties))
@@ -163,12 +164,30 @@ def clip_to_slide(rois: Sequence[ROI], dims: tuple[int, int], source: str = "") 
         inter = _polygonal(r.geometry.intersection(box))
         xmin, ymin, xmax, ymax = r.geometry.bounds
         if inter is None or inter.area <= 0:
-            log.warning("%sROI '%s' lies entirely outside the slide (%dx%d px; ROI bounds %.0f,%.0f-%.0f,%.0f): ignored. "
-                        "Are the coordinates in level-0 pixels of this slide?", f"{source}: " if source else "", r.name,
-                        dims[0], dims[1], xmin, ymin, xmax, ymax)
+            log.warning(
+                "%sROI '%s' lies entirely outside the slide (%dx%d px; ROI bounds %.0f,%.0f-%.0f,%.0f): ignored. "
+                "Are the coordinates in level-0 pixels of this slide?",
+                f"{source}: " if source else "",
+                r.name,
+                dims[0],
+                dims[1],
+                xmin,
+                ymin,
+                xmax,
+                ymax,
+            )
             continue
-        log.warning("%sROI '%s' extends outside the slide (%dx%d px; ROI bounds %.0f,%.0f-%.0f,%.0f): clipped.",
-                    f"{source}: " if source else "", r.name, dims[0], dims[1], xmin, ymin, xmax, ymax)
+        log.warning(
+            "%sROI '%s' extends outside the slide (%dx%d px; ROI bounds %.0f,%.0f-%.0f,%.0f): clipped.",
+            f"{source}: " if source else "",
+            r.name,
+            dims[0],
+            dims[1],
+            xmin,
+            ymin,
+            xmax,
+            ymax,
+        )
         out.append(ROI(r.name, inter, r.label, r.description, r.properties))
     return out
 
@@ -189,8 +208,10 @@ def read_csv_rois(path: str | os.PathLike, nest: bool = True) -> list[ROI]:
     header = [h.strip().lower() for h in next(reader)]
     missing = [c for c in ("roi_name", "x_base", "y_base") if c not in header]
     if missing:
-        raise ROIError(f"{path}: missing required column(s) {missing}; found columns {header}. "
-                       "A Slideflow ROI CSV needs 'roi_name,x_base,y_base' and optionally 'label'.")
+        raise ROIError(
+            f"{path}: missing required column(s) {missing}; found columns {header}. "
+            "A Slideflow ROI CSV needs 'roi_name,x_base,y_base' and optionally 'label'."
+        )
     ci = {c: header.index(c) for c in header}
     rings: dict[str, list[tuple[float, float]]] = {}
     labels: dict[str, str | None] = {}
@@ -350,7 +371,15 @@ def rois_to_geojson(rois: Sequence[ROI]) -> dict:
             props["classification"] = {"name": r.label, "color": _color(r.label)}
         if r.description:
             props["description"] = r.description
-        feats.append({"type": "Feature", "geometry": mapping(shapely.geometry.polygon.orient(r.geometry) if isinstance(r.geometry, Polygon) else r.geometry), "properties": props})
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": mapping(
+                    shapely.geometry.polygon.orient(r.geometry) if isinstance(r.geometry, Polygon) else r.geometry
+                ),
+                "properties": props,
+            }
+        )
     return {"type": "FeatureCollection", "features": feats}
 
 

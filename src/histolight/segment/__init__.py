@@ -13,6 +13,7 @@
 
 Heavy imports (torch, lightning, smp) happen when a name is first used.
 """
+
 from __future__ import annotations
 
 import importlib

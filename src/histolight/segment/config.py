@@ -14,15 +14,17 @@ Modes and output channels:
   channels, channel 0 = background.
 - ``multilabel``: ``N`` possibly overlapping labels; ``N`` channels, each independent.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from histolight.config.schema import check, check_labels, is_pos_int, is_pos_num, to_dict
 from histolight.errors import ConfigError
@@ -33,16 +35,23 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "onecycle", "plateau")
 INPUT_NORMS = ("auto", "dataset", "imagenet", "none")
 AUGMENT_KEYS = {
-    "flip": bool,          # horizontal + vertical flips
-    "rotate90": bool,      # random multiples of 90 degrees
+    "flip": bool,  # horizontal + vertical flips
+    "rotate90": bool,  # random multiples of 90 degrees
     "brightness_contrast": float,  # +- limit of albumentations RandomBrightnessContrast (0 = off)
-    "hue_saturation": float,       # strength of HueSaturationValue (0 = off)
-    "stain": float,        # H&E optical-density jitter: scale 1 +- stain, shift +- stain / 2 (0 = off)
-    "scale": float,        # random zoom in 1 +- scale (0 = off)
-    "blur": float,         # probability of a light Gaussian blur (0 = off)
+    "hue_saturation": float,  # strength of HueSaturationValue (0 = off)
+    "stain": float,  # H&E optical-density jitter: scale 1 +- stain, shift +- stain / 2 (0 = off)
+    "scale": float,  # random zoom in 1 +- scale (0 = off)
+    "blur": float,  # probability of a light Gaussian blur (0 = off)
 }
-DEFAULT_AUGMENT = {"flip": True, "rotate90": True, "brightness_contrast": 0.1, "hue_saturation": 0.05,
-                   "stain": 0.1, "scale": 0.0, "blur": 0.0}
+DEFAULT_AUGMENT = {
+    "flip": True,
+    "rotate90": True,
+    "brightness_contrast": 0.1,
+    "hue_saturation": 0.05,
+    "stain": 0.1,
+    "scale": 0.0,
+    "blur": 0.0,
+}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,7 +72,9 @@ def parse_loss(loss: Any) -> dict[str, float]:
                 try:
                     w = float(ws)
                 except ValueError:
-                    raise ValueError(f"loss={loss!r} is invalid: cannot read the weight {ws!r} (write e.g. '0.5*dice+ce')") from None
+                    raise ValueError(
+                        f"loss={loss!r} is invalid: cannot read the weight {ws!r} (write e.g. '0.5*dice+ce')"
+                    ) from None
             out[it.lower()] = out.get(it.lower(), 0.0) + w
         return out
     if isinstance(loss, (list, tuple)):
@@ -130,29 +141,60 @@ class SegmentConfig:
         if self.mode == "binary":
             self.labels = check_labels("labels", self.labels)
         else:
-            check(self.labels is not None, "labels", self.labels,
-                  f"mode '{self.mode}' needs a list of ROI labels, e.g. [tumor, stroma]")
+            check(
+                self.labels is not None,
+                "labels",
+                self.labels,
+                f"mode '{self.mode}' needs a list of ROI labels, e.g. [tumor, stroma]",
+            )
             self.labels = check_labels("labels", self.labels)
         check(is_pos_num(self.mpp), "mpp", self.mpp, "must be a positive number of microns per pixel (e.g. 20 for real slides)")
         self.mpp = float(self.mpp)
-        check(is_pos_int(self.size) and self.size % 32 == 0 and self.size >= 32, "size", self.size,
-              "must be a positive multiple of 32 px (crop and tile side at mpp)")
+        check(
+            is_pos_int(self.size) and self.size % 32 == 0 and self.size >= 32,
+            "size",
+            self.size,
+            "must be a positive multiple of 32 px (crop and tile side at mpp)",
+        )
         check(is_pos_int(self.crops_per_epoch), "crops_per_epoch", self.crops_per_epoch, "must be a positive integer")
         check(is_pos_int(self.batch_size), "batch_size", self.batch_size, "must be a positive integer")
-        check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", self.num_workers, "must be an integer >= 0")
-        check(isinstance(self.fg_crop_prob, (int, float)) and 0 <= self.fg_crop_prob <= 1, "fg_crop_prob", self.fg_crop_prob,
-              "must be a probability in [0, 1]")
-        check(isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1, "val_fraction", self.val_fraction,
-              "must be in [0, 1)")
+        check(
+            isinstance(self.num_workers, int) and self.num_workers >= 0,
+            "num_workers",
+            self.num_workers,
+            "must be an integer >= 0",
+        )
+        check(
+            isinstance(self.fg_crop_prob, (int, float)) and 0 <= self.fg_crop_prob <= 1,
+            "fg_crop_prob",
+            self.fg_crop_prob,
+            "must be a probability in [0, 1]",
+        )
+        check(
+            isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1,
+            "val_fraction",
+            self.val_fraction,
+            "must be in [0, 1)",
+        )
         self._check_augmentation()
         self._check_network()
         check(is_pos_num(self.lr) and self.lr < 10, "lr", self.lr, "must be a positive learning rate (e.g. 1e-3)")
-        check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(
+            isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+            "weight_decay",
+            self.weight_decay,
+            "must be >= 0",
+        )
         check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {list(OPTIMIZERS)}")
         check(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"must be one of {list(SCHEDULERS)}")
         check(isinstance(self.scheduler_kwargs, Mapping), "scheduler_kwargs", self.scheduler_kwargs, "must be a mapping")
         self.scheduler_kwargs = dict(self.scheduler_kwargs)
-        check(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be an integer >= 0")
+        check(
+            isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0,
+            "warmup_epochs",
+            self.warmup_epochs,
+            "must be an integer >= 0",
+        )
         terms = parse_loss(self.loss)
         check(bool(terms), "loss", self.loss, f"name at least one of {list(LOSSES)}")
         for name, w in terms.items():
@@ -161,33 +203,64 @@ class SegmentConfig:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 check(False, "loss", self.loss, f"unknown loss '{name}'{hint}; allowed {list(LOSSES)} and sums like 'ce+dice'")
             check(w > 0, "loss", self.loss, "term weights must be positive")
-        check(not ("bce" in terms and self.mode == "multiclass"), "loss", self.loss,
-              "'bce' is for binary/multilabel modes; use 'ce' for multiclass")
-        check(isinstance(self.focal_gamma, (int, float)) and self.focal_gamma >= 0, "focal_gamma", self.focal_gamma, "must be >= 0")
-        check(isinstance(self.edge_weight, (int, float)) and self.edge_weight >= 0, "edge_weight", self.edge_weight,
-              "must be >= 0 (extra weight of pixels at mask edges; 0 = off)")
+        check(
+            not ("bce" in terms and self.mode == "multiclass"),
+            "loss",
+            self.loss,
+            "'bce' is for binary/multilabel modes; use 'ce' for multiclass",
+        )
+        check(
+            isinstance(self.focal_gamma, (int, float)) and self.focal_gamma >= 0, "focal_gamma", self.focal_gamma, "must be >= 0"
+        )
+        check(
+            isinstance(self.edge_weight, (int, float)) and self.edge_weight >= 0,
+            "edge_weight",
+            self.edge_weight,
+            "must be >= 0 (extra weight of pixels at mask edges; 0 = off)",
+        )
         check(is_pos_num(self.edge_sigma), "edge_sigma", self.edge_sigma, "must be a positive distance in px at mpp")
         if self.class_weights is not None:
             n = self.n_classes
-            check(isinstance(self.class_weights, (list, tuple)) and len(self.class_weights) == n
-                  and all(is_pos_num(w) for w in self.class_weights), "class_weights", self.class_weights,
-                  f"must be null or {n} positive numbers ({', '.join(self.class_names)})")
+            check(
+                isinstance(self.class_weights, (list, tuple))
+                and len(self.class_weights) == n
+                and all(is_pos_num(w) for w in self.class_weights),
+                "class_weights",
+                self.class_weights,
+                f"must be null or {n} positive numbers ({', '.join(self.class_names)})",
+            )
             self.class_weights = [float(w) for w in self.class_weights]
-        check(isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1, "threshold", self.threshold, "must be in (0, 1)")
-        check(isinstance(self.overlap, (int, float)) and 0 <= self.overlap < 0.5, "overlap", self.overlap,
-              "must be a fraction of the tile in [0, 0.5)")
+        check(
+            isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1, "threshold", self.threshold, "must be in (0, 1)"
+        )
+        check(
+            isinstance(self.overlap, (int, float)) and 0 <= self.overlap < 0.5,
+            "overlap",
+            self.overlap,
+            "must be a fraction of the tile in [0, 0.5)",
+        )
         check(is_pos_int(self.infer_batch_size), "infer_batch_size", self.infer_batch_size, "must be a positive integer")
-        check(self.infer_tile_px is None or (is_pos_int(self.infer_tile_px) and self.infer_tile_px % 32 == 0), "infer_tile_px",
-              self.infer_tile_px, "must be null (= size) or a positive multiple of 32 px")
+        check(
+            self.infer_tile_px is None or (is_pos_int(self.infer_tile_px) and self.infer_tile_px % 32 == 0),
+            "infer_tile_px",
+            self.infer_tile_px,
+            "must be null (= size) or a positive multiple of 32 px",
+        )
         check(is_pos_int(self.epochs), "epochs", self.epochs, "must be a positive integer")
         for key in ("input_mean", "input_std"):
             v = getattr(self, key)
-            check(v is None or (isinstance(v, (list, tuple)) and len(v) == 3 and all(is_pos_num(x) or x == 0 for x in v)),
-                  key, v, "must be null or 3 numbers (RGB, in [0, 1] units)")
+            check(
+                v is None or (isinstance(v, (list, tuple)) and len(v) == 3 and all(is_pos_num(x) or x == 0 for x in v)),
+                key,
+                v,
+                "must be null or 3 numbers (RGB, in [0, 1] units)",
+            )
             if v is not None:
                 setattr(self, key, [float(x) for x in v])
         if self.normalizer is not None:
-            check(isinstance(self.normalizer, Mapping), "normalizer", self.normalizer, "must be null or a normalizer config mapping")
+            check(
+                isinstance(self.normalizer, Mapping), "normalizer", self.normalizer, "must be null or a normalizer config mapping"
+            )
             self.normalizer = dict(self.normalizer)
             if self.normalizer.get("method") in (None, "none"):
                 self.normalizer = None
@@ -207,8 +280,12 @@ class SegmentConfig:
             if AUGMENT_KEYS[k] is bool:
                 check(isinstance(v, bool), f"augmentation.{k}", v, "must be true or false")
             else:
-                check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, f"augmentation.{k}", v,
-                      "must be a number in [0, 1] (0 = off)")
+                check(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                    f"augmentation.{k}",
+                    v,
+                    "must be a number in [0, 1] (0 = off)",
+                )
                 v = float(v)
             out[k] = v
         self.augmentation = out
@@ -217,8 +294,12 @@ class SegmentConfig:
         import segmentation_models_pytorch as smp
 
         archs = {a.__name__.lower(): a.__name__ for a in smp._MODEL_ARCHITECTURES}
-        check(isinstance(self.arch, str) and self.arch.lower() in archs, "arch", self.arch,
-              f"must be a segmentation_models_pytorch architecture: {sorted(archs.values())}")
+        check(
+            isinstance(self.arch, str) and self.arch.lower() in archs,
+            "arch",
+            self.arch,
+            f"must be a segmentation_models_pytorch architecture: {sorted(archs.values())}",
+        )
         self.arch = archs[self.arch.lower()]
         name = self.encoder_name
         ok = isinstance(name, str) and (name in smp.encoders.encoders or name.startswith("tu-"))
@@ -230,8 +311,12 @@ class SegmentConfig:
             close = difflib.get_close_matches(str(name), list(smp.encoders.encoders), n=3)
             check(False, "encoder_name", name, f"unknown encoder (close: {close}); use an smp encoder name or 'tu-<timm model>'")
         w = self.encoder_weights
-        check(w is None or isinstance(w, str), "encoder_weights", w,
-              "must be null (random init), a local weights file (.pth/.pt/.safetensors), or an smp weights name (needs internet)")
+        check(
+            w is None or isinstance(w, str),
+            "encoder_weights",
+            w,
+            "must be null (random init), a local weights file (.pth/.pt/.safetensors), or an smp weights name (needs internet)",
+        )
         if isinstance(w, str):
             looks_path = os.sep in w or w.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt"))
             if looks_path:
@@ -239,15 +324,23 @@ class SegmentConfig:
             elif not name.startswith("tu-"):
                 known = list(smp.encoders.encoders[name]["pretrained_settings"])
                 check(w in known, "encoder_weights", w, f"not a local file nor a known weights name for {name}: {known}")
-        check(isinstance(self.model_kwargs, Mapping), "model_kwargs", self.model_kwargs,
-              "must be a mapping of extra smp model arguments (e.g. {decoder_channels: [128, 64, 32, 16, 16]})")
+        check(
+            isinstance(self.model_kwargs, Mapping),
+            "model_kwargs",
+            self.model_kwargs,
+            "must be a mapping of extra smp model arguments (e.g. {decoder_channels: [128, 64, 32, 16, 16]})",
+        )
         self.model_kwargs = dict(self.model_kwargs)
         for bad in ("encoder_name", "encoder_weights", "classes", "in_channels", "activation"):
-            check(bad not in self.model_kwargs, f"model_kwargs.{bad}", self.model_kwargs.get(bad),
-                  "is set by histolight; use the dedicated key")
+            check(
+                bad not in self.model_kwargs,
+                f"model_kwargs.{bad}",
+                self.model_kwargs.get(bad),
+                "is set by histolight; use the dedicated key",
+            )
         depth = self.model_kwargs.get("encoder_depth", 5)
         check(is_pos_int(depth), "model_kwargs.encoder_depth", depth, "must be a positive integer")
-        check(self.size % (2 ** depth) == 0, "size", self.size, f"must be a multiple of 2**encoder_depth = {2 ** depth}")
+        check(self.size % (2**depth) == 0, "size", self.size, f"must be a multiple of 2**encoder_depth = {2**depth}")
         check(self.input_norm in INPUT_NORMS, "input_norm", self.input_norm, f"must be one of {list(INPUT_NORMS)}")
 
     # ------------------------------------------------------------------ derived
@@ -304,7 +397,7 @@ class SegmentConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "SegmentConfig":
+    def from_dict(cls, d: Mapping) -> SegmentConfig:
         """Build from a dict (e.g. ``segment_config.json``); keys that are not fields are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dict(d).items() if k in names})
@@ -315,20 +408,53 @@ class SegmentConfig:
         atomic_write_json(path, {**self.to_dict(), **extra})
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "SegmentConfig":
+    def from_json(cls, path: str | os.PathLike) -> SegmentConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def describe(self) -> str:
-        return (f"{self.mode} segmentation of {self.class_names} at {self.mpp:g} um/px, {self.arch}/{self.encoder_name}, "
-                f"crops {self.size} px")
+        return (
+            f"{self.mode} segmentation of {self.class_names} at {self.mpp:g} um/px, {self.arch}/{self.encoder_name}, "
+            f"crops {self.size} px"
+        )
 
 
 _FIELDS = [f.name for f in dataclasses.fields(SegmentConfig)]
-DATA_FIELDS = ("mode", "labels", "mpp", "size", "crops_per_epoch", "batch_size", "num_workers", "fg_crop_prob",
-               "augmentation", "train_split", "val_split", "val_fraction")
-MODEL_FIELDS = ("arch", "encoder_name", "encoder_weights", "model_kwargs", "input_norm", "lr", "weight_decay", "optimizer",
-                "scheduler", "scheduler_kwargs", "warmup_epochs", "loss", "focal_gamma", "edge_weight", "edge_sigma",
-                "class_weights", "threshold", "overlap", "infer_batch_size", "infer_tile_px")
+DATA_FIELDS = (
+    "mode",
+    "labels",
+    "mpp",
+    "size",
+    "crops_per_epoch",
+    "batch_size",
+    "num_workers",
+    "fg_crop_prob",
+    "augmentation",
+    "train_split",
+    "val_split",
+    "val_fraction",
+)
+MODEL_FIELDS = (
+    "arch",
+    "encoder_name",
+    "encoder_weights",
+    "model_kwargs",
+    "input_norm",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "scheduler",
+    "scheduler_kwargs",
+    "warmup_epochs",
+    "loss",
+    "focal_gamma",
+    "edge_weight",
+    "edge_sigma",
+    "class_weights",
+    "threshold",
+    "overlap",
+    "infer_batch_size",
+    "infer_tile_px",
+)
 
 
 def _unknown_keys(d: dict, allowed: tuple, prefix: str, ignore: tuple = ()) -> None:
@@ -337,8 +463,10 @@ def _unknown_keys(d: dict, allowed: tuple, prefix: str, ignore: tuple = ()) -> N
             continue
         close = difflib.get_close_matches(k, allowed, n=1)
         hint = f" Did you mean '{prefix}.{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown key '{prefix}.{k}'.{hint} Allowed keys: {', '.join(allowed)} "
-                          "(segmentation tasks use data=seg and model=seg_*)")
+        raise ConfigError(
+            f"unknown key '{prefix}.{k}'.{hint} Allowed keys: {', '.join(allowed)} "
+            "(segmentation tasks use data=seg and model=seg_*)"
+        )
 
 
 def config_from_hydra(cfg: Any, need_model: bool = True) -> SegmentConfig:
@@ -348,8 +476,9 @@ def config_from_hydra(cfg: Any, need_model: bool = True) -> SegmentConfig:
     Raises :class:`ConfigError` naming the full key (``data.mode``) on bad or unknown values.
     """
     if cfg.get("data") is None or (need_model and cfg.get("model") is None):
-        raise ConfigError("segmentation needs the config groups data and model (e.g. data=seg model=seg_unet, "
-                          "or experiment=seg_multiclass)")
+        raise ConfigError(
+            "segmentation needs the config groups data and model (e.g. data=seg model=seg_unet, or experiment=seg_multiclass)"
+        )
     data = to_dict(cfg.data)
     model = to_dict(cfg.get("model")) if cfg.get("model") is not None else {}
     _unknown_keys(data, DATA_FIELDS, "data", DATA_ONLY_KEYS)
@@ -358,8 +487,10 @@ def config_from_hydra(cfg: Any, need_model: bool = True) -> SegmentConfig:
     kw.update({k: v for k, v in model.items() if k in MODEL_FIELDS})
     norm = to_dict(cfg.get("normalizer")) if cfg.get("normalizer") is not None else None
     if norm and norm.get("method") == "augment":
-        raise ConfigError("normalizer=augment is a random augmentation, not a normalizer a segmentation model can apply "
-                          "at inference; use data.augmentation.stain (and hue_saturation) instead")
+        raise ConfigError(
+            "normalizer=augment is a random augmentation, not a normalizer a segmentation model can apply "
+            "at inference; use data.augmentation.stain (and hue_saturation) instead"
+        )
     if norm and norm.get("method") not in (None, "none"):
         kw["normalizer"] = norm
     epochs = None

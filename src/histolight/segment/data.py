@@ -16,15 +16,16 @@ with ``d = mpp / base_mpp`` (the slide's ``size_at_mpp`` grid). ROIs are rasteri
 :func:`histolight.roi.rasterize_rois` (holes respected). Files are written atomically; an
 export whose sidecar matches the slide, ROI file and settings is reused.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -70,9 +71,11 @@ def _slide_stat(path: Path) -> list:
 
 
 def mask_encoding(mode: str) -> str:
-    return {"binary": "uint8 (H, W): 1 = foreground",
-            "multiclass": "uint8 (H, W): 0 = background, i + 1 = labels[i]",
-            "multilabel": "uint8 (N, H, W): channel i = labels[i]"}[mode]
+    return {
+        "binary": "uint8 (H, W): 1 = foreground",
+        "multiclass": "uint8 (H, W): 0 = background, i + 1 = labels[i]",
+        "multilabel": "uint8 (N, H, W): channel i = labels[i]",
+    }[mode]
 
 
 def rasterize_slide_mask(rois, thumb_hw: tuple[int, int], scale: float, mode: str, labels: Sequence[str] | None) -> np.ndarray:
@@ -82,8 +85,16 @@ def rasterize_slide_mask(rois, thumb_hw: tuple[int, int], scale: float, mode: st
     return rasterize_rois(rois, thumb_hw, scale, labels=list(labels), mode=mode)
 
 
-def export_slide(dataset, name: str, mpp: float, dest: str | os.PathLike, labels: Sequence[str] | None = None,
-                 mode: str = "binary", overwrite: bool = False, normalizer=None) -> Path:
+def export_slide(
+    dataset,
+    name: str,
+    mpp: float,
+    dest: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    mode: str = "binary",
+    overwrite: bool = False,
+    normalizer=None,
+) -> Path:
     """Export slide ``name`` of ``dataset`` (thumbnail at ``mpp`` um/px + ROI mask) into ``dest``; returns the .npz path.
 
     Reuses an up-to-date export unless ``overwrite``. Raises :class:`HistolightError` subclasses for
@@ -93,9 +104,16 @@ def export_slide(dataset, name: str, mpp: float, dest: str | os.PathLike, labels
     npz, side = dest / f"{name}.npz", dest / f"{name}.json"
     roi_path = dataset.roi_path(name)
     slide_path = dataset.path(name)
-    want = {"format": FORMAT, "slide": name, "mpp": float(mpp), "mode": mode, "labels": list(labels) if labels else None,
-            "roi_file": str(roi_path) if roi_path else None, "roi_sha1": _sha1(roi_path),
-            "slide_stat": _slide_stat(slide_path)}
+    want = {
+        "format": FORMAT,
+        "slide": name,
+        "mpp": float(mpp),
+        "mode": mode,
+        "labels": list(labels) if labels else None,
+        "roi_file": str(roi_path) if roi_path else None,
+        "roi_sha1": _sha1(roi_path),
+        "slide_stat": _slide_stat(slide_path),
+    }
     if not overwrite and npz.exists() and side.exists():
         try:
             meta = json.loads(side.read_text())
@@ -109,9 +127,16 @@ def export_slide(dataset, name: str, mpp: float, dest: str | os.PathLike, labels
         rois = dataset.rois(name, slide_dims=slide.dimensions)
         scale = slide.mpp / mpp
         mask = rasterize_slide_mask(rois, (h, w), scale, mode, labels)
-        meta = {**want, "base_mpp": slide.mpp, "slide_dims": list(slide.dimensions), "thumb_size": [w, h],
-                "mask_shape": list(mask.shape), "mask_encoding": mask_encoding(mode), "n_rois": len(rois),
-                "label_pixels": _label_pixels(mask, mode, labels)}
+        meta = {
+            **want,
+            "base_mpp": slide.mpp,
+            "slide_dims": list(slide.dimensions),
+            "thumb_size": [w, h],
+            "mask_shape": list(mask.shape),
+            "mask_encoding": mask_encoding(mode),
+            "n_rois": len(rois),
+            "label_pixels": _label_pixels(mask, mode, labels),
+        }
     if roi_path is None:
         log.warning("%s: no ROI file, the whole slide is background in its mask", name)
     dest.mkdir(parents=True, exist_ok=True)
@@ -129,9 +154,16 @@ def _label_pixels(mask: np.ndarray, mode: str, labels) -> dict:
     return {lab: int(mask[i].sum()) for i, lab in enumerate(labels)}
 
 
-def export_thumbs_and_masks(dataset, mpp: float, dest: str | os.PathLike, labels: Sequence[str] | None = None,
-                            mode: str = "binary", overwrite: bool = False, slides: Sequence[str] | None = None,
-                            strict: bool = False) -> dict[str, Path]:
+def export_thumbs_and_masks(
+    dataset,
+    mpp: float,
+    dest: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    mode: str = "binary",
+    overwrite: bool = False,
+    slides: Sequence[str] | None = None,
+    strict: bool = False,
+) -> dict[str, Path]:
     """Export thumbnails and ROI masks of every slide (Slideflow's ``sf.segment.export_thumbs_and_masks``).
 
     Args:
@@ -189,5 +221,7 @@ def check_labels_present(items: Sequence[ThumbMask], labels: Sequence[str] | Non
         return
     missing = [lab for lab, n in totals.items() if n == 0]
     if missing:
-        raise ConfigError(f"data.labels={list(labels)} is invalid: no ROI of label(s) {missing} in any training/validation "
-                          "slide. Check the spelling against the ROI files (python run.py task=info lists their labels).")
+        raise ConfigError(
+            f"data.labels={list(labels)} is invalid: no ROI of label(s) {missing} in any training/validation "
+            "slide. Check the spelling against the ROI files (python run.py task=info lists their labels)."
+        )

@@ -14,11 +14,12 @@ Batches are dicts: ``image`` float (B, 3, H, W) in [0, 1], ``mask`` (B, H, W) in
 multiclass) or (B, N, H, W) uint8 (multilabel), ``weight`` float (B, H, W) (0 = ignore) and
 ``name`` (slide names).
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning.pytorch as L
 import numpy as np
@@ -51,8 +52,11 @@ def build_transforms(aug: dict):
         t.append(A.RandomBrightnessContrast(brightness_limit=b, contrast_limit=b, p=0.5))
     if aug.get("hue_saturation", 0) > 0:
         h = aug["hue_saturation"]
-        t.append(A.HueSaturationValue(hue_shift_limit=int(round(h * 180)), sat_shift_limit=int(round(h * 255)),
-                                      val_shift_limit=0, p=0.5))
+        t.append(
+            A.HueSaturationValue(
+                hue_shift_limit=int(round(h * 180)), sat_shift_limit=int(round(h * 255)), val_shift_limit=0, p=0.5
+            )
+        )
     if aug.get("stain", 0) > 0:  # H&E optical-density scale/shift (histolight.norm), image only
         from histolight.norm.transforms import StainAugment
 
@@ -89,8 +93,11 @@ def _sample(image, mask, valid, cfg: SegmentConfig) -> dict:
         weight = valid.astype(np.float32)
     m = torch.from_numpy(np.ascontiguousarray(mask))
     m = m.to(torch.uint8) if cfg.mode == "multilabel" else m.long()
-    return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0),
-            "mask": m, "weight": torch.from_numpy(np.ascontiguousarray(weight, np.float32))}
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0),
+        "mask": m,
+        "weight": torch.from_numpy(np.ascontiguousarray(weight, np.float32)),
+    }
 
 
 class CropDataset(Dataset):
@@ -212,10 +219,10 @@ def input_stats(items: Sequence[ThumbMask]) -> tuple[list[float], list[float]]:
     for it in items:
         x = it.image.reshape(-1, 3).astype(np.float64) / 255.0
         s += x.sum(0)
-        ss += (x ** 2).sum(0)
+        ss += (x**2).sum(0)
         n += len(x)
     mean = s / max(n, 1)
-    std = np.sqrt(np.maximum(ss / max(n, 1) - mean ** 2, 1e-8))
+    std = np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 1e-8))
     return [float(v) for v in mean], [float(max(v, 1e-3)) for v in std]
 
 
@@ -226,8 +233,9 @@ class SegmentDataModule(L.LightningDataModule):
     directly: ``SegmentDataModule(cfg, train_items, val_items)``.
     """
 
-    def __init__(self, cfg: SegmentConfig, train_items: Sequence[ThumbMask], val_items: Sequence[ThumbMask] = (),
-                 seed: int | None = None):
+    def __init__(
+        self, cfg: SegmentConfig, train_items: Sequence[ThumbMask], val_items: Sequence[ThumbMask] = (), seed: int | None = None
+    ):
         super().__init__()
         self.cfg = cfg
         self.train_items = list(train_items)
@@ -237,11 +245,20 @@ class SegmentDataModule(L.LightningDataModule):
     def train_dataloader(self):
         ds = CropDataset(self.train_items, self.cfg, self.cfg.crops_per_epoch, augment=True)
         nw = self.cfg.num_workers
-        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, num_workers=nw, collate_fn=_collate,
-                          drop_last=False, persistent_workers=nw > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            ds,
+            batch_size=self.cfg.batch_size,
+            shuffle=False,
+            num_workers=nw,
+            collate_fn=_collate,
+            drop_last=False,
+            persistent_workers=nw > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self):
         if not self.val_items:
             return []
-        return DataLoader(WholeDataset(self.val_items, self.cfg), batch_size=1, shuffle=False,
-                          num_workers=0, collate_fn=_collate_pad)
+        return DataLoader(
+            WholeDataset(self.val_items, self.cfg), batch_size=1, shuffle=False, num_workers=0, collate_fn=_collate_pad
+        )

@@ -5,10 +5,11 @@ every side that borders another tile (sides on the image border are not tapered)
 the normalised blend is a partition of unity: no seams, and any input size ``H x W`` (square or
 not, smaller or larger than a tile) gives exactly ``H x W`` outputs.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ def _ramp(n: int, ov_lo: int, ov_hi: int) -> np.ndarray:
         if side == "lo":
             w[:ov] = np.minimum(w[:ov], r)
         else:
-            w[n - ov:] = np.minimum(w[n - ov:], r[::-1])
+            w[n - ov :] = np.minimum(w[n - ov :], r[::-1])
     return np.maximum(w, 1e-4)
 
 
@@ -50,8 +51,15 @@ def ceil_to(v: int, m: int) -> int:
 
 
 @torch.no_grad()
-def tiled_logits(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, tile: int, overlap: float,
-                 batch_size: int = 8, multiple: int = 32, pad_value: float = 1.0) -> torch.Tensor:
+def tiled_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    tile: int,
+    overlap: float,
+    batch_size: int = 8,
+    multiple: int = 32,
+    pad_value: float = 1.0,
+) -> torch.Tensor:
     """Blend ``forward`` over overlapping tiles of ``image``.
 
     Args:
@@ -77,8 +85,8 @@ def tiled_logits(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.T
     acc = None
     wsum = torch.zeros((Hp, Wp), dtype=torch.float32, device=image.device)
     for i in range(0, len(boxes), batch_size):
-        chunk = boxes[i: i + batch_size]
-        batch = torch.stack([image[:, y: y + th, x: x + tw] for y, x in chunk])
+        chunk = boxes[i : i + batch_size]
+        batch = torch.stack([image[:, y : y + th, x : x + tw] for y, x in chunk])
         out = forward(batch).float()
         if acc is None:
             acc = torch.zeros((out.shape[1], Hp, Wp), dtype=torch.float32, device=image.device)
@@ -86,14 +94,15 @@ def tiled_logits(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.T
             wy = torch.from_numpy(window_1d(y, th, Hp, ov_h)).to(image.device)
             wx = torch.from_numpy(window_1d(x, tw, Wp, ov_w)).to(image.device)
             w = wy[:, None] * wx[None, :]
-            acc[:, y: y + th, x: x + tw] += o * w
-            wsum[y: y + th, x: x + tw] += w
+            acc[:, y : y + th, x : x + tw] += o * w
+            wsum[y : y + th, x : x + tw] += w
     return (acc / wsum)[:, :H, :W]
 
 
 @torch.no_grad()
-def single_pass_logits(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, multiple: int = 32,
-                       pad_value: float = 1.0) -> torch.Tensor:
+def single_pass_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, multiple: int = 32, pad_value: float = 1.0
+) -> torch.Tensor:
     """One forward pass over the whole ``(3, H, W)`` image (padded to ``multiple``); ``(C, H, W)``."""
     _, H, W = image.shape
     Hp, Wp = ceil_to(H, multiple), ceil_to(W, multiple)

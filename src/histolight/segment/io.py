@@ -11,6 +11,7 @@ A model folder holds::
 :func:`load_model_and_config` rebuilds the model from ``model.pth`` + ``segment_config.json``
 alone (or from a Lightning ``.ckpt``, whose hyperparameters hold the config).
 """
+
 from __future__ import annotations
 
 import io
@@ -48,9 +49,17 @@ def save_model(model, dest: str | os.PathLike, extra: dict | None = None, overwr
         fh.write(buf.getvalue())
     mean = model.net.mean.flatten().tolist()
     std = model.net.std.flatten().tolist()
-    meta = {**cfg.to_dict(), "input_mean": mean, "input_std": std, "format": FORMAT, "n_out": cfg.n_out,
-            "class_names": cfg.class_names, "normalization": cfg.normalizer, "input_stats": {"mean": mean, "std": std},
-            **(extra or {})}
+    meta = {
+        **cfg.to_dict(),
+        "input_mean": mean,
+        "input_std": std,
+        "format": FORMAT,
+        "n_out": cfg.n_out,
+        "class_names": cfg.class_names,
+        "normalization": cfg.normalizer,
+        "input_stats": {"mean": mean, "std": std},
+        **(extra or {}),
+    }
     from histolight.io.atomic import atomic_write_json
 
     atomic_write_json(dest / CONFIG_FILE, meta, default=_json_default)
@@ -112,8 +121,10 @@ def load_model_and_config(path: str | os.PathLike, device: str | torch.device = 
         sd = torch.load(str(model_path), map_location="cpu", weights_only=True)
         missing, unexpected = model.net.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise HistolightError(f"{model_path} does not match its config ({cfg.arch}/{cfg.encoder_name}): "
-                                  f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
+            raise HistolightError(
+                f"{model_path} does not match its config ({cfg.arch}/{cfg.encoder_name}): "
+                f"{len(missing)} missing, {len(unexpected)} unexpected tensors"
+            )
     model.to(device)
     model.eval()
     return model, cfg

@@ -17,6 +17,7 @@ Edge weights in the spirit of Ronneberger et al. (U-Net, 2015): :func:`edge_weig
 pixels near label boundaries weigh ``1 + edge_weight * exp(-d^2 / (2 sigma^2))``, ``d`` the
 distance to the nearest boundary in px.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -47,14 +48,21 @@ def edge_weight_map(mask: np.ndarray, edge_weight: float, sigma: float) -> np.nd
     if not b.any():
         return np.ones(hw, np.float32)
     d = cv2.distanceTransform((~b).astype(np.uint8), cv2.DIST_L2, 3)
-    return (1.0 + edge_weight * np.exp(-(d ** 2) / (2.0 * sigma ** 2))).astype(np.float32)
+    return (1.0 + edge_weight * np.exp(-(d**2) / (2.0 * sigma**2))).astype(np.float32)
 
 
 class SegmentLoss(nn.Module):
     """Weighted sum of loss terms, e.g. ``SegmentLoss('multiclass', {'ce': 1, 'dice': 1}, n_classes=4)``."""
 
-    def __init__(self, mode: str, terms: dict[str, float], n_classes: int, class_weights=None,
-                 focal_gamma: float = 2.0, smooth: float = 1.0):
+    def __init__(
+        self,
+        mode: str,
+        terms: dict[str, float],
+        n_classes: int,
+        class_weights=None,
+        focal_gamma: float = 2.0,
+        smooth: float = 1.0,
+    ):
         super().__init__()
         self.mode = mode
         self.terms = {("ce" if k == "bce" else k): float(v) for k, v in terms.items()}

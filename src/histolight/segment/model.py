@@ -13,6 +13,7 @@ Output shapes (probabilities, float32): binary ``(H, W)``; multiclass ``(N + 1, 
 channel 0 = background; multilabel ``(N, H, W)``. ``output='labels'`` gives uint8 ``(H, W)``
 (binary 0/1, multiclass class index) or ``(N, H, W)`` 0/1 (multilabel).
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,14 @@ class SegmentNet(nn.Module):
         super().__init__()
         import segmentation_models_pytorch as smp
 
-        self.model = smp.create_model(cfg.arch, encoder_name=cfg.encoder_name, encoder_weights=None, in_channels=3,
-                                      classes=cfg.n_out, **arch_kwargs(cfg.arch, cfg.model_kwargs))
+        self.model = smp.create_model(
+            cfg.arch,
+            encoder_name=cfg.encoder_name,
+            encoder_weights=None,
+            in_channels=3,
+            classes=cfg.n_out,
+            **arch_kwargs(cfg.arch, cfg.model_kwargs),
+        )
         mean, std = cfg.resolved_input_stats()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -83,21 +90,25 @@ def load_encoder_weights(net: SegmentNet, weights: str, encoder_name: str) -> No
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
-            raise ConfigError(f"model.encoder_weights={weights!r} is invalid: the file holds a {type(sd).__name__}, not a state dict")
+            raise ConfigError(
+                f"model.encoder_weights={weights!r} is invalid: the file holds a {type(sd).__name__}, not a state dict"
+            )
         best = (0, None, None)
         targets = [("encoder", enc)] + ([("encoder.model", enc.model)] if hasattr(enc, "model") else [])
         prefixes = ["", "encoder.", "model.encoder.", "net.model.encoder.", "model.", "module."]
-        for tname, target in targets:
+        for _tname, target in targets:
             own = target.state_dict()
             for pre in prefixes:
-                cand = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+                cand = {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}
                 ok = {k: v for k, v in cand.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
                 if len(ok) > best[0]:
                     best = (len(ok), target, ok)
         n, target, ok = best
         if n == 0:
-            raise ConfigError(f"model.encoder_weights={weights!r} is invalid: no tensor matches the {encoder_name} encoder "
-                              "(is it a checkpoint of the same encoder?)")
+            raise ConfigError(
+                f"model.encoder_weights={weights!r} is invalid: no tensor matches the {encoder_name} encoder "
+                "(is it a checkpoint of the same encoder?)"
+            )
         target.load_state_dict(ok, strict=False)
         total = len(target.state_dict())
         log.info("encoder weights: %d/%d tensors loaded from %s", n, total, p)
@@ -116,8 +127,10 @@ def load_encoder_weights(net: SegmentNet, weights: str, encoder_name: str) -> No
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - hub / network errors of several kinds
-        raise ConfigError(f"model.encoder_weights={weights!r}: cannot get pretrained weights ({type(e).__name__}: {e}). "
-                          "Without internet use encoder_weights=null or a local weights file.") from None
+        raise ConfigError(
+            f"model.encoder_weights={weights!r}: cannot get pretrained weights ({type(e).__name__}: {e}). "
+            "Without internet use encoder_weights=null or a local weights file."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- colours / overlays
@@ -125,8 +138,17 @@ def load_encoder_weights(net: SegmentNet, weights: str, encoder_name: str) -> No
 
 def palette(n: int) -> np.ndarray:
     """``(n, 3)`` uint8 colours: class 0 black, then tumor-red, stroma-green, necrosis-grey, ..."""
-    base = [(0, 0, 0), (220, 30, 30), (40, 170, 60), (90, 90, 90), (30, 90, 220), (230, 160, 20), (160, 40, 200),
-            (20, 190, 190), (240, 120, 160)]
+    base = [
+        (0, 0, 0),
+        (220, 30, 30),
+        (40, 170, 60),
+        (90, 90, 90),
+        (30, 90, 220),
+        (230, 160, 20),
+        (160, 40, 200),
+        (20, 190, 190),
+        (240, 120, 160),
+    ]
     out = [base[i] if i < len(base) else tuple(int(v) for v in np.random.default_rng(i).integers(0, 255, 3)) for i in range(n)]
     return np.array(out, np.uint8)
 
@@ -170,8 +192,7 @@ class SegmentModel(L.LightningModule):
         overlay_every: draw overlays every this many epochs (and at the last one); 0 = never.
     """
 
-    def __init__(self, config: SegmentConfig | dict, load_pretrained: bool = False, n_overlays: int = 3,
-                 overlay_every: int = 5):
+    def __init__(self, config: SegmentConfig | dict, load_pretrained: bool = False, n_overlays: int = 3, overlay_every: int = 5):
         super().__init__()
         if isinstance(config, SegmentConfig):
             cfg = config
@@ -224,7 +245,12 @@ class SegmentModel(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _build_metrics(self):
-        from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex, MultilabelF1Score, MultilabelJaccardIndex
+        from torchmetrics.classification import (
+            MulticlassF1Score,
+            MulticlassJaccardIndex,
+            MultilabelF1Score,
+            MultilabelJaccardIndex,
+        )
 
         n = self.config.n_classes
         if self.mode == "multilabel":
@@ -353,8 +379,12 @@ class SegmentModel(L.LightningModule):
         for lg in self.loggers:
             if hasattr(lg, "log_image"):
                 try:
-                    lg.log_image(key="val/overlays", images=[im for _, im in self._overlays],
-                                 caption=[f"{n}: image | truth | prediction" for n, _ in self._overlays], step=self.global_step)
+                    lg.log_image(
+                        key="val/overlays",
+                        images=[im for _, im in self._overlays],
+                        caption=[f"{n}: image | truth | prediction" for n, _ in self._overlays],
+                        step=self.global_step,
+                    )
                 except Exception as e:  # noqa: BLE001 - never fail training over a picture
                     log.warning("could not log overlays to %s: %s", type(lg).__name__, e)
 
@@ -428,8 +458,14 @@ class SegmentModel(L.LightningModule):
         return out[0] if self.mode == "binary" else out
 
     @torch.no_grad()
-    def run_tiled_inference(self, image: np.ndarray, tile_px: int | None = None, overlap: float | None = None,
-                            batch_size: int | None = None, output: str = "proba") -> np.ndarray:
+    def run_tiled_inference(
+        self,
+        image: np.ndarray,
+        tile_px: int | None = None,
+        overlap: float | None = None,
+        batch_size: int | None = None,
+        output: str = "proba",
+    ) -> np.ndarray:
         """Segment an ``H x W x 3`` uint8 RGB array at the model's mpp with overlapping, blended tiles.
 
         Args:
@@ -449,8 +485,9 @@ class SegmentModel(L.LightningModule):
         was = self.training
         self.eval()
         try:
-            logits = tiled_logits(self.net, self._prepare(image), tile, c.overlap if overlap is None else overlap,
-                                  batch_size or c.infer_batch_size)
+            logits = tiled_logits(
+                self.net, self._prepare(image), tile, c.overlap if overlap is None else overlap, batch_size or c.infer_batch_size
+            )
         finally:
             self.train(was)
         return self._finish(logits, output)
@@ -467,8 +504,16 @@ class SegmentModel(L.LightningModule):
         return self._finish(logits, output)
 
     @torch.no_grad()
-    def run_slide_inference(self, slide, output: str = "proba", strip_px: int | None = None, tile_px: int | None = None,
-                            overlap: float | None = None, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    def run_slide_inference(
+        self,
+        slide,
+        output: str = "proba",
+        strip_px: int | None = None,
+        tile_px: int | None = None,
+        overlap: float | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         """Segment a whole slide at ``config.mpp``, reading it in horizontal strips (bounded memory).
 
         Each strip of ``strip_px`` rows is read with ``tile_px // 2`` rows of context above and below
@@ -503,11 +548,16 @@ class SegmentModel(L.LightningModule):
             was = self.training
             self.eval()
             try:
-                logits = tiled_logits(self.net, self._prepare(img, context), tile, c.overlap if overlap is None else overlap,
-                                      batch_size or c.infer_batch_size)
+                logits = tiled_logits(
+                    self.net,
+                    self._prepare(img, context),
+                    tile,
+                    c.overlap if overlap is None else overlap,
+                    batch_size or c.infer_batch_size,
+                )
             finally:
                 self.train(was)
-            logits = logits[:, y0 - r0: y1 - r0]
+            logits = logits[:, y0 - r0 : y1 - r0]
             if output == "labels":
                 out[..., y0:y1, :] = self.to_labels(self.activation(logits)).cpu().numpy()
             elif output == "logits":
@@ -527,4 +577,3 @@ def seed_all(seed: int | None) -> None:
 
 
 __all__ = ["SegmentNet", "SegmentModel", "load_encoder_weights", "palette", "colorize", "overlay", "panel"]
-

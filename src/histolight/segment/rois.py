@@ -6,12 +6,13 @@ Polygons follow pixel edges: OpenCV traces the boundary pixel centres of each co
 holes smaller than ``min_area_mm2`` are dropped (holes filled); outlines are simplified with
 ``simplify_tolerance`` base px and scaled to level-0 coordinates.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -81,9 +82,15 @@ def _drop_small(poly: Polygon, min_area: float, min_hole: float) -> Polygon | No
     return poly
 
 
-def masks_to_rois(masks: dict[str, np.ndarray], downsample: float, base_mpp: float, min_area_mm2: float = 0.01,
-                  min_hole_mm2: float | None = None, simplify_tolerance: float | None = None,
-                  origin: tuple[float, float] = (0.0, 0.0)) -> list[ROI]:
+def masks_to_rois(
+    masks: dict[str, np.ndarray],
+    downsample: float,
+    base_mpp: float,
+    min_area_mm2: float = 0.01,
+    min_hole_mm2: float | None = None,
+    simplify_tolerance: float | None = None,
+    origin: tuple[float, float] = (0.0, 0.0),
+) -> list[ROI]:
     """ROIs from ``{label: bool (H, W) mask}``.
 
     Args:
@@ -132,8 +139,15 @@ def prediction_masks(pred: np.ndarray, cfg, output: str = "labels") -> dict[str,
     return {name: m[i] for i, name in enumerate(cfg.labels)}
 
 
-def generate_rois(slide, model, apply: bool = True, min_area_mm2: float = 0.01, min_hole_mm2: float | None = None,
-                  simplify_tolerance: float | None = None, labels_pred: np.ndarray | None = None) -> list[ROI]:
+def generate_rois(
+    slide,
+    model,
+    apply: bool = True,
+    min_area_mm2: float = 0.01,
+    min_hole_mm2: float | None = None,
+    simplify_tolerance: float | None = None,
+    labels_pred: np.ndarray | None = None,
+) -> list[ROI]:
     """Segment ``slide`` with ``model`` (a :class:`SegmentModel`) and turn the prediction into ROIs.
 
     Returns the ROIs (base px, labelled by class); unless ``apply=False`` they are also attached
@@ -143,14 +157,17 @@ def generate_rois(slide, model, apply: bool = True, min_area_mm2: float = 0.01, 
     if labels_pred is None:
         labels_pred = model.run_slide_inference(slide, output="labels")
     ds = cfg.mpp / slide.mpp
-    rois = masks_to_rois(prediction_masks(labels_pred, cfg, "labels"), ds, slide.mpp, min_area_mm2, min_hole_mm2,
-                         simplify_tolerance)
+    rois = masks_to_rois(
+        prediction_masks(labels_pred, cfg, "labels"), ds, slide.mpp, min_area_mm2, min_hole_mm2, simplify_tolerance
+    )
     if apply:
         slide.rois = rois
     return rois
 
 
-def write_slide_rois(rois: Sequence[ROI], folder: str | os.PathLike, name: str, formats: Sequence[str] = ("csv", "geojson")) -> list[Path]:
+def write_slide_rois(
+    rois: Sequence[ROI], folder: str | os.PathLike, name: str, formats: Sequence[str] = ("csv", "geojson")
+) -> list[Path]:
     """Write ``<folder>/<name>.csv`` (Slideflow) and/or ``.geojson`` (QuPath), atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,10 +180,18 @@ def write_slide_rois(rois: Sequence[ROI], folder: str | os.PathLike, name: str, 
     return out
 
 
-def generate_dataset_rois(dataset, model, dest: str | os.PathLike | None = None, overwrite: bool = False,
-                          formats: Sequence[str] = ("csv", "geojson"), slides: Sequence[str] | None = None,
-                          min_area_mm2: float = 0.01, min_hole_mm2: float | None = None,
-                          simplify_tolerance: float | None = None, device: str = "cpu") -> list[dict]:
+def generate_dataset_rois(
+    dataset,
+    model,
+    dest: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    formats: Sequence[str] = ("csv", "geojson"),
+    slides: Sequence[str] | None = None,
+    min_area_mm2: float = 0.01,
+    min_hole_mm2: float | None = None,
+    simplify_tolerance: float | None = None,
+    device: str = "cpu",
+) -> list[dict]:
     """Generate and write ROIs for every slide of ``dataset`` (Slideflow's ``Dataset.generate_rois``).
 
     Args:
@@ -204,11 +229,21 @@ def generate_dataset_rois(dataset, model, dest: str | os.PathLike | None = None,
             continue
         try:
             with dataset.open(name) as slide:
-                rois = generate_rois(slide, model, apply=False, min_area_mm2=min_area_mm2, min_hole_mm2=min_hole_mm2,
-                                     simplify_tolerance=simplify_tolerance)
+                rois = generate_rois(
+                    slide,
+                    model,
+                    apply=False,
+                    min_area_mm2=min_area_mm2,
+                    min_hole_mm2=min_hole_mm2,
+                    simplify_tolerance=simplify_tolerance,
+                )
             files = write_slide_rois(rois, dest, name, formats)
-            row.update(status="written", n_rois=len(rois), labels=",".join(sorted({r.label for r in rois})) or None,
-                       files=",".join(str(f) for f in files))
+            row.update(
+                status="written",
+                n_rois=len(rois),
+                labels=",".join(sorted({r.label for r in rois})) or None,
+                files=",".join(str(f) for f in files),
+            )
         except HistolightError as e:
             log.error("%s: ROI generation failed, skipped: %s", name, e)
             row.update(status="failed", error=str(e))

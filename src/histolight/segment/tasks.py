@@ -1,4 +1,5 @@
 """Schemas of the segmentation tasks' ``task`` sections and helpers shared by the Hydra tasks."""
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,12 @@ class TrainSegTask:
     def __post_init__(self):
         check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be min or max")
         check(isinstance(self.n_overlays, int) and self.n_overlays >= 0, "n_overlays", self.n_overlays, "must be an integer >= 0")
-        check(isinstance(self.overlay_every, int) and self.overlay_every >= 0, "overlay_every", self.overlay_every,
-              "must be an integer >= 0 (0 = never)")
+        check(
+            isinstance(self.overlay_every, int) and self.overlay_every >= 0,
+            "overlay_every",
+            self.overlay_every,
+            "must be an integer >= 0 (0 = never)",
+        )
 
 
 @dataclass
@@ -61,8 +66,13 @@ class RoiOptions:
         _area("min_area_mm2", self.min_area_mm2)
         if self.min_hole_mm2 is not None:
             _area("min_hole_mm2", self.min_hole_mm2)
-        check(self.simplify_tolerance is None or (isinstance(self.simplify_tolerance, (int, float)) and self.simplify_tolerance >= 0),
-              "simplify_tolerance", self.simplify_tolerance, "must be null (half a mask pixel) or a tolerance >= 0 in base px")
+        check(
+            self.simplify_tolerance is None
+            or (isinstance(self.simplify_tolerance, (int, float)) and self.simplify_tolerance >= 0),
+            "simplify_tolerance",
+            self.simplify_tolerance,
+            "must be null (half a mask pixel) or a tolerance >= 0 in base px",
+        )
 
 
 @dataclass
@@ -79,8 +89,12 @@ class SegmentTask(RoiOptions):
     strip_px: int | None = None
 
     def __post_init__(self):
-        check(isinstance(self.model, str) and self.model not in ("", "???"), "model", self.model,
-              "must be a trained model folder (task.model=outputs/<run>), e.g. from experiment=seg_multiclass")
+        check(
+            isinstance(self.model, str) and self.model not in ("", "???"),
+            "model",
+            self.model,
+            "must be a trained model folder (task.model=outputs/<run>), e.g. from experiment=seg_multiclass",
+        )
         check(Path(self.model).exists(), "model", self.model, "does not exist")
         self.slides = _opt_list("slides", self.slides)
         self.split = _opt_list("split", self.split)
@@ -104,12 +118,20 @@ class GenerateRoisTask(RoiOptions):
     device: str | None = None
 
     def __post_init__(self):
-        check(isinstance(self.model, str) and self.model not in ("", "???"), "model", self.model,
-              "must be a trained model folder (task.model=outputs/<run>)")
+        check(
+            isinstance(self.model, str) and self.model not in ("", "???"),
+            "model",
+            self.model,
+            "must be a trained model folder (task.model=outputs/<run>)",
+        )
         check(Path(self.model).exists(), "model", self.model, "does not exist")
         self.formats = _opt_list("formats", self.formats) or []
-        check(bool(self.formats) and all(f in ("csv", "geojson") for f in self.formats), "formats", self.formats,
-              "must list csv and/or geojson")
+        check(
+            bool(self.formats) and all(f in ("csv", "geojson") for f in self.formats),
+            "formats",
+            self.formats,
+            "must list csv and/or geojson",
+        )
         self.slides = _opt_list("slides", self.slides)
         self.split = _opt_list("split", self.split)
         self._check_roi()

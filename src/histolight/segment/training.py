@@ -7,14 +7,16 @@
 >>> metrics = segment.train(cfg, ds, dest="outputs/seg_model")
 >>> model, cfg = segment.load_model_and_config("outputs/seg_model")
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +35,7 @@ def split_slides(dataset, cfg: SegmentConfig, seed: int = 0) -> tuple[list[str],
     ann = dataset.annotations
     names = dataset.names
     if ann is not None and "split" in ann.columns:
+
         def pick(spec) -> list[str]:
             vals = {str(v) for v in (spec if isinstance(spec, (list, tuple)) else [spec])}
             return [n for n in names if n in ann.index and str(ann.at[n, "split"]) in vals]
@@ -44,8 +47,11 @@ def split_slides(dataset, cfg: SegmentConfig, seed: int = 0) -> tuple[list[str],
         if train and val:
             return train, val
         if train:
-            log.warning("no slide has split=%r; drawing %.0f%% of the training patients for validation",
-                        cfg.val_split, 100 * cfg.val_fraction)
+            log.warning(
+                "no slide has split=%r; drawing %.0f%% of the training patients for validation",
+                cfg.val_split,
+                100 * cfg.val_fraction,
+            )
             names = train
         else:
             log.warning("no slide has split=%r; splitting every slide by patient instead", cfg.train_split)
@@ -59,11 +65,14 @@ def split_slides(dataset, cfg: SegmentConfig, seed: int = 0) -> tuple[list[str],
     return [n for n in names if dataset.patient(n) not in val_p], [n for n in names if dataset.patient(n) in val_p]
 
 
-def prepare_items(dataset, cfg: SegmentConfig, cache_dir: str | os.PathLike, slides: Sequence[str],
-                  overwrite: bool = False) -> list[ThumbMask]:
+def prepare_items(
+    dataset, cfg: SegmentConfig, cache_dir: str | os.PathLike, slides: Sequence[str], overwrite: bool = False
+) -> list[ThumbMask]:
     """Export (or reuse cached) thumbnails + masks of ``slides`` and load them, stain-normalised if configured."""
     folder = Path(cache_dir) / export_key(cfg.mpp, cfg.mode, cfg.labels)
-    paths = export_thumbs_and_masks(dataset, cfg.mpp, folder, labels=cfg.labels, mode=cfg.mode, overwrite=overwrite, slides=slides)
+    paths = export_thumbs_and_masks(
+        dataset, cfg.mpp, folder, labels=cfg.labels, mode=cfg.mode, overwrite=overwrite, slides=slides
+    )
     items = [load_thumb_mask(paths[n]) for n in slides if n in paths]
     if cfg.normalizer:
         from histolight.norm import build_normalizer
@@ -83,10 +92,26 @@ def _default_trainer(dest: Path, epochs: int, loggers, callbacks, **kw):
 
     callbacks = list(callbacks or [])
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        callbacks.append(ModelCheckpoint(dirpath=str(dest / "checkpoints"), filename="epoch_{epoch:03d}", monitor="val/miou",
-                                         mode="max", save_last=True, auto_insert_metric_name=False))
-    opts = dict(max_epochs=epochs, logger=loggers if loggers else False, callbacks=callbacks, default_root_dir=str(dest),
-                accelerator="auto", devices=1, log_every_n_steps=5, enable_progress_bar=True)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(dest / "checkpoints"),
+                filename="epoch_{epoch:03d}",
+                monitor="val/miou",
+                mode="max",
+                save_last=True,
+                auto_insert_metric_name=False,
+            )
+        )
+    opts = dict(
+        max_epochs=epochs,
+        logger=loggers if loggers else False,
+        callbacks=callbacks,
+        default_root_dir=str(dest),
+        accelerator="auto",
+        devices=1,
+        log_every_n_steps=5,
+        enable_progress_bar=True,
+    )
     opts.update(kw)
     return L.Trainer(**opts)
 
@@ -99,11 +124,25 @@ def _best_checkpoint(trainer) -> str | None:
     return None
 
 
-def train(config: SegmentConfig, dataset, dest: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-          trainer=None, loggers: Sequence | None = None, callbacks: Sequence | None = None, epochs: int | None = None,
-          seed: int | None = 42, overwrite: bool = False, run_config: dict | None = None,
-          train_slides: Sequence[str] | None = None, val_slides: Sequence[str] | None = None,
-          n_overlays: int = 3, overlay_every: int = 5, **trainer_kwargs) -> dict[str, Any]:
+def train(
+    config: SegmentConfig,
+    dataset,
+    dest: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    trainer=None,
+    loggers: Sequence | None = None,
+    callbacks: Sequence | None = None,
+    epochs: int | None = None,
+    seed: int | None = 42,
+    overwrite: bool = False,
+    run_config: dict | None = None,
+    train_slides: Sequence[str] | None = None,
+    val_slides: Sequence[str] | None = None,
+    n_overlays: int = 3,
+    overlay_every: int = 5,
+    **trainer_kwargs,
+) -> dict[str, Any]:
     """Train a segmentation model and save it into ``dest`` (``model.pth``, ``segment_config.json``, checkpoints).
 
     Args:
@@ -161,9 +200,15 @@ def train(config: SegmentConfig, dataset, dest: str | os.PathLike, *, cache_dir:
     if config.input_mean is None or config.input_std is None:
         mean, std = input_stats(train_items)
         config = replace(config, input_mean=mean, input_std=std)
-    log.info("segmentation: %s; %d train slides (%s), %d val slides (%s); %d crops/epoch",
-             config.describe(), len(train_items), ",".join(i.name for i in train_items), len(val_items),
-             ",".join(i.name for i in val_items), config.crops_per_epoch)
+    log.info(
+        "segmentation: %s; %d train slides (%s), %d val slides (%s); %d crops/epoch",
+        config.describe(),
+        len(train_items),
+        ",".join(i.name for i in train_items),
+        len(val_items),
+        ",".join(i.name for i in val_items),
+        config.crops_per_epoch,
+    )
 
     # ---- model, trainer
     datamodule = SegmentDataModule(config, train_items, val_items)
@@ -174,8 +219,12 @@ def train(config: SegmentConfig, dataset, dest: str | os.PathLike, *, cache_dir:
     else:
         config = replace(config, epochs=int(trainer.max_epochs)) if (trainer.max_epochs or -1) > 0 else config
         model.config = config
-    hp = {"segment": config.to_dict(), "artifacts_dir": str(dest.resolve()),
-          "train_slides": [i.name for i in train_items], "val_slides": [i.name for i in val_items]}
+    hp = {
+        "segment": config.to_dict(),
+        "artifacts_dir": str(dest.resolve()),
+        "train_slides": [i.name for i in train_items],
+        "val_slides": [i.name for i in val_items],
+    }
     if run_config is not None:
         hp["run"] = run_config
     for lg in trainer.loggers:
@@ -196,8 +245,14 @@ def train(config: SegmentConfig, dataset, dest: str | os.PathLike, *, cache_dir:
     res = trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
     metrics.update({"epochs": int(trainer.current_epoch), "train_time_s": round(fit_time, 1), "model_dir": str(dest)})
-    extra = {"training": run_config, "metrics": metrics, "checkpoint": best, "train_slides": [i.name for i in train_items],
-             "val_slides": [i.name for i in val_items], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    extra = {
+        "training": run_config,
+        "metrics": metrics,
+        "checkpoint": best,
+        "train_slides": [i.name for i in train_items],
+        "val_slides": [i.name for i in val_items],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     save_model(model, dest, extra=extra, overwrite=True)
     from histolight.io.atomic import atomic_write_json
 
@@ -207,8 +262,13 @@ def train(config: SegmentConfig, dataset, dest: str | os.PathLike, *, cache_dir:
         summ = getattr(exp, "summary", None)
         if summ is not None and hasattr(summ, "update"):
             try:
-                summ.update({"artifacts_dir": str(dest.resolve()), "model_path": str((dest / MODEL_FILE).resolve()),
-                             **{f"best/{k}": v for k, v in metrics.items() if isinstance(v, float)}})
+                summ.update(
+                    {
+                        "artifacts_dir": str(dest.resolve()),
+                        "model_path": str((dest / MODEL_FILE).resolve()),
+                        **{f"best/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+                    }
+                )
             except Exception:  # noqa: BLE001
                 pass
     log.info("segmentation model saved to %s (val/miou %.4f)", dest, metrics.get("val/miou", float("nan")))

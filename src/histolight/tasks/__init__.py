@@ -3,10 +3,11 @@
 Each entry is ``"module:function"``, imported only when that task runs (so ``task=info`` does not
 import torch). Every task is a thin layer over the importable Python API.
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from histolight.errors import ConfigError
 

@@ -1,4 +1,5 @@
 """Helpers shared by tasks: the cohort from config, the run's output dir, the demo on first use."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """``task=demo_data``: generate (or check) the demo cohort configured in ``dataset.demo``."""
+
 from __future__ import annotations
 
 import json

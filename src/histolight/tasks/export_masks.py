@@ -7,6 +7,7 @@ Writes ``<slide>.npz`` + ``<slide>.json`` per slide (format: :mod:`histolight.se
 ``task=train_seg`` reads, so training reuses the export. Up-to-date exports are kept unless
 ``task.overwrite=true``; failing slides are logged and listed in ``export_report.csv``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,9 @@ def run(cfg: DictConfig) -> dict:
         if not cache:
             raise ConfigError("task.dest is null and data.cache_dir is unset: give one of them")
         dest = Path(cache) / export_key(scfg.mpp, scfg.mode, scfg.labels)
-    paths = export_thumbs_and_masks(ds, scfg.mpp, dest, labels=scfg.labels, mode=scfg.mode, overwrite=task.overwrite,
-                                    slides=names)
+    paths = export_thumbs_and_masks(
+        ds, scfg.mpp, dest, labels=scfg.labels, mode=scfg.mode, overwrite=task.overwrite, slides=names
+    )
     rows = [{"slide": n, "status": "ok" if n in paths else "failed", "file": str(paths.get(n, ""))} for n in names]
     atomic_write_text(output_dir(cfg) / "export_report.csv", pd.DataFrame(rows).to_csv(index=False))
     print(f"Exported {len(paths)}/{len(names)} slides ({scfg.mode}, labels {scfg.labels}, {scfg.mpp:g} um/px) to {dest}")

@@ -8,6 +8,7 @@ Options: ``conf/task/extract.yaml`` (validated by :class:`histolight.extract.Ext
 to ``task.outdir/<tile_px>px_<tile_um>um`` (shared between runs, so re-runs resume); the run folder gets
 a copy of the summary CSV.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,15 +25,23 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     ecfg = load_extract_config(cfg.task, "task")  # fails before any work
     ds = load_dataset(cfg)
-    log.info("extracting %d slide(s) of %s: %s px covering %s -> %s", len(ds), ds, ecfg.tile_px,
-             ecfg.tile_um if ecfg.mag is not None else f"{ecfg.tile_um} um", ecfg.outdir)
+    log.info(
+        "extracting %d slide(s) of %s: %s px covering %s -> %s",
+        len(ds),
+        ds,
+        ecfg.tile_px,
+        ecfg.tile_um if ecfg.mag is not None else f"{ecfg.tile_um} um",
+        ecfg.outdir,
+    )
     res = extract_tiles(ds, config=ecfg)
     out = output_dir(cfg)
     if res.summary_path and res.summary_path.is_file():
         shutil.copyfile(res.summary_path, out / res.summary_path.name)
     m = res.metrics()
-    print(f"{m['n_slides']} slide(s): {m['n_done']} extracted, {m['n_reused']} already done, {m['n_empty']} with 0 tiles, "
-          f"{m['n_skipped']} skipped, {m['n_failed']} failed; {m['n_tiles']} tiles in {res.tile_dir}")
+    print(
+        f"{m['n_slides']} slide(s): {m['n_done']} extracted, {m['n_reused']} already done, {m['n_empty']} with 0 tiles, "
+        f"{m['n_skipped']} skipped, {m['n_failed']} failed; {m['n_tiles']} tiles in {res.tile_dir}"
+    )
     for name, reason in res.failed.items():
         print(f"  FAILED {name}: {reason}")
     if res.report_path:

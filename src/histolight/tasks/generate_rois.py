@@ -7,6 +7,7 @@ px, labelled by class. ``dest`` defaults to the dataset's ROI folder; slides tha
 are skipped unless ``task.overwrite=true``. Failing slides are logged and skipped; the run folder
 gets ``rois_report.csv``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,13 +34,26 @@ def run(cfg: DictConfig) -> dict:
     ds = load_dataset(cfg)
     names = select_slides(ds, task.slides, task.split)
     model, _ = load_model_and_config(task.model, device=task.device or _auto_device())
-    report = ds.generate_rois(model, dest=task.dest, overwrite=task.overwrite, formats=task.formats, slides=names,
-                              min_area_mm2=task.min_area_mm2, min_hole_mm2=task.min_hole_mm2,
-                              simplify_tolerance=task.simplify_tolerance)
+    report = ds.generate_rois(
+        model,
+        dest=task.dest,
+        overwrite=task.overwrite,
+        formats=task.formats,
+        slides=names,
+        min_area_mm2=task.min_area_mm2,
+        min_hole_mm2=task.min_hole_mm2,
+        simplify_tolerance=task.simplify_tolerance,
+    )
     df = pd.DataFrame(report, columns=["slide", "status", "n_rois", "labels", "files", "error"])
     atomic_write_text(output_dir(cfg) / "rois_report.csv", df.to_csv(index=False))
     counts = df["status"].value_counts().to_dict() if len(df) else {}
-    print(f"ROIs: {counts.get('written', 0)} written, {counts.get('skipped', 0)} skipped (already had ROIs), "
-          f"{counts.get('failed', 0)} failed -> {task.dest or (ds.roi_dirs[0] if ds.roi_dirs else '-')}")
-    return {"n_slides": len(names), "n_written": int(counts.get("written", 0)), "n_skipped": int(counts.get("skipped", 0)),
-            "n_failed": int(counts.get("failed", 0))}
+    print(
+        f"ROIs: {counts.get('written', 0)} written, {counts.get('skipped', 0)} skipped (already had ROIs), "
+        f"{counts.get('failed', 0)} failed -> {task.dest or (ds.roi_dirs[0] if ds.roi_dirs else '-')}"
+    )
+    return {
+        "n_slides": len(names),
+        "n_written": int(counts.get("written", 0)),
+        "n_skipped": int(counts.get("skipped", 0)),
+        "n_failed": int(counts.get("failed", 0)),
+    }

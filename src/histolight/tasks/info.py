@@ -1,4 +1,5 @@
 """``task=info``: a table of the cohort's slides (vendor, size, levels, mpp, ROIs) with errors listed."""
+
 from __future__ import annotations
 
 import logging

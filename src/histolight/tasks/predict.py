@@ -8,6 +8,7 @@ Writes ``predictions.parquet`` (tile_id, slide, loc_x, loc_y, prob_<class>..., p
 and ``slides.csv`` (per-slide mean probabilities, tile count, predicted class), ``heatmaps/<slide>.png``
 (one cell per tile, colours in ``heatmaps/legend.json``) and, with a label source, ``metrics.json``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,14 @@ def run(cfg: DictConfig) -> dict:
 
     t = from_config(PredictTaskConfig, cfg.task, "task")  # validated before any work
 
-    from histolight.classify import (aggregate_slides, evaluate_predictions, label_tiles, load_model,
-                                     predict_tfrecords, write_heatmaps)
+    from histolight.classify import (
+        aggregate_slides,
+        evaluate_predictions,
+        label_tiles,
+        load_model,
+        predict_tfrecords,
+        write_heatmaps,
+    )
     from histolight.extract import tile_dir_name
     from histolight.io.atomic import atomic_write_json, atomic_write_text
     from histolight.tasks.common import load_dataset, output_dir
@@ -37,8 +44,7 @@ def run(cfg: DictConfig) -> dict:
     model = load_model(t.model, device="cpu")
     src = t.tfrecords if t.tfrecords is not None else str(Path(t.tiles_dir) / tile_dir_name(model.tile_px, model.tile_um))
     log.info("predicting %s with %s (%s, classes %s)", src, t.model, model.config["timm_name"], model.classes)
-    pred = predict_tfrecords(model, src, batch_size=t.batch_size, num_workers=t.num_workers, device=t.device,
-                             slides=t.slides)
+    pred = predict_tfrecords(model, src, batch_size=t.batch_size, num_workers=t.num_workers, device=t.device, slides=t.slides)
     if pred.empty:
         raise HistolightError(f"no tiles to predict in {src}")
     write_parquet(pred.reset_index(), out / "predictions.parquet")
@@ -54,8 +60,13 @@ def run(cfg: DictConfig) -> dict:
         if t.label_source == "roi":
             from histolight.extract import get_tile_dataframe
 
-            grid = get_tile_dataframe(ds, model.tile_px, model.tile_um, roi_filter_method=t.roi_filter_method,
-                                      slides=[s for s in slides.index if s in set(ds.names)])
+            grid = get_tile_dataframe(
+                ds,
+                model.tile_px,
+                model.tile_um,
+                roi_filter_method=t.roi_filter_method,
+                slides=[s for s in slides.index if s in set(ds.names)],
+            )
             lab = label_tiles(grid, "roi", dataset=ds)
         else:
             lab = label_tiles(pred, t.label_source, dataset=ds, column=t.label_column, table=t.label_table)

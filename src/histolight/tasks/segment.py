@@ -14,6 +14,7 @@ Per slide, in ``<run>/segment/``:
 
 Failing slides are logged, skipped and listed in ``segment_report.csv``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -93,17 +94,35 @@ def run(cfg: DictConfig) -> dict:
                     labels = model.to_labels(p)
                     enc, pred_file = "uint8 probability x 255, (C, H, W)", f"{name}.pred.tif"
                 H, W = labels.shape[-2:]
-                atomic_write_json(out / f"{name}.pred.json", {
-                    "slide": name, "file": pred_file, "mpp": scfg.mpp, "downsample": ds_factor, "base_mpp": slide.mpp,
-                    "slide_dims": list(slide.dimensions), "size": [W, H], "mode": scfg.mode,
-                    "class_names": scfg.class_names, "encoding": enc, "model": str(task.model)})
+                atomic_write_json(
+                    out / f"{name}.pred.json",
+                    {
+                        "slide": name,
+                        "file": pred_file,
+                        "mpp": scfg.mpp,
+                        "downsample": ds_factor,
+                        "base_mpp": slide.mpp,
+                        "slide_dims": list(slide.dimensions),
+                        "size": [W, H],
+                        "mode": scfg.mode,
+                        "class_names": scfg.class_names,
+                        "encoding": enc,
+                        "model": str(task.model),
+                    },
+                )
                 if task.overlay:
                     thumb = slide.read((0, 0), (W * ds_factor, H * ds_factor), scfg.mpp, out_size=(W, H))
                     _png(out / f"{name}.overlay.png", overlay(thumb, labels, scfg.n_classes))
                 if task.rois:
-                    rois = generate_rois(slide, model, apply=True, min_area_mm2=task.min_area_mm2,
-                                         min_hole_mm2=task.min_hole_mm2, simplify_tolerance=task.simplify_tolerance,
-                                         labels_pred=labels)
+                    rois = generate_rois(
+                        slide,
+                        model,
+                        apply=True,
+                        min_area_mm2=task.min_area_mm2,
+                        min_hole_mm2=task.min_hole_mm2,
+                        simplify_tolerance=task.simplify_tolerance,
+                        labels_pred=labels,
+                    )
                     write_slide_rois(rois, out / "rois", name, task.roi_formats)
                     row["n_rois"] = len(rois)
         except HistolightError as e:

@@ -9,6 +9,7 @@ Outputs in the run folder: ``model.pth`` + ``segment_config.json`` (load with
 ``overlays/`` (validation image | truth | prediction), ``metrics.json``. Returns the best
 checkpoint's validation metrics (``val/miou``, ...), so sweeps can optimise them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,10 @@ def run(cfg: DictConfig) -> dict:
     if scfg.labels and ds_labels:
         unknown = [lab for lab in scfg.labels if lab not in ds_labels]
         if unknown:
-            raise ConfigError(f"data.labels={scfg.labels} is invalid: {unknown} not among the cohort's labels {list(ds_labels)} "
-                              "(dataset.labels)")
+            raise ConfigError(
+                f"data.labels={scfg.labels} is invalid: {unknown} not among the cohort's labels {list(ds_labels)} "
+                "(dataset.labels)"
+            )
     if cfg.get("trainer") is None:
         raise ConfigError("task=train_seg needs a trainer config (trainer=cpu|gpu)")
 
@@ -53,9 +56,20 @@ def run(cfg: DictConfig) -> dict:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    metrics = train(scfg, ds, out, cache_dir=cfg.data.get("cache_dir"), trainer=trainer, seed=cfg.get("seed"),
-                    overwrite=task.overwrite, run_config=run_config, n_overlays=task.n_overlays,
-                    overlay_every=task.overlay_every)
-    print(f"Segmentation model: {out}  (val/miou {metrics.get('val/miou', float('nan')):.4f}, "
-          f"val/mdice {metrics.get('val/mdice', float('nan')):.4f}, {metrics.get('train_time_s')} s)")
+    metrics = train(
+        scfg,
+        ds,
+        out,
+        cache_dir=cfg.data.get("cache_dir"),
+        trainer=trainer,
+        seed=cfg.get("seed"),
+        overwrite=task.overwrite,
+        run_config=run_config,
+        n_overlays=task.n_overlays,
+        overlay_every=task.overlay_every,
+    )
+    print(
+        f"Segmentation model: {out}  (val/miou {metrics.get('val/miou', float('nan')):.4f}, "
+        f"val/mdice {metrics.get('val/mdice', float('nan')):.4f}, {metrics.get('train_time_s')} s)"
+    )
     return metrics

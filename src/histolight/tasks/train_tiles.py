@@ -10,6 +10,7 @@ Outputs in the run folder: ``model/`` (``weights.pt`` + ``model_config.json``, s
 :mod:`histolight.classify.artifacts`), ``checkpoints/``, ``tiles.parquet`` (every used tile with its
 label and split), ``metrics.json``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,11 +33,15 @@ def build_normalizer_from(cfg: DictConfig, enabled: bool):
 
     n = build_normalizer(cfg.normalizer)
     if n is not None and n.method == "augment":
-        raise ConfigError("normalizer=augment is a random stain augmentation, not a normalization; for training use "
-                          "data.augment.stain_augment={p: 0.5, ...} (normalizer=none)")
+        raise ConfigError(
+            "normalizer=augment is a random stain augmentation, not a normalization; for training use "
+            "data.augment.stain_augment={p: 0.5, ...} (normalizer=none)"
+        )
     if n is not None and getattr(n, "use_context", False):
-        raise ConfigError("normalizer.context=true needs a per-slide thumbnail and cannot run on the fly in the tile "
-                          "loader; normalize at extraction instead (data.extract_options.normalizer) or set context=false")
+        raise ConfigError(
+            "normalizer.context=true needs a per-slide thumbnail and cannot run on the fly in the tile "
+            "loader; normalize at extraction instead (data.extract_options.normalizer) or set context=false"
+        )
     return n
 
 
@@ -84,8 +89,15 @@ def run(cfg: DictConfig) -> dict:
 
     import lightning as L
 
-    from histolight.classify import (LabelMap, TileClassifier, TileDataModule, make_model_config, prepare_tiles,
-                                     save_model, split_patients)
+    from histolight.classify import (
+        LabelMap,
+        TileClassifier,
+        TileDataModule,
+        make_model_config,
+        prepare_tiles,
+        save_model,
+        split_patients,
+    )
     from histolight.classify.module import timm_preprocessing
     from histolight.tasks.common import load_dataset, output_dir
     from histolight.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
@@ -98,45 +110,104 @@ def run(cfg: DictConfig) -> dict:
 
     # ---- tiles: extract or reuse, label, split by patient
     tiles, info = prepare_tiles(
-        ds, tile_px=data.tile_px, tile_um=data.tile_um, tiles_dir=data.tiles_dir, tfrecords=data.tfrecords,
-        extract=data.extract, extract_options=data.extract_options, label_source=data.label_source,
-        label_column=data.label_column, label_table=data.label_table,
-        roi_filter_method=data.extract_options.get("roi_filter_method", "center"), classes=data.labels)
+        ds,
+        tile_px=data.tile_px,
+        tile_um=data.tile_um,
+        tiles_dir=data.tiles_dir,
+        tfrecords=data.tfrecords,
+        extract=data.extract,
+        extract_options=data.extract_options,
+        label_source=data.label_source,
+        label_column=data.label_column,
+        label_table=data.label_table,
+        roi_filter_method=data.extract_options.get("roi_filter_method", "center"),
+        classes=data.labels,
+    )
     sp = data.split
-    tiles["split"] = split_patients(tiles, sp.method, dataset=ds, column=sp.column, val_fraction=sp.val_fraction,
-                                    test_fraction=sp.test_fraction, k=sp.k, fold=sp.fold, seed=sp.seed)
+    tiles["split"] = split_patients(
+        tiles,
+        sp.method,
+        dataset=ds,
+        column=sp.column,
+        val_fraction=sp.val_fraction,
+        test_fraction=sp.test_fraction,
+        k=sp.k,
+        fold=sp.fold,
+        seed=sp.seed,
+    )
     label_map = LabelMap.from_labels(tiles["label"], classes=data.labels)
     mean, std = (data.mean, data.std) if data.mean and data.std else timm_preprocessing(model_cfg.name)
     dm = TileDataModule(
-        tiles, label_map, tile_px=data.tile_px, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
-        num_workers=data.num_workers, streaming=data.streaming, shuffle_buffer=data.shuffle_buffer,
-        balance=data.balance, samples_per_epoch=data.samples_per_epoch, augment=data.augment, normalizer=normalizer,
-        seed=seed, pin_memory=data.pin_memory, persistent_workers=data.persistent_workers,
-        prefetch_factor=data.prefetch_factor, verify=data.verify_crc)
+        tiles,
+        label_map,
+        tile_px=data.tile_px,
+        batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size,
+        num_workers=data.num_workers,
+        streaming=data.streaming,
+        shuffle_buffer=data.shuffle_buffer,
+        balance=data.balance,
+        samples_per_epoch=data.samples_per_epoch,
+        augment=data.augment,
+        normalizer=normalizer,
+        seed=seed,
+        pin_memory=data.pin_memory,
+        persistent_workers=data.persistent_workers,
+        prefetch_factor=data.prefetch_factor,
+        verify=data.verify_crc,
+    )
     log.info("tiles per split and class:\n%s", dm.summary().to_string())
 
     # ---- model, trainer
     slide_metrics = (data.label_source == "slide") if task.slide_metrics == "auto" else bool(task.slide_metrics)
     model_config = make_model_config(
-        model_cfg.name, label_map, data.tile_px, data.tile_um, normalizer=normalizer, mean=mean, std=std,
-        drop_rate=model_cfg.drop_rate, model_kwargs=model_cfg.model_kwargs, label_source=data.label_source,
+        model_cfg.name,
+        label_map,
+        data.tile_px,
+        data.tile_um,
+        normalizer=normalizer,
+        mean=mean,
+        std=std,
+        drop_rate=model_cfg.drop_rate,
+        model_kwargs=model_cfg.model_kwargs,
+        label_source=data.label_source,
         label_column=data.label_column if data.label_source == "slide" else None,
         roi_filter_method=data.extract_options.get("roi_filter_method", "center"),
-        dataset=OmegaConf.select(cfg, "dataset.name"), split=dict(sp.__dict__), seed=seed)
+        dataset=OmegaConf.select(cfg, "dataset.name"),
+        split=dict(sp.__dict__),
+        seed=seed,
+    )
     module = TileClassifier(
-        model_cfg.name, label_map.names, pretrained=model_cfg.pretrained, checkpoint_path=model_cfg.checkpoint_path,
-        drop_rate=model_cfg.drop_rate, freeze=model_cfg.freeze, label_smoothing=model_cfg.label_smoothing,
-        optimizer=instantiate(cfg.model.optimizer), scheduler=instantiate(cfg.model.get("scheduler")),
-        scheduler_interval=model_cfg.scheduler_interval, slide_metrics=slide_metrics, model_config=model_config,
-        model_kwargs=model_cfg.model_kwargs, mean=mean, std=std)
+        model_cfg.name,
+        label_map.names,
+        pretrained=model_cfg.pretrained,
+        checkpoint_path=model_cfg.checkpoint_path,
+        drop_rate=model_cfg.drop_rate,
+        freeze=model_cfg.freeze,
+        label_smoothing=model_cfg.label_smoothing,
+        optimizer=instantiate(cfg.model.optimizer),
+        scheduler=instantiate(cfg.model.get("scheduler")),
+        scheduler_interval=model_cfg.scheduler_interval,
+        slide_metrics=slide_metrics,
+        model_config=model_config,
+        model_kwargs=model_cfg.model_kwargs,
+        mean=mean,
+        std=std,
+    )
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(trainer_config(cfg), callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         try:
-            lg.log_hyperparams({"data": OmegaConf.to_container(cfg.data, resolve=True),
-                                "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": seed,
-                                "classes": label_map.names, "tiles": dm.summary().to_dict()})
+            lg.log_hyperparams(
+                {
+                    "data": OmegaConf.to_container(cfg.data, resolve=True),
+                    "model": OmegaConf.to_container(cfg.model, resolve=True),
+                    "seed": seed,
+                    "classes": label_map.names,
+                    "tiles": dm.summary().to_dict(),
+                }
+            )
         except Exception as e:  # noqa: BLE001 - logging must not stop training
             log.warning("could not log hyperparameters to %s: %s", type(lg).__name__, e)
 
@@ -175,9 +246,18 @@ def run(cfg: DictConfig) -> dict:
         from histolight.io.atomic import atomic_write_json
 
         model_dir = Path(task.model_dir) if task.model_dir else out / "model"
-        save_model(model_dir, module.net, {**model_config, "checkpoint": ckpt, "metrics": _clean(metrics),
-                                           "extraction": info.extraction, "tile_dir": str(info.tile_dir or "")},
-                   overwrite=task.overwrite)
+        save_model(
+            model_dir,
+            module.net,
+            {
+                **model_config,
+                "checkpoint": ckpt,
+                "metrics": _clean(metrics),
+                "extraction": info.extraction,
+                "tile_dir": str(info.tile_dir or ""),
+            },
+            overwrite=task.overwrite,
+        )
         write_parquet(dm.tiles.drop(columns=["y"]).reset_index(), out / "tiles.parquet")
         atomic_write_json(out / "metrics.json", _clean(metrics))
         log.info("model saved to %s", model_dir)

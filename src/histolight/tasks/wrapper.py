@@ -1,4 +1,5 @@
 """The task wrapper: run the task, log failures, always close W&B, return the swept metric."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """The one place where Hydra configs become objects (callbacks, loggers, trainers, models)."""
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,7 @@ def wandb_has_api_key() -> bool:
 def instantiate_loggers(group: Any) -> list:
     """Lightning loggers from the ``logger`` group. W&B goes offline without an API key."""
     loggers = []
-    for name, node in _items(group):
+    for _name, node in _items(group):
         kw = {}
         if "wandb" in str(node.get("_target_", "")).lower():
             if os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_has_api_key():

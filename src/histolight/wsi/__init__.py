@@ -1,4 +1,5 @@
 """Slide reading: :class:`Slide` (OpenSlide) and :class:`VirtualSlide` (numpy), units in base px and um/px."""
+
 from histolight.wsi.slide import (
     SLIDE_EXTENSIONS,
     BaseSlide,

@@ -7,13 +7,14 @@ Conventions used everywhere in histolight:
 - *mpp*: microns per pixel (um/px); the base mpp is ``Slide.mpp``.
 - Images are ``H x W x 3`` ``uint8`` RGB numpy arrays; transparent areas are white.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -24,7 +25,19 @@ log = logging.getLogger(__name__)
 
 #: File extensions OpenSlide can open (lower case, without the dot).
 SLIDE_EXTENSIONS = (
-    "svs", "tif", "tiff", "ndpi", "vms", "vmu", "scn", "mrxs", "svslide", "bif", "dcm", "czi", "qptiff",
+    "svs",
+    "tif",
+    "tiff",
+    "ndpi",
+    "vms",
+    "vmu",
+    "scn",
+    "mrxs",
+    "svslide",
+    "bif",
+    "dcm",
+    "czi",
+    "qptiff",
 )
 
 #: Base mpp values outside this range are treated as missing (e.g. TIFF resolution tags in dpi
@@ -167,7 +180,7 @@ class BaseSlide:
             return self._read_level(level, x0, y0, w, h)
         out = np.full((h, w, 3), 255, np.uint8)
         if cx1 > cx0 and cy1 > cy0:
-            out[cy0 - y0: cy1 - y0, cx0 - x0: cx1 - x0] = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
         return out
 
     def read(
@@ -201,7 +214,9 @@ class BaseSlide:
         w, h = self.dimensions
         return max(1, round(w / downsample)), max(1, round(h / downsample))
 
-    def iter_strips(self, mpp: float | None = None, strip_px: int = 1024, downsample: float | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_strips(
+        self, mpp: float | None = None, strip_px: int = 1024, downsample: float | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(y0, strip)`` covering the whole slide at ``mpp`` um/px (or ``downsample``), ``strip_px`` rows at a time.
 
         Memory is bounded by one strip (plus the source rows it comes from), whatever the slide size.
@@ -233,7 +248,7 @@ class BaseSlide:
         out_w, out_h = self.size_at_downsample(ds)
         out = np.empty((out_h, out_w, 3), np.uint8)
         for y0, strip in self.iter_strips(downsample=ds):
-            out[y0: y0 + strip.shape[0]] = strip
+            out[y0 : y0 + strip.shape[0]] = strip
         return out
 
     # ------------------------------------------------------------------ misc
@@ -284,7 +299,10 @@ def _parse_mpp(props: dict) -> tuple[float | None, str]:
     mpp = float(np.mean(vals))
     lo, hi = PLAUSIBLE_MPP
     if not (lo <= mpp <= hi):
-        return None, f"the file's mpp {mpp:g} um/px is implausible for a slide (expected {lo}-{hi}); likely resolution tags of a non-slide TIFF"
+        return (
+            None,
+            f"the file's mpp {mpp:g} um/px is implausible for a slide (expected {lo}-{hi}); likely resolution tags of a non-slide TIFF",
+        )
     return mpp, ""
 
 
@@ -315,7 +333,7 @@ class Slide(BaseSlide):
             raise SlideError(self.path, f"unsupported or unrecognized format ({e or 'OpenSlide cannot read this file'})") from e
         except openslide.OpenSlideError as e:
             raise SlideError(self.path, f"OpenSlide error: {e}") from e
-        except Exception as e:  # noqa: BLE001 - anything OpenSlide throws is a slide error
+        except Exception as e:
             raise SlideError(self.path, f"{type(e).__name__}: {e}") from e
         props = dict(self._osr.properties)
         self.properties = props
@@ -324,7 +342,7 @@ class Slide(BaseSlide):
         self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         self._file_mpp, self._mpp_note = _parse_mpp(props)
         bg = props.get("openslide.background-color")
-        self._background = tuple(int(bg[i: i + 2], 16) for i in (0, 2, 4)) if bg and len(bg) == 6 else (255, 255, 255)
+        self._background = tuple(int(bg[i : i + 2], 16) for i in (0, 2, 4)) if bg and len(bg) == 6 else (255, 255, 255)
         super().__init__(mpp)
         self.tile_reader, self.tile_reader_note = None, "disabled (fast=False)"
         if fast:
@@ -354,7 +372,9 @@ class Slide(BaseSlide):
         try:
             img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
         except openslide.OpenSlideError as e:
-            raise SlideError(self.path, f"reading pixels failed at level {level}, base ({round(x * ds)}, {round(y * ds)}): {e}") from e
+            raise SlideError(
+                self.path, f"reading pixels failed at level {level}, base ({round(x * ds)}, {round(y * ds)}): {e}"
+            ) from e
         return rgba_to_rgb(np.asarray(img), self._background)
 
     def associated_images(self) -> dict[str, np.ndarray]:
@@ -393,7 +413,9 @@ class VirtualSlide(BaseSlide):
         name: slide name.
     """
 
-    def __init__(self, image: np.ndarray, mpp: float | None = 0.5, downsamples: Sequence[int] = (1, 4, 16), name: str = "virtual"):
+    def __init__(
+        self, image: np.ndarray, mpp: float | None = 0.5, downsamples: Sequence[int] = (1, 4, 16), name: str = "virtual"
+    ):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"VirtualSlide needs an H x W x 3 uint8 array, got shape {image.shape} dtype {image.dtype}")
         self.path = f"<memory:{name}>"
@@ -416,7 +438,7 @@ class VirtualSlide(BaseSlide):
         super().__init__(None)
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return np.ascontiguousarray(self._levels[level][y: y + h, x: x + w])
+        return np.ascontiguousarray(self._levels[level][y : y + h, x : x + w])
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:

@@ -36,22 +36,31 @@ Concurrency: the reader holds no open file until the first read in a process; ea
 descriptor (``os.pread`` has no shared file position, so threads share it) and its own tile cache, so it is safe
 across threads, after ``fork`` (DataLoader workers, ``ProcessPoolExecutor``) and when pickled (spawn).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TiffTileReader", "TiffLevel", "TileCache", "UnsupportedTiff", "TileReadError", "open_tile_reader",
-    "SUPPORTED_VENDORS", "DEFAULT_CACHE_BYTES", "available_decoders", "jpeg_stream",
+    "TiffTileReader",
+    "TiffLevel",
+    "TileCache",
+    "UnsupportedTiff",
+    "TileReadError",
+    "open_tile_reader",
+    "SUPPORTED_VENDORS",
+    "DEFAULT_CACHE_BYTES",
+    "available_decoders",
+    "jpeg_stream",
 ]
 
 #: OpenSlide vendors whose levels are plain tiled TIFF pages read the way this module reads them.
@@ -63,10 +72,22 @@ _COMPRESSION_JPEG = 7
 _PHOTOMETRIC_COLORSPACE = {2: "RGB", 6: "YCBCR"}  # TIFF Photometric -> JPEG colour space forced on the decoder
 # Adobe APP14 marker (version 100, flags 0, 0, transform): transform 0 = RGB, 1 = YCbCr (libjpeg honours it when
 # there is no JFIF marker)
-_ADOBE = {"RGB": b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00",
-          "YCBCR": b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x01"}
-_COMPRESSION_NAMES = {1: "none", 5: "LZW", 7: "JPEG", 8: "deflate", 32946: "deflate", 33003: "Aperio JPEG 2000 YCbCr",
-                      33005: "Aperio JPEG 2000 RGB", 34712: "JPEG 2000", 50001: "WebP", 50002: "JPEG XL"}
+_ADOBE = {
+    "RGB": b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00",
+    "YCBCR": b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x01",
+}
+_COMPRESSION_NAMES = {
+    1: "none",
+    5: "LZW",
+    7: "JPEG",
+    8: "deflate",
+    32946: "deflate",
+    33003: "Aperio JPEG 2000 YCbCr",
+    33005: "Aperio JPEG 2000 RGB",
+    34712: "JPEG 2000",
+    50001: "WebP",
+    50002: "JPEG XL",
+}
 
 # a module lock that is valid in a forked child even if the fork happened while another thread held it
 _STATE_LOCK = threading.Lock()
@@ -252,8 +273,14 @@ class TiffTileReader:
         decoder: ``'simplejpeg'`` or ``'imagecodecs'``; None = the first of :func:`available_decoders`.
     """
 
-    def __init__(self, path: str | os.PathLike, levels: Sequence[TiffLevel], background: Sequence[int] = (255, 255, 255),
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, decoder: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        levels: Sequence[TiffLevel],
+        background: Sequence[int] = (255, 255, 255),
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        decoder: str | None = None,
+    ):
         self.path = os.fspath(path)
         self.levels = tuple(levels)
         self.background = tuple(int(v) for v in background)
@@ -271,8 +298,13 @@ class TiffTileReader:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def open(cls, path: str | os.PathLike, level_dimensions: Sequence[tuple[int, int]],
-             tile_sizes: Sequence[tuple[int, int] | None] | None = None, **kwargs) -> "TiffTileReader":
+    def open(
+        cls,
+        path: str | os.PathLike,
+        level_dimensions: Sequence[tuple[int, int]],
+        tile_sizes: Sequence[tuple[int, int] | None] | None = None,
+        **kwargs,
+    ) -> TiffTileReader:
         """Map each ``(w, h)`` in ``level_dimensions`` (level px) to a tiled JPEG page of exactly that size.
 
         ``tile_sizes`` (optional, per level): the tile size the page must have (OpenSlide's
@@ -287,8 +319,15 @@ class TiffTileReader:
         return reader
 
     @classmethod
-    def from_openslide(cls, osr, path: str | os.PathLike, background: Sequence[int] = (255, 255, 255),
-                       verify: bool = True, tolerance: int = 2, **kwargs) -> "TiffTileReader":
+    def from_openslide(
+        cls,
+        osr,
+        path: str | os.PathLike,
+        background: Sequence[int] = (255, 255, 255),
+        verify: bool = True,
+        tolerance: int = 2,
+        **kwargs,
+    ) -> TiffTileReader:
         """Reader for the file open in the OpenSlide handle ``osr``, or :class:`UnsupportedTiff`.
 
         Checks the vendor, level sizes and tile sizes against OpenSlide's, and with ``verify`` compares one decoded
@@ -298,7 +337,9 @@ class TiffTileReader:
         props = osr.properties
         vendor = props.get("openslide.vendor", "unknown")
         if vendor not in SUPPORTED_VENDORS:
-            raise UnsupportedTiff(f"vendor {vendor!r} is not a plain tiled TIFF pyramid (supported: {', '.join(SUPPORTED_VENDORS)})")
+            raise UnsupportedTiff(
+                f"vendor {vendor!r} is not a plain tiled TIFF pyramid (supported: {', '.join(SUPPORTED_VENDORS)})"
+            )
         dims = [tuple(int(v) for v in d) for d in osr.level_dimensions]
         tiles: list[tuple[int, int] | None] = []
         for i in range(len(dims)):
@@ -426,7 +467,9 @@ class TiffTileReader:
         except Exception as e:  # noqa: BLE001 - each decoder raises its own error types
             raise TileReadError(f"tile {idx}: JPEG decode failed ({type(e).__name__}: {e})") from None
         if arr.shape != (lv.tile_h, lv.tile_w, 3) or arr.dtype != np.uint8:
-            raise TileReadError(f"tile {idx}: decoded to shape {arr.shape} {arr.dtype}, expected ({lv.tile_h}, {lv.tile_w}, 3) uint8")
+            raise TileReadError(
+                f"tile {idx}: decoded to shape {arr.shape} {arr.dtype}, expected ({lv.tile_h}, {lv.tile_w}, 3) uint8"
+            )
         arr.flags.writeable = False
         return arr
 
@@ -465,7 +508,7 @@ class TiffTileReader:
         inside = cx0 == x and cy0 == y and cx1 == x + w and cy1 == y + h
         if inside and x // tw == (x + w - 1) // tw and y // th == (y + h - 1) // th:  # within one stored tile
             t = self.read_tile(level, x // tw, y // th)
-            return t[y % th: y % th + h, x % tw: x % tw + w].copy()
+            return t[y % th : y % th + h, x % tw : x % tw + w].copy()
         if inside:
             out = np.empty((h, w, 3), np.uint8)
         else:
@@ -479,7 +522,7 @@ class TiffTileReader:
                 tx0 = tx * tw
                 sx0, sx1 = max(cx0, tx0), min(cx1, tx0 + tw)
                 t = self.read_tile(level, tx, ty)
-                out[sy0 - y: sy1 - y, sx0 - x: sx1 - x] = t[sy0 - ty0: sy1 - ty0, sx0 - tx0: sx1 - tx0]
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = t[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
         return out
 
     def __repr__(self) -> str:
@@ -568,8 +611,10 @@ def _map_levels(path: str, dims: list[tuple[int, int]], tile_sizes) -> list[Tiff
                 match = (i, page, tsz)
                 break
             if match is None:
-                raise UnsupportedTiff(f"level {li} ({w}x{h} px): no tiled TIFF page of exactly that size"
-                                      + (f" and tile size {want_tile[0]}x{want_tile[1]}" if want_tile else ""))
+                raise UnsupportedTiff(
+                    f"level {li} ({w}x{h} px): no tiled TIFF page of exactly that size"
+                    + (f" and tile size {want_tile[0]}x{want_tile[1]}" if want_tile else "")
+                )
             i, page, (tw, th) = match
             used.add(i)
             why = _page_problem(page)
@@ -579,8 +624,9 @@ def _map_levels(path: str, dims: list[tuple[int, int]], tile_sizes) -> list[Tiff
             counts = np.asarray(_tag(page, 325, ()), np.int64).ravel()
             n_tiles = (-(-w // tw)) * (-(-h // th))
             if offsets.size != n_tiles or counts.size != n_tiles:
-                raise UnsupportedTiff(f"level {li} (TIFF page {i}): {offsets.size} tile offsets / {counts.size} byte "
-                                      f"counts for {n_tiles} tiles")
+                raise UnsupportedTiff(
+                    f"level {li} (TIFF page {i}): {offsets.size} tile offsets / {counts.size} byte counts for {n_tiles} tiles"
+                )
             if (offsets < 0).any() or (counts < 0).any():
                 raise UnsupportedTiff(f"level {li} (TIFF page {i}): negative tile offsets or byte counts")
             tables = _tag(page, 347)
@@ -595,19 +641,23 @@ def _map_levels(path: str, dims: list[tuple[int, int]], tile_sizes) -> list[Tiff
     return levels
 
 
-def open_tile_reader(osr, path: str | os.PathLike, background: Sequence[int] = (255, 255, 255), **kwargs
-                     ) -> tuple[TiffTileReader | None, str]:
+def open_tile_reader(
+    osr, path: str | os.PathLike, background: Sequence[int] = (255, 255, 255), **kwargs
+) -> tuple[TiffTileReader | None, str]:
     """``(reader, 'ok')`` when ``path`` (open in OpenSlide handle ``osr``) can be read directly, else ``(None, reason)``.
 
     Never raises: any problem means "use OpenSlide". Keyword arguments go to :meth:`TiffTileReader.from_openslide`.
     """
     try:
         reader = TiffTileReader.from_openslide(osr, path, background=background, **kwargs)
-        note = "ok" if reader.decoder == "simplejpeg" else (
-            f"ok ({reader.decoder}: damaged tiles may decode silently; install simplejpeg for OpenSlide-like errors)")
+        note = (
+            "ok"
+            if reader.decoder == "simplejpeg"
+            else (f"ok ({reader.decoder}: damaged tiles may decode silently; install simplejpeg for OpenSlide-like errors)")
+        )
         return reader, note
     except UnsupportedTiff as e:
         return None, e.reason
-    except Exception as e:  # noqa: BLE001 - an unexpected failure must never break slide opening
+    except Exception as e:
         log.debug("direct tile reader unavailable for %s", path, exc_info=True)
         return None, f"{type(e).__name__}: {e}"
