@@ -30,9 +30,12 @@ def fake_tasks(monkeypatch, tmp_path):
     def user_error(cfg):
         raise HistolightError("slide x has no mpp")
 
-    mod.ok, mod.boom, mod.user_error = ok, boom, user_error
+    def slides(cfg):
+        return {"n_slides": 10, "n_done": 7, "n_skipped": 1, "n_failed": 2, "n_empty": 0, "summary": "x/slides.csv", "m": 1.0}
+
+    mod.ok, mod.boom, mod.user_error, mod.slides = ok, boom, user_error, slides
     monkeypatch.setitem(sys.modules, "histolight_fake_tasks", mod)
-    for name in ("ok", "boom", "user_error"):
+    for name in ("ok", "boom", "user_error", "slides"):
         monkeypatch.setitem(TASKS, f"fake_{name}", f"histolight_fake_tasks:{name}")
     return tmp_path
 
@@ -68,3 +71,19 @@ def test_user_error_exits_with_one_clear_line(fake_tasks, caplog):
         execute(_cfg("fake_user_error", None, fake_tasks))
     assert e.value.code == 1
     assert "task fake_user_error failed: slide x has no mpp" in caplog.text
+
+
+def test_failed_slides_set_exit_status_two_unless_allowed(fake_tasks, caplog):
+    with pytest.raises(SystemExit) as e:
+        execute(_cfg("fake_slides", None, fake_tasks))
+    assert e.value.code == 2
+    last = [r.getMessage() for r in caplog.records][-1]
+    assert "10 slide(s): 7 done, 1 skipped, 2 failed, 0 empty; failures listed in x/slides.csv; exit status 2" in last
+    for task in ({"allow_failures": True}, {"max_failed": 0.2}):
+        cfg = _cfg("fake_slides", "m", fake_tasks)
+        cfg.task.update(task)
+        assert execute(cfg) == 1.0
+    cfg = _cfg("fake_slides", "m", fake_tasks)
+    cfg.task.max_failed = 0.1
+    with pytest.raises(SystemExit):
+        execute(cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from histolight.errors import ConfigError, HistolightError, ROIError, SlideError
+from histolight.io.tilestore import check_cohort_name, default_cohort_name
 from histolight.roi import ROI, ROI_EXTENSIONS, read_rois
 from histolight.wsi import SLIDE_EXTENSIONS, Slide, slide_name
 
@@ -38,6 +39,8 @@ class Dataset:
             optional ``mpp`` (per-slide override, um/px) are used when present.
         mpp_override: base um/px applied to every slide (wins over the file and the CSV).
         recursive: search slide folders recursively.
+        name: short cohort name used in output folders (``tiles/<name>/...``); default: the slide folder's base
+            name (letters, digits, ``.``, ``_``, ``-``).
     """
 
     def __init__(
@@ -47,8 +50,10 @@ class Dataset:
         annotations: str | os.PathLike | pd.DataFrame | None = None,
         mpp_override: float | None = None,
         recursive: bool = False,
+        name: str | None = None,
     ):
         self.slide_sources = [Path(p) for p in _as_list(slides)]
+        self.name = check_cohort_name(name) if name else default_cohort_name(self.slide_sources)
         self.roi_dirs = [Path(p) for p in _as_list(rois)]
         self.mpp_override = mpp_override
         if mpp_override is not None and not float(mpp_override) > 0:
@@ -234,7 +239,7 @@ class Dataset:
         return df[cols + [c for c in df.columns if c not in cols]]
 
     def __repr__(self) -> str:
-        return f"Dataset({len(self)} slides from {[str(s) for s in self.slide_sources]}, rois={[str(d) for d in self.roi_dirs]})"
+        return f"Dataset({self.name!r}: {len(self)} slides from {[str(s) for s in self.slide_sources]}, rois={[str(d) for d in self.roi_dirs]})"
 
     # ------------------------------------------------------------------ tiles
     def extract_tiles(self, **kw):

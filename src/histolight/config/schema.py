@@ -83,7 +83,7 @@ class DatasetConfig:
     """The cohort (config group ``dataset``)."""
 
     slides: Any
-    name: str = "cohort"
+    name: str | None = None
     rois: Any = None
     annotations: str | None = None
     mpp_override: float | None = None
@@ -100,3 +100,9 @@ class DatasetConfig:
             "must be null or a positive number of microns per pixel (e.g. 0.25 for 40x, 0.5 for 20x)",
         )
         self.labels = check_labels("labels", self.labels)
+        from histolight.io.tilestore import check_cohort_name, default_cohort_name
+
+        try:
+            self.name = check_cohort_name(default_cohort_name(self.slides) if self.name in (None, "") else self.name)
+        except ConfigError as e:  # re-raised as the schema's ValueError, which from_config prefixes
+            raise ValueError(str(e).replace("dataset.name=", "name=")) from None

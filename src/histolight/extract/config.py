@@ -7,53 +7,17 @@ Every mistake fails at startup with the key, the value and what is allowed, e.g.
 from __future__ import annotations
 
 import math
+import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from histolight.config.schema import check, is_pos_int, is_pos_num
+from histolight.errors import ConfigError, HistolightError
+from histolight.units import mag_to_mpp, parse_tile_um, tile_dir_name
 
 ROI_METHODS = ("auto", "inside", "outside", "ignore")
 IMG_FORMATS = ("jpg", "png")
-_MAG = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[xX]\s*$")
-
-
-def parse_tile_um(tile_um: Any) -> tuple[float | None, float | None]:
-    """``(microns, None)`` for a number, ``(None, magnification)`` for a string like ``"10x"``.
-
-    Raises ``ValueError`` naming ``tile_um`` otherwise.
-    """
-    allowed = "must be a positive number of microns (e.g. 128) or a magnification string like '10x' (10x = 1.0 um/px)"
-    if isinstance(tile_um, bool):
-        check(False, "tile_um", tile_um, allowed)
-    if isinstance(tile_um, (int, float)):
-        check(is_pos_num(tile_um), "tile_um", tile_um, allowed)
-        return float(tile_um), None
-    if isinstance(tile_um, str):
-        m = _MAG.match(tile_um)
-        if m and float(m.group(1)) > 0:
-            return None, float(m.group(1))
-        try:  # "128" from a CLI string
-            v = float(tile_um)
-        except ValueError:
-            v = None
-        check(v is not None and math.isfinite(v) and v > 0, "tile_um", tile_um, allowed)
-        return float(v), None
-    check(False, "tile_um", tile_um, allowed)
-    raise AssertionError  # unreachable
-
-
-def tile_um_label(tile_um: Any) -> str:
-    """Folder suffix, Slideflow style: ``128`` -> ``128um``, ``112.5`` -> ``112.5um``, ``"10x"`` -> ``10x``."""
-    um, mag = parse_tile_um(tile_um)
-    if mag is not None:
-        return f"{mag:g}x"
-    return f"{um:g}um"
-
-
-def tile_dir_name(tile_px: int, tile_um: Any) -> str:
-    """``<tile_px>px_<tile_um>um`` (or ``<tile_px>px_10x``)."""
-    return f"{int(tile_px)}px_{tile_um_label(tile_um)}"
 
 
 def parse_roi_filter_method(v: Any) -> str | float:
@@ -207,39 +171,81 @@ class ExtractConfig:
     @property
     def tile_mpp(self) -> float:
         """Nominal um/px of the output tiles (``tile_um / tile_px``, or ``10 / magnification``)."""
-        return self.um / self.tile_px if self.mag is None else 10.0 / self.mag
+        return self.um / self.tile_px if self.mag is None else mag_to_mpp(self.mag)
 
     def settings(self) -> dict:
-        """The options that change what is extracted (stored with each slide to detect changed settings)."""
-        d = asdict(self)
-        for k in (
-            "name",
-            "outdir",
-            "workers",
-            "shard_index",
-            "num_shards",
-            "overwrite",
-            "dry_run",
-            "report",
-            "report_samples",
-            "save_tiles",
-            "blur_flag",
-        ):
-            d.pop(k, None)
-        return d
+        """The options that change what is extracted, as plain JSON values (stored with each slide to detect changed
+        settings): every field but :data:`RUN_OPTIONS`; a QC plug-in object is stored as its ``repr``."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self) if f.name not in RUN_OPTIONS}
 
 
-#: Option names of :class:`ExtractConfig` accepted as keyword arguments by ``extract_tiles``.
-def option_names() -> list[str]:
-    import dataclasses
+#: Options of how a run goes (where, how parallel, what is reported), not of what is extracted.
+RUN_OPTIONS = (
+    "name",
+    "outdir",
+    "workers",
+    "shard_index",
+    "num_shards",
+    "overwrite",
+    "dry_run",
+    "report",
+    "report_samples",
+    "save_tiles",
+    "blur_flag",
+)
 
-    return [f.name for f in dataclasses.fields(ExtractConfig)]
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return repr(v)  # a QC plug-in object (e.g. Segment): its repr names it
+
+
+def build_normalizer_for(cfg: ExtractConfig):
+    """The stain normalizer of ``cfg`` (``normalizer``, ``normalizer_source``), or None.
+
+    ``normalizer_source``: a shipped preset name, ``'context'`` (fit per slide on its thumbnail),
+    a fit JSON file, or an image file to fit on. Raises :class:`ConfigError` for an unusable source.
+    """
+    if cfg.normalizer is None or cfg.normalizer == "none":
+        return None
+    from histolight.norm import available_presets, build_normalizer
+
+    spec = {"method": cfg.normalizer} if isinstance(cfg.normalizer, str) else dict(cfg.normalizer)
+    src = cfg.normalizer_source
+    fit_image = None
+    if src is not None:
+        if src == "context":
+            spec["context"] = True
+        elif src in available_presets():
+            spec["preset"] = src
+        elif os.path.isfile(src) and src.lower().endswith(".json"):
+            spec["fit_path"] = src
+        elif os.path.isfile(src):
+            fit_image = src
+        else:
+            raise ConfigError(
+                f"normalizer_source={src!r} is invalid: allowed a preset {available_presets()}, "
+                "'context', a fit .json file or an image file"
+            )
+    norm = build_normalizer(spec)
+    if fit_image is not None:
+        import cv2
+
+        img = cv2.imread(fit_image, cv2.IMREAD_COLOR)
+        if img is None:
+            raise HistolightError(f"normalizer_source: cannot read image '{fit_image}'")
+        norm.fit(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    return norm
 
 
 def load_extract_config(node: Any, prefix: str = "task") -> ExtractConfig:
     """:class:`ExtractConfig` from a config section via ``histolight.config.from_config``; errors name ``<prefix>.<key>``."""
     from histolight.config import from_config
-    from histolight.errors import ConfigError
 
     try:
         return from_config(ExtractConfig, node, prefix)

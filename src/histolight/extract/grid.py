@@ -14,17 +14,20 @@ Two modes:
 Tile origins step by ``extract_px / stride_div`` base px (rounded); tiles must lie fully inside the
 slide unless ``edge_tiles`` (then the last row/column reaching the border is kept and padded white).
 ``loc_x, loc_y = x + extract_px // 2, y + extract_px // 2`` is the tile centre in base px.
+
+Reads go through the slide's :class:`~histolight.wsi.slide.ReadPlan` (:meth:`TileGrid.read_plan`), the same plan
+``slide.read`` / ``slide.read_region`` use, so tiles cannot drift from direct reads.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from histolight.wsi.slide import level_origin, resize_area
+from histolight.wsi.slide import ReadPlan, resize_area
 
 log = logging.getLogger(__name__)
 
@@ -108,42 +111,31 @@ class TileGrid:
         return (int(self.grid_y.max()) + 1 if len(self) else 0, int(self.grid_x.max()) + 1 if len(self) else 0)
 
     # ----------------------------------------------------------------- reading
-    def _level_box(self, slide, x: int, y: int) -> tuple[int, int, int, int]:
-        """What reading tile (x, y) requests from ``slide.read_region``: base origin and level size."""
-        if self.mag is not None:  # as slide.read_region((x, y), level, (tile_px, tile_px))
-            return x, y, self.tile_px, self.tile_px
-        ds = slide.level_downsamples[self.level]  # as slide.read((x, y), (e, e), read_mpp, ...)
-        lx, ly = int(math.floor(x / ds)), int(math.floor(y / ds))
+    def read_plan(self, slide, i: int) -> ReadPlan:
+        """How tile ``i`` is read: the slide's own read plan (:meth:`~histolight.wsi.slide.BaseSlide.read_plan` in
+        microns mode, :meth:`~histolight.wsi.slide.BaseSlide.region_plan` in magnification mode)."""
+        x, y = int(self.x[i]), int(self.y[i])
+        if self.mag is not None:
+            return slide.region_plan((x, y), self.level, (self.tile_px, self.tile_px))
         e = self.extract_px
-        lw = max(1, int(math.ceil((x + e) / ds)) - lx)
-        lh = max(1, int(math.ceil((y + e) / ds)) - ly)
-        return level_origin(lx, ds), level_origin(ly, ds), lw, lh
+        return slide.read_plan((x, y), (e, e), self.read_mpp, out_size=(self.tile_px, self.tile_px))
 
     def read_tile(self, slide, i: int) -> np.ndarray:
         """Pixels of tile ``i``: ``tile_px x tile_px x 3`` uint8 (white outside the slide)."""
-        bx, by, lw, lh = self._level_box(slide, int(self.x[i]), int(self.y[i]))
-        img = slide.read_region((bx, by), self.level, (lw, lh))
-        return resize_area(img, (self.tile_px, self.tile_px))
+        return slide.read_planned(self.read_plan(slide, i))
 
     def read_run(self, slide, idx: list[int]) -> list[np.ndarray]:
-        """Pixels of several tiles of one row (same ``y``), read with one ``read_region`` call.
+        """Pixels of several tiles of one row (same ``y``), read as one level-px strip.
 
         Identical to ``[read_tile(slide, i) for i in idx]``; memory is one strip of the row span.
         """
         if len(idx) == 1:
             return [self.read_tile(slide, idx[0])]
-        ds = slide.level_downsamples[self.level]
-        boxes = [self._level_box(slide, int(self.x[i]), int(self.y[i])) for i in idx]
-        # the level origin read_region actually uses for each request
-        origins = [int(math.floor(bx / ds + 1e-6)) for bx, _, _, _ in boxes]
-        lw_run = max(o + b[2] for o, b in zip(origins, boxes)) - origins[0]
-        by, lh = boxes[0][1], boxes[0][3]
-        strip = slide.read_region((boxes[0][0], by), self.level, (lw_run, lh))
-        out = []
-        for o, (_, _, lw, _) in zip(origins, boxes):
-            off = o - origins[0]
-            out.append(resize_area(np.ascontiguousarray(strip[:, off : off + lw]), (self.tile_px, self.tile_px)))
-        return out
+        plans = [self.read_plan(slide, i) for i in idx]
+        first = plans[0]
+        span = max(p.x + p.w for p in plans) - first.x
+        strip = slide.read_planned(replace(first, w=span, out_w=span, out_h=first.h))
+        return [resize_area(np.ascontiguousarray(strip[:, p.x - first.x : p.x - first.x + p.w]), p.out_size) for p in plans]
 
     def runs(self, idx: np.ndarray, max_px: int = 4096) -> list[list[int]]:
         """Group tile indices (row-major) into runs read at once: same row, touching or overlapping,

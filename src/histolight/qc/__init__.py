@@ -2,11 +2,13 @@
 
 Built-in: :class:`Otsu` (tissue; background masked), :class:`GaussianV2` (blur). Build from
 config with :func:`build_qc` (``["otsu", "blur"]``, ``{"name": "segment", ...}``); add methods
-with :func:`register_qc`.
+with :func:`register_qc`. :func:`run_qc` applies methods to a slide and combines their masks (OR on the finest
+grid, tissue fraction, blur burden).
 """
 
-from histolight.qc.base import QCMask, QCMethod, combine
-from histolight.qc.blur import Blur, GaussianV2, blur_burden, blur_mask_image
+from histolight.qc.base import QCMask, QCMethod
+from histolight.qc.blur import Blur, GaussianV2, blur_mask_image
+from histolight.qc.combine import QCResult, blur_burden, run_qc
 from histolight.qc.otsu import Otsu, otsu_tissue
 from histolight.qc.registry import QC_REGISTRY, build_qc, qc_names, qc_role, register_qc, validate_qc_spec
 from histolight.qc.segment import Segment
@@ -14,7 +16,8 @@ from histolight.qc.segment import Segment
 __all__ = [
     "QCMask",
     "QCMethod",
-    "combine",
+    "QCResult",
+    "run_qc",
     "Otsu",
     "otsu_tissue",
     "GaussianV2",

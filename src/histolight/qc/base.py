@@ -3,12 +3,11 @@
 A QC method is any callable ``qc(slide) -> QCMask``. The mask covers the whole slide at ``mpp``
 um/px (shape ``(round(H0 * mpp0 / mpp), round(W0 * mpp0 / mpp))``) and is ``True`` where tissue
 must be **dropped** (background, blur, pen, or whatever the method rejects). Methods combine with
-:func:`combine` (logical OR after resizing to the finest mpp).
+:func:`histolight.qc.combine.run_qc` (logical OR after resizing to the finest mpp).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,23 +45,3 @@ class QCMask:
 
 class QCMethod(Protocol):
     def __call__(self, slide) -> QCMask: ...
-
-
-def combine(masks: Sequence[QCMask], name: str = "combined") -> QCMask:
-    """OR of several QC masks on the finest grid among them; components kept in ``parts``."""
-    if not masks:
-        raise ValueError("combine() needs at least one mask")
-    finest = min(masks, key=lambda m: m.mpp)
-    shape = finest.mask.shape
-    out = np.zeros(shape, bool)
-    parts = {}
-    for m in masks:
-        r = m.resized(shape)
-        out |= r
-        parts[m.name] = r
-        for k, v in m.parts.items():
-            parts.setdefault(k, cv2.resize(v.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0)
-    return QCMask(out, finest.mpp, name, parts)
-
-
-QCCallable = Callable[[object], QCMask]

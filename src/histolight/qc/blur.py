@@ -3,7 +3,7 @@
 At ``mpp`` um/px (default: 4x the tile mpp), the slide is converted to grey (ITU-R 709 luma, 0-1),
 filtered with the 4-neighbour Laplacian, made absolute, smoothed with a Gaussian of ``sigma``
 px, and pixels whose response is ``<= threshold`` are masked (True = blurred *or* featureless,
-which includes the glass background; intersect with a tissue mask for the blur burden).
+which includes the glass background; :func:`histolight.qc.combine.blur_burden` intersects it with a tissue mask).
 
 The slide is processed in overlapping blocks (``block_px`` output px plus a margin of
 ``4 * sigma + 2`` px on each side, enough for both filters), so memory is bounded by one block
@@ -116,13 +116,3 @@ class GaussianV2:
 
 #: Short alias.
 Blur = GaussianV2
-
-
-def blur_burden(blur: np.ndarray, background: np.ndarray) -> float:
-    """Fraction of tissue that is blurred: ``|blur & tissue| / |tissue|`` with ``tissue = ~background``.
-
-    Both masks ``H x W`` bool on the same grid (True = blurred / True = background). 0 when no tissue.
-    """
-    tissue = ~background
-    n = int(tissue.sum())
-    return float((blur & tissue).sum()) / n if n else 0.0

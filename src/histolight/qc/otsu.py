@@ -53,15 +53,6 @@ def lowres_downsample(slide, mpp: float | None = None, level: int | None = None,
     return max(ds, 1e-6)
 
 
-def read_lowres(slide, downsample: float) -> np.ndarray:
-    """The whole slide at ``downsample``, streamed strip by strip (memory = output + one strip)."""
-    w, h = slide.size_at_downsample(downsample)
-    out = np.empty((h, w, 3), np.uint8)
-    for y0, strip in slide.iter_strips(downsample=downsample, strip_px=1024):
-        out[y0 : y0 + strip.shape[0]] = strip
-    return out
-
-
 class Otsu:
     """Otsu's thresholding on HSV saturation at low resolution; background masked.
 
@@ -96,7 +87,7 @@ class Otsu:
 
     def __call__(self, slide) -> QCMask:
         ds = lowres_downsample(slide, self.mpp, self.level, self.max_px)
-        img = read_lowres(slide, ds)
+        img = slide.thumbnail(downsample=ds)
         tissue, thr = otsu_tissue(img, self.median, self.min_threshold)
         log.debug(
             "%s: Otsu saturation threshold %d at downsample %.3g (%dx%d px)", slide.name, thr, ds, img.shape[1], img.shape[0]

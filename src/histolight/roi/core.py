@@ -26,6 +26,7 @@ from shapely.validation import explain_validity, make_valid
 
 from histolight.errors import ROIError
 from histolight.io.atomic import atomic_write_text
+from histolight.io.tables import json_default
 
 log = logging.getLogger(__name__)
 
@@ -385,16 +386,8 @@ def rois_to_geojson(rois: Sequence[ROI]) -> dict:
 
 def write_geojson_rois(rois: Sequence[ROI], path: str | os.PathLike) -> Path:
     """Write QuPath GeoJSON atomically."""
-    atomic_write_text(path, json.dumps(rois_to_geojson(rois), default=_json_default))
+    atomic_write_text(path, json.dumps(rois_to_geojson(rois), default=json_default))
     return Path(path)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(type(o))
 
 
 # ---------------------------------------------------------------------------------------------- dispatch

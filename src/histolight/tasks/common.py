@@ -39,7 +39,9 @@ def load_dataset(cfg: DictConfig) -> Dataset:
     """The cohort described by ``cfg.dataset`` (generating the demo cohort on first use)."""
     d = dataset_config(cfg)
     ensure_demo_from_config(d)
-    return Dataset(d.slides, rois=d.rois, annotations=d.annotations, mpp_override=d.mpp_override, recursive=d.recursive)
+    return Dataset(
+        d.slides, rois=d.rois, annotations=d.annotations, mpp_override=d.mpp_override, recursive=d.recursive, name=d.name
+    )
 
 
 def output_dir(cfg: DictConfig) -> Path:

@@ -1,20 +1,28 @@
-"""The task wrapper: run the task, log failures, always close W&B, return the swept metric."""
+"""The task wrapper: run the task, log failures, always close W&B, set the exit status, return the swept metric.
+
+Exit status of ``python run.py``: 0 = success; 1 = bad input or config (one clear line) or a crash (traceback);
+2 (:data:`histolight.cohort.EXIT_SLIDES_FAILED`) = a per-slide task finished but slides failed beyond
+``task.allow_failures`` / ``task.max_failed`` (the failed slides and their reasons are in the task's summary CSV).
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from histolight.cohort import failure_exit_code
 from histolight.errors import HistolightError
 from histolight.utils.instantiate import finish_wandb
 
 log = logging.getLogger("histolight")
+
+
+class SlidesFailedError(HistolightError):
+    """A per-slide task finished with more failed slides than its policy allows."""
 
 
 def _is_multirun() -> bool:
@@ -23,7 +31,7 @@ def _is_multirun() -> bool:
         from hydra.types import RunMode
 
         return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - outside a Hydra app there is no multirun
         return False
 
 
@@ -34,15 +42,33 @@ def metric_value(metrics: dict | None, name: str | None) -> float | None:
     if not metrics or name not in metrics:
         raise HistolightError(f"optimized_metric '{name}' was not reported by the task; it reported {sorted(metrics or {})}")
     v = metrics[name]
-    v = float(v.item() if hasattr(v, "item") else v)
-    return v
+    return float(v.item() if hasattr(v, "item") else v)
+
+
+def slide_outcome(name: str, cfg: DictConfig, metrics: dict) -> tuple[str, int]:
+    """The closing line of a per-slide task (``N done, N skipped, N failed``) and its exit status."""
+    n = {k: int(metrics.get(f"n_{k}", 0) or 0) for k in ("slides", "done", "skipped", "failed", "empty")}
+    allow = bool(OmegaConf.select(cfg, "task.allow_failures", default=False))
+    max_failed = OmegaConf.select(cfg, "task.max_failed", default=None)
+    code = failure_exit_code(n["failed"], n["slides"], allow, max_failed)
+    line = (
+        f"task {name}: {n['slides']} slide(s): {n['done']} done, {n['skipped']} skipped, {n['failed']} failed, {n['empty']} empty"
+    )
+    if n["failed"]:
+        line += f"; failures listed in {metrics.get('summary', 'the log above')}"
+        line += (
+            f"; exit status {code} (task.allow_failures=true or task.max_failed=<fraction> accepts failures)"
+            if code
+            else " (accepted by task.allow_failures / task.max_failed)"
+        )
+    return line, code
 
 
 def execute(cfg: DictConfig) -> float | None:
     """Run ``cfg.task.name``; return ``cfg.optimized_metric`` from its result dict (None if unset).
 
     User errors (:class:`HistolightError`) are logged as one clear line; in a single run the process
-    exits with status 1, in a multirun the exception propagates so the sweeper records the failure.
+    exits with status 1 (2 when slides failed), in a multirun the exception propagates so the sweeper records it.
     """
     from histolight.tasks import get_task
 
@@ -54,21 +80,28 @@ def execute(cfg: DictConfig) -> float | None:
         metrics = fn(cfg) or {}
         out = Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".")
         log.info("task %s finished in %.1f s; outputs in %s", name, time.time() - t0, out)
+        if "n_failed" in metrics:
+            line, code = slide_outcome(name, cfg, metrics)
+            (log.error if code else log.info)(line)
+            if code:
+                if _is_multirun():
+                    raise SlidesFailedError(line)
+                finish_wandb(exit_code=code)
+                sys.exit(code)
         return metric_value(metrics, cfg.get("optimized_metric"))
     except HistolightError as e:
-        code = 1
-        log.error("task %s failed: %s", name, e)
+        code = code or 1
+        if not isinstance(e, SlidesFailedError):
+            log.error("task %s failed: %s", name, e)
         if _is_multirun():
             raise
-        finish_wandb(exit_code=1)
-        sys.exit(1)
+        finish_wandb(exit_code=code)
+        sys.exit(code)
+    except SystemExit:
+        raise
     except BaseException:
         code = 1
         log.exception("task %s crashed", name)
         raise
     finally:
         finish_wandb(exit_code=code)
-
-
-def nan_to_none(v: Any) -> Any:
-    return None if isinstance(v, float) and math.isnan(v) else v

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -72,6 +73,36 @@ def resize_area(img: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
         return img
     shrink = w <= img.shape[1] and h <= img.shape[0]
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How one read is served: a box of **level px** at one pyramid level, then a resize to the output size.
+
+    Built by :meth:`BaseSlide.read_plan` (a base-px box at a target um/px, as :meth:`BaseSlide.read`) or
+    :meth:`BaseSlide.region_plan` (level px from a base-px origin, as :meth:`BaseSlide.read_region`); executed by
+    :meth:`BaseSlide.read_planned`. Tile grids build their reads from the same plans, so a tile is always the
+    same pixels as the equivalent direct read.
+
+    Attributes:
+        level: pyramid level the pixels come from.
+        x, y: top-left of the box in level px (parts outside the level read as white).
+        w, h: box size in level px (>= 1).
+        out_w, out_h: output size in px (the box is area-resized to it when different).
+    """
+
+    level: int
+    x: int
+    y: int
+    w: int
+    h: int
+    out_w: int
+    out_h: int
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """Output ``(w, h)`` in px."""
+        return self.out_w, self.out_h
 
 
 class BaseSlide:
@@ -159,11 +190,34 @@ class BaseSlide:
         """Read ``(w, h)`` level px whose top-left is at level px ``(x, y)``. Returns ``h x w x 3`` uint8."""
         raise NotImplementedError
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """OpenSlide-style read: ``location`` = top-left in **base px**, ``size`` = ``(w, h)`` in **level px**.
+    def read_plan(
+        self,
+        location: tuple[float, float],
+        size: tuple[float, float],
+        mpp: float,
+        out_size: tuple[int, int] | None = None,
+    ) -> ReadPlan:
+        """How :meth:`read` serves the base-px box ``location`` (top-left) + ``size`` (w, h) at ``mpp`` um/px.
 
-        Areas outside the slide are white. Returns ``h x w x 3`` uint8 RGB.
+        The level is the deepest one at least as fine as ``mpp`` (:meth:`best_level_for_mpp`); the level-px box
+        is the smallest one covering the base-px box (``floor`` of its start, ``ceil`` of its end, at least 1 px);
+        the output is ``out_size`` (w, h) if given, else the box size scaled to ``mpp``.
         """
+        bx, by = location
+        bw, bh = size
+        if out_size is None:
+            f = self.mpp / mpp
+            out_size = (max(1, round(bw * f)), max(1, round(bh * f)))
+        level = self.best_level_for_mpp(mpp)
+        ds = self.level_downsamples[level]
+        lx, ly = int(math.floor(bx / ds)), int(math.floor(by / ds))
+        lw = max(1, int(math.ceil((bx + bw) / ds)) - lx)
+        lh = max(1, int(math.ceil((by + bh) / ds)) - ly)
+        return ReadPlan(level, lx, ly, lw, lh, int(out_size[0]), int(out_size[1]))
+
+    def region_plan(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> ReadPlan:
+        """How :meth:`read_region` serves ``size`` (w, h) **level px** at ``level`` from ``location`` (top-left, **base
+        px**): the level-px origin is ``floor(location / downsample)``; no resize."""
         if not 0 <= level < self.level_count:
             raise ValueError(f"level {level} out of range for {self.name} (0..{self.level_count - 1})")
         w, h = int(size[0]), int(size[1])
@@ -172,16 +226,30 @@ class BaseSlide:
         ds = self.level_downsamples[level]
         x0 = int(math.floor(location[0] / ds + 1e-6))
         y0 = int(math.floor(location[1] / ds + 1e-6))
+        return ReadPlan(level, x0, y0, w, h, w, h)
+
+    def read_planned(self, plan: ReadPlan) -> np.ndarray:
+        """Pixels of ``plan``: its level-px box (white outside the level) resized to ``plan.out_size`` (area
+        interpolation when shrinking). Returns ``out_h x out_w x 3`` uint8 RGB."""
+        level, x0, y0, w, h = plan.level, plan.x, plan.y, plan.w, plan.h
         lw, lh = self.level_dimensions[level]
         # clip to the level; pad the rest with white
         cx0, cy0 = max(0, x0), max(0, y0)
         cx1, cy1 = min(lw, x0 + w), min(lh, y0 + h)
         if cx0 == x0 and cy0 == y0 and cx1 == x0 + w and cy1 == y0 + h:
-            return self._read_level(level, x0, y0, w, h)
-        out = np.full((h, w, 3), 255, np.uint8)
-        if cx1 > cx0 and cy1 > cy0:
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
-        return out
+            img = self._read_level(level, x0, y0, w, h)
+        else:
+            img = np.full((h, w, 3), 255, np.uint8)
+            if cx1 > cx0 and cy1 > cy0:
+                img[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+        return resize_area(img, plan.out_size)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """OpenSlide-style read: ``location`` = top-left in **base px**, ``size`` = ``(w, h)`` in **level px**.
+
+        Areas outside the slide are white. Returns ``h x w x 3`` uint8 RGB. See :meth:`region_plan`.
+        """
+        return self.read_planned(self.region_plan(location, level, size))
 
     def read(
         self,
@@ -194,20 +262,9 @@ class BaseSlide:
 
         Reads from the deepest level that is at least as fine as ``mpp`` and resizes (area
         interpolation when shrinking). Output is ``out_size`` (w, h) if given, else the box size
-        scaled to ``mpp``. Returns ``H x W x 3`` uint8.
+        scaled to ``mpp``. Returns ``H x W x 3`` uint8. See :meth:`read_plan`.
         """
-        bx, by = location
-        bw, bh = size
-        if out_size is None:
-            f = self.mpp / mpp
-            out_size = (max(1, round(bw * f)), max(1, round(bh * f)))
-        level = self.best_level_for_mpp(mpp)
-        ds = self.level_downsamples[level]
-        lx, ly = int(math.floor(bx / ds)), int(math.floor(by / ds))
-        lw = max(1, int(math.ceil((bx + bw) / ds)) - lx)
-        lh = max(1, int(math.ceil((by + bh) / ds)) - ly)
-        img = self.read_region((level_origin(lx, ds), level_origin(ly, ds)), level, (lw, lh))
-        return resize_area(img, out_size)
+        return self.read_planned(self.read_plan(location, size, mpp, out_size))
 
     def size_at_downsample(self, downsample: float) -> tuple[int, int]:
         """Whole-slide ``(width, height)`` in px at ``downsample`` relative to level 0."""
@@ -224,18 +281,17 @@ class BaseSlide:
         ds_out = downsample if downsample is not None else mpp / self.mpp
         out_w, out_h = self.size_at_downsample(ds_out)
         level = self.best_level_for_downsample(ds_out)
-        ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         sy = lh / out_h  # level rows per output row (>= ~1)
         for y0 in range(0, out_h, strip_px):
             y1 = min(out_h, y0 + strip_px)
             ly0 = int(math.floor(y0 * sy))
             ly1 = min(lh, max(ly0 + 1, int(math.ceil(y1 * sy))))
-            src = self.read_region((0, level_origin(ly0, ds)), level, (lw, ly1 - ly0))
-            yield y0, resize_area(src, (out_w, y1 - y0))
+            yield y0, self.read_planned(ReadPlan(level, 0, ly0, lw, ly1 - ly0, out_w, y1 - y0))
 
-    def thumbnail(self, mpp: float | None = None, max_size: int | None = None) -> np.ndarray:
-        """Whole slide at ``mpp`` um/px, or fitting ``max_size`` px on its long side (works without mpp).
+    def thumbnail(self, mpp: float | None = None, max_size: int | None = None, *, downsample: float | None = None) -> np.ndarray:
+        """Whole slide at ``mpp`` um/px, or fitting ``max_size`` px on its long side, or at ``downsample`` (base px
+        per output px); the last two work without mpp. Size: :meth:`size_at_downsample`.
 
         Streams strips, so memory is the output plus one strip. Returns ``H x W x 3`` uint8.
         """
@@ -243,8 +299,10 @@ class BaseSlide:
             ds = mpp / self.mpp
         elif max_size is not None:
             ds = max(1.0, max(self.dimensions) / float(max_size))
+        elif downsample is not None:
+            ds = float(downsample)
         else:
-            raise ValueError("thumbnail needs mpp (um/px) or max_size (px)")
+            raise ValueError("thumbnail needs mpp (um/px), max_size (px) or downsample")
         out_w, out_h = self.size_at_downsample(ds)
         out = np.empty((out_h, out_w, 3), np.uint8)
         for y0, strip in self.iter_strips(downsample=ds):

@@ -1,0 +1,47 @@
+"""Image encoding and writing in one place: PNG/JPEG bytes from RGB or grey arrays, PNG and TIFF files (atomic)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from histolight.io.atomic import atomic_write
+
+
+def encode_image(img: np.ndarray, fmt: str = "png", quality: int = 95, png_compression: int = 3) -> bytes:
+    """Encode ``img`` (H x W x 3 uint8 RGB, or H x W grey uint8/uint16) as ``png`` or ``jpg`` bytes.
+
+    Raises ``ValueError`` when OpenCV cannot encode it (instead of writing an empty file)."""
+    import cv2
+
+    fmt = fmt.lower().lstrip(".")
+    if fmt == "jpeg":
+        fmt = "jpg"
+    if fmt not in ("png", "jpg"):
+        raise ValueError(f"image format must be png or jpg, got {fmt!r}")
+    arr = np.ascontiguousarray(img)
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)] if fmt == "png" else [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    ok, buf = cv2.imencode("." + fmt, arr, params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {img.dtype} array of shape {img.shape} as {fmt}")
+    return buf.tobytes()
+
+
+def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write ``img`` (H x W x 3 RGB or H x W grey) as a PNG file, atomically."""
+    data = encode_image(img, "png")
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_tif(path: str | os.PathLike, arr: np.ndarray) -> None:
+    """Write ``arr`` ((C, H, W) or (H, W)) as a zlib-compressed greyscale TIFF, atomically."""
+    import tifffile
+
+    with atomic_write(path, "wb") as fh:
+        tifffile.imwrite(fh, arr, compression="zlib", photometric="minisblack")
