@@ -128,11 +128,9 @@ def _preimport() -> None:
 
     for name in tt.available_decoders():
         tt._make_decoder(name)
-    try:
-        import histolight.extract
-        import histolight.extract.report  # noqa: F401
-    except Exception:  # noqa: BLE001 - not there yet
-        pass
+    import histolight.extract
+    import histolight.extract.report  # noqa: F401
+
     cv2.setNumThreads(1)  # every case single-threaded OpenCV, as the extractor's worker processes are
 
 
@@ -532,45 +530,18 @@ def main(argv=None) -> int:
         "tiles/CPU-s = tiles per CPU second of the case's process and its workers (less sensitive to other load; "
         "not a measure of parallel speed-up)."
     )
-    hdr = [
-        "slide(s)",
-        "pipeline",
-        "tiles",
-        "sec",
-        "tiles/s",
-        "ratio",
-        "tiles/CPU-s",
-        "ratio",
-        "peak RSS MB",
-        "workers MB",
-        "runs (tiles/s)",
-    ]
+    hdr = "slide(s) pipeline tiles sec tiles/s ratio tiles/CPU-s ratio peak_RSS_MB workers_MB runs_(tiles/s)".split()
     widths = [18, 14, 6, 6, 8, 6, 11, 6, 11, 10, 24]
-    print(_fmt_row(hdr, widths))
+    print(_fmt_row([h.replace("_", " ") for h in hdr], widths))
     labels = list(dict.fromkeys(k.split(" | ")[0] for k in best))
     for label in labels:
         base = best[f"{label} | baseline"]
-        for key, r in best.items():
-            if key.split(" | ")[0] != label:
-                continue
-            print(
-                _fmt_row(
-                    [
-                        label,
-                        key.split(" | ")[1],
-                        r["tiles"],
-                        f"{r['seconds']:.2f}",
-                        f"{r['tiles_per_s']:.1f}",
-                        f"{r['tiles_per_s'] / base['tiles_per_s']:.2f}x",
-                        f"{r['tiles_per_cpu_s']:.1f}",
-                        f"{r['tiles_per_cpu_s'] / base['tiles_per_cpu_s']:.2f}x",
-                        f"{r['rss_mb']:.0f}",
-                        f"{r['rss_children_mb']:.0f}",
-                        " ".join(f"{v:.0f}" for v in r["runs"]),
-                    ],
-                    widths,
-                )
-            )
+        for key, r in ((k, v) for k, v in best.items() if k.split(" | ")[0] == label):
+            cells = [label, key.split(" | ")[1], r["tiles"], f"{r['seconds']:.2f}", f"{r['tiles_per_s']:.1f}"]
+            cells += [f"{r['tiles_per_s'] / base['tiles_per_s']:.2f}x", f"{r['tiles_per_cpu_s']:.1f}"]
+            cells += [f"{r['tiles_per_cpu_s'] / base['tiles_per_cpu_s']:.2f}x", f"{r['rss_mb']:.0f}"]
+            cells += [f"{r['rss_children_mb']:.0f}", " ".join(f"{v:.0f}" for v in r["runs"])]
+            print(_fmt_row(cells, widths))
     if ext_err is not None:
         print(f"\n[extractor] NOT TIMED: {ext_err}")
     else:

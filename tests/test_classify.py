@@ -46,7 +46,7 @@ CLASSES = ["tumor", "stroma", "necrosis"]
 
 
 def _dataset(root: Path) -> Dataset:
-    return Dataset(root / "slides", rois=root / "rois", annotations=root / "annotations.csv")
+    return Dataset(root / "slides", rois=root / "rois", annotations=root / "annotations.csv", name="demo")
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,7 @@ def work(tiny_demo, tmp_path_factory) -> Path:
         _dataset(tiny_demo),
         PX,
         UM,
-        str(w / "tiles" / "demo"),
+        str(w / "tiles"),
         roi_method="auto",
         roi_filter_method="center",
         qc=["otsu"],
@@ -73,7 +73,7 @@ def work(tiny_demo, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiles(tiny_demo, work) -> pd.DataFrame:
     ds = _dataset(tiny_demo)
-    t, info = prepare_tiles(ds, tile_px=PX, tile_um=UM, tiles_dir=work / "tiles" / "demo", extract=False)
+    t, info = prepare_tiles(ds, tile_px=PX, tile_um=UM, tiles_root=work / "tiles", extract=False)
     t["split"] = split_patients(t, "annotations", dataset=ds)
     assert info.n_labelled == len(t) > 0
     return t
@@ -244,10 +244,15 @@ def test_annotation_splits_by_patient(tiny_demo, tiles):
     ds = _dataset(tiny_demo)
     assert (tiles.groupby("patient")["split"].nunique() == 1).all()
     ann = ds.annotations.copy()
+    ann["split"] = ann["split"].map({"train": " Train", "val": "VAL ", "test": "test"})  # compared case-insensitively
+    odd = Dataset(tiny_demo / "slides", rois=tiny_demo / "rois", annotations=ann.reset_index(drop=True))
+    assert split_patients(tiles, "annotations", dataset=odd).equals(tiles["split"])
     ann.loc["demo_001", "split"] = "val"  # demo_000 and demo_001 share patient p000
     bad = Dataset(tiny_demo / "slides", rois=tiny_demo / "rois", annotations=ann.reset_index(drop=True))
-    with pytest.raises(HistolightError, match="patient 'p000' has slides in several splits"):
+    with pytest.raises(ConfigError, match=r"patient 'p000' \(train: \['demo_000'\], val: \['demo_001'\]\)"):
         split_patients(tiles, "annotations", dataset=bad)
+    leaky = split_patients(tiles, "annotations", dataset=bad, allow_leakage=True)  # the override: a warning only
+    assert set(leaky[tiles["slide"] == "demo_001"]) == {"val"}
 
 
 def test_empty_split_and_missing_class_are_clear_errors(tiles):
@@ -411,10 +416,12 @@ def test_extracted_tfrecords_train_one_step_and_reload_predicts_identically(tile
     # save -> load -> identical predictions
     module.net.eval()
     model_dir = save_model(tmp_path / "model", module.net, cfg)
-    with pytest.raises(HistolightError, match="already exists"):
+    with pytest.raises(HistolightError, match="already holds a classifier model"):
         save_model(model_dir, module.net, cfg)
-    conf = json.loads((model_dir / "model_config.json").read_text())
-    assert conf["label_map"]["classes"] == CLASSES and conf["tile_px"] == PX and conf["timm_name"] == "resnet18"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["classifier_config.json", "weights.safetensors"]
+    conf = json.loads((model_dir / "classifier_config.json").read_text())
+    assert conf["format"] == "histolight-model" and conf["kind"] == "classifier"
+    assert conf["labels"] == CLASSES and conf["geometry"]["tile_px"] == PX and conf["model"]["timm_name"] == "resnet18"
     src = work / "tiles" / "demo" / f"{PX}px_{UM}um"
     live = predict_tfrecords(LoadedModel(module.net, cfg, lm), src, batch_size=64, progress=False)
     again = predict_tfrecords(load_model(model_dir), src, batch_size=64, progress=False)
@@ -451,6 +458,7 @@ def test_local_weights_freeze_and_label_smoothing(tmp_path):
 # ------------------------------------------------------------------------------------------ tasks (Hydra)
 
 
+@pytest.mark.slow
 def test_train_tiles_task_end_to_end_then_predict(tiny_demo, work, tmp_path):
     from histolight.tasks import get_task
 
@@ -463,9 +471,10 @@ def test_train_tiles_task_end_to_end_then_predict(tiny_demo, work, tmp_path):
     used = pd.read_parquet(out / "tiles.parquet")
     assert metrics["val/n_tiles"] == (used["split"] == "val").sum()
     assert (used.groupby("patient")["split"].nunique() == 1).all()
-    assert (out / "model" / "weights.pt").exists() and list((out / "checkpoints").glob("*.ckpt"))
-    conf = json.loads((out / "model" / "model_config.json").read_text())
-    assert conf["label_map"]["classes"] == CLASSES and conf["tile_um"] == UM and conf["normalizer"] is None
+    assert (out / "model" / "weights.safetensors").exists() and list((out / "checkpoints").glob("*.ckpt"))
+    conf = json.loads((out / "model" / "classifier_config.json").read_text())
+    assert conf["labels"] == CLASSES and conf["geometry"]["tile_um"] == UM and conf["normalizer"] is None
+    assert conf["metrics"]["val/bal_acc"] == metrics["val/bal_acc"] and conf["training"]["checkpoint"]
     assert list(out.glob("wandb/offline-run-*/run-*.wandb")), "W&B offline run files"
     from histolight.utils.instantiate import finish_wandb
 
@@ -514,14 +523,14 @@ def test_weak_supervision_streaming_slide_metrics(tiny_demo, work, tmp_path):
             "data.streaming=true",
             "data.shuffle_buffer=64",
             "normalizer=reinhard_fast",
-            "data.augment.stain_augment={p:0.5}",
+            "data.augment.stain={p:0.5}",
         )
     )
     m = get_task("train_tiles")(cfg)
     assert m["val/n_slides"] == 1 and "val/slide_acc" in m
-    conf = json.loads((out / "model" / "model_config.json").read_text())
-    assert conf["label_map"]["classes"] == ["high", "low"] and conf["label_source"] == "slide"
-    assert conf["label_column"] == "grade"
+    conf = json.loads((out / "model" / "classifier_config.json").read_text())
+    assert conf["labels"] == ["high", "low"] and conf["data"]["label_source"] == "slide"
+    assert conf["data"]["label_column"] == "grade"
     # the on-the-fly normalizer and its fit are saved with the model and rebuilt on load
     assert conf["normalizer"]["method"] == "reinhard_fast" and conf["normalizer"]["fit"]
     loaded = load_model(out / "model")
@@ -541,6 +550,9 @@ def test_weak_supervision_streaming_slide_metrics(tiny_demo, work, tmp_path):
         ("+data.batchsize=3", r"unknown key 'data.batchsize'. Did you mean 'data.batch_size'"),
         ("data.augment.jpeg.quality=[90,10]", r"augment.jpeg.quality=\[90, 10\] is invalid"),
         ("task.monitor_mode=maximum", r"monitor_mode='maximum' is invalid"),
+        ("model.optimizer.lr=-1", r"optimizer.lr=-1 is invalid: must be a positive learning rate"),
+        ("data.augment.rot90=2", r"augment.rot90=2 is invalid: must be true or false"),
+        ("normalizer=augment", r"normalizer=augment is a random stain augmentation"),
     ],
 )
 def test_config_mistakes_fail_before_work(tmp_path, override, pattern):

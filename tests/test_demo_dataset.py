@@ -126,14 +126,16 @@ def test_dataset_errors(tmp_path):
         Dataset(tmp_path, annotations=bad)
 
 
-def test_info_on_shared_slides_lists_errors_and_goes_on():
+def test_info_on_shared_slides_lists_failures_and_goes_on(tmp_path):
     from tests.conftest import SHARED_SLIDES
 
     if not SHARED_SLIDES.exists():
         pytest.skip("../shared/data/slides not found")
-    df = Dataset(SHARED_SLIDES).info().set_index("slide")
-    assert df.loc["cmu_small_region", "vendor"] == "aperio" and pd.isna(df.loc["cmu_small_region", "error"])
-    assert "Unsupported TIFF compression" in df.loc["unopenable", "error"]
-    assert "reading pixels failed" in df.loc["unreadable", "error"]
-    assert pd.isna(df.loc["boxes", "error"]) and "no mpp" in df.loc["boxes", "warning"]
+    res = Dataset(SHARED_SLIDES).info(report_dir=tmp_path, progress=False)
+    df = res.table.set_index("slide")
+    assert df.loc["cmu_small_region", "vendor"] == "aperio" and df.loc["cmu_small_region", "status"] == "done"
+    assert df.loc["unopenable", "status"] == "failed" and "Unsupported TIFF compression" in df.loc["unopenable", "reason"]
+    assert df.loc["unreadable", "status"] == "failed" and "reading pixels failed" in df.loc["unreadable", "reason"]
+    assert df.loc["boxes", "status"] == "done" and "no mpp" in df.loc["boxes", "warning"]
     assert df.loc["test3-DAPI-2-(387)", "levels"] == 7
+    assert res.metrics()["n_failed"] == 2 and (tmp_path / "slides.csv").exists()

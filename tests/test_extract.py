@@ -115,7 +115,7 @@ def test_records_decode_and_point_at_their_pixels(tmp_path):
     res = extract_slide(s, c, tmp_path)
     assert res.status == "done" and res.kept == 48 == res.grid_tiles
     recs, reader = records(tmp_path / "vs.tfrecords")
-    table = res._table
+    table = res.table
     assert len(recs) == len(table) == 48
     for i, rec in enumerate(recs):
         tile = decode_image(rec["image_raw"])
@@ -238,30 +238,30 @@ def _label_map(df):
 def test_roi_center_respects_holes_and_labels(tmp_path):
     s = VirtualSlide(textured(800, 800), mpp=0.5, name="roi")
     r = extract_slide(s, cfg(roi_method="inside"), tmp_path, _rois())
-    m = _label_map(r._table)
+    m = _label_map(r.table)
     # A: 16 tiles minus the 4 whose centre lies in the hole; B: row 0 (centre y=50), row 1 centre y=150 is outside
     assert sum(1 for v in m.values() if v[0] == "A") == 12 and (1, 1) not in m and (2, 2) not in m
     assert [k for k, v in m.items() if v[0] == "B"] == [(4, 0), (5, 0), (6, 0), (7, 0)]
     # C/D: centre of column 2 is x=250 -> in D
     assert m[(0, 6)] == ("C", "necrosis") and m[(2, 6)] == ("D", "tumor") and m[(2, 7)] == ("D", "tumor")
     assert r.kept == 12 + 4 + 4 + 2 and r.rejected_roi == 64 - r.kept
-    assert set(r._table.roi_desc.dropna()) == {"with hole", "sliver"}
+    assert set(r.table.roi_desc.dropna()) == {"with hole", "sliver"}
 
 
 def test_roi_fraction_threshold_and_majority_label(tmp_path):
     s = VirtualSlide(textured(800, 800), mpp=0.5, name="roi")
     r = extract_slide(s, cfg(roi_method="inside", roi_filter_method=0.5), tmp_path, _rois())
-    m = _label_map(r._table)
+    m = _label_map(r.table)
     # tiles around the hole are 64% inside A: kept at 0.5 (where centre filtering drops them)
     assert sum(1 for v in m.values() if v[0] == "A") == 16 and m[(1, 1)] == ("A", "tumor")
     assert sum(1 for v in m.values() if v[0] == "B") == 4  # row 1 only 30% covered
     # column 2 of C/D: 30% C + 70% D = 100% inside; the majority ROI (D) labels it
     assert m[(2, 6)] == ("D", "tumor") and m[(1, 6)] == ("C", "necrosis")
     assert all(v[1] is not None for v in m.values())  # every kept tile is labelled
-    fr = r._table.set_index(["grid_x", "grid_y"]).roi_fraction
+    fr = r.table.set_index(["grid_x", "grid_y"]).roi_fraction
     assert fr[(1, 1)] == pytest.approx(0.64) and fr[(0, 0)] == pytest.approx(1.0)
     r2 = extract_slide(s, cfg(roi_method="inside", roi_filter_method=0.2), tmp_path / "b", _rois())
-    m2 = _label_map(r2._table)
+    m2 = _label_map(r2.table)
     assert m2[(4, 1)] == ("B", "stroma") and len(m2) == len(m) + 4
     r3 = extract_slide(s, cfg(roi_method="inside", roi_filter_method=0.7), None, _rois(), dry_run=True)
     assert r3.kept == len(m) - 4
@@ -272,7 +272,7 @@ def test_roi_outside_ignore_auto(tmp_path):
     inside = extract_slide(s, cfg(roi_method="inside"), None, _rois(), dry_run=True)
     outside = extract_slide(s, cfg(roi_method="outside"), tmp_path / "o", _rois())
     assert outside.kept == 64 - inside.kept and outside.roi_mode == "outside"
-    assert outside._table.label.isna().all()
+    assert outside.table.label.isna().all()
     ign = extract_slide(s, cfg(roi_method="ignore"), None, _rois(), dry_run=True)
     assert ign.kept == 64 and ign.roi_mode == "ignore"
     auto = extract_slide(s, cfg(roi_method="auto"), None, _rois(), dry_run=True)
@@ -311,6 +311,8 @@ def test_missing_or_unusable_rois_skip_the_slide():
         ("grayspace_threshold", 5, "[0, 1]"),
         ("whitespace_threshold", 300, "[0, 255]"),
         ("shard_index", 3, "0..1"),
+        ("max_failed", 1.5, "between 0 and 1"),
+        ("allow_failures", "yes", "true or false"),
     ],
 )
 def test_config_errors_name_key_value_and_allowed(key, value, allowed):
@@ -364,6 +366,8 @@ def test_task_config_composes_with_defaults(tmp_path):
         None,
     )
     assert e.outdir == f"{tmp_path}/outputs/work/tiles"
+    assert (e.allow_failures, e.max_failed) == (False, None)
+    assert not {"workers", "allow_failures", "max_failed", "outdir"} & set(e.settings())  # run options, not settings
 
 
 def test_geometry_rounding_follows_mpp():

@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from histolight.cohort import shard
 from histolight.dataset import Dataset
 from histolight.demo import CLASSES
-from histolight.extract import extract_tiles, get_tile_dataframe, shard_slides
+from histolight.extract import extract_tiles, get_tile_dataframe
 from histolight.io import TFRecordReader, decode_image
+from histolight.io.tilestore import tile_folder
 from tests.conftest import ROOT, shared_slide
 
 FAST = dict(tile_px=64, tile_um=64, workers=1, progress=False)  # 128 base px tiles on 0.5 um/px slides
@@ -72,7 +74,7 @@ def check_records(res, ds, max_mad=6.0, shift_check=True):
 
 def test_demo_extraction_records_labels_and_table(demo_ds, tiny_demo, tmp_path):
     res = extract_tiles(demo_ds, outdir=tmp_path, qc=["otsu"], **FAST)
-    assert res.tile_dir == tmp_path / "64px_64um"
+    assert res.tile_dir == tmp_path / demo_ds.name / "64px_64um" == tile_folder(tmp_path, "slides", 64, 64)
     s = res.summary.set_index("slide")
     assert (s.status == "done").all() and s.kept.sum() == res.n_tiles > 20
     assert (s.kept + s.rejected_roi + s.rejected_qc + s.rejected_grayspace + s.rejected_whitespace == s.grid_tiles).all()
@@ -93,6 +95,10 @@ def test_demo_extraction_records_labels_and_table(demo_ds, tiny_demo, tmp_path):
     assert len(pd.read_parquet(res.table_path)) == res.n_tiles
     m = res.metrics()
     assert m["n_done"] == 3 and m["n_tiles"] == res.n_tiles
+    assert {k: m[k] for k in ("n_slides", "n_done", "n_skipped", "n_failed", "n_empty")} == dict(
+        n_slides=3, n_done=3, n_skipped=0, n_failed=0, n_empty=0
+    )
+    assert m["summary"] == str(res.summary_path) and res.summary_line().startswith("3 slide(s): 3 done, 0 skipped")
 
 
 def test_fractional_roi_labels_match_the_mask_majority(demo_ds, tiny_demo):
@@ -116,13 +122,68 @@ def test_resume_skips_finished_slides_and_overwrite_redoes(demo_ds, tmp_path):
     rec = res.tile_dir / "demo_000.tfrecords"
     t0 = rec.stat().st_mtime_ns
     again = extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)
-    assert (again.summary.status == "reused").all() and rec.stat().st_mtime_ns == t0
-    assert again.n_tiles == res.n_tiles and len(again.tiles) == len(res.tiles)
+    assert (again.summary.status == "skipped").all() and (again.summary.reason == "already extracted").all()
+    assert rec.stat().st_mtime_ns == t0 and again.metrics()["n_skipped"] == 3
+    assert again.n_tiles == res.n_tiles and len(again.tiles) == len(res.tiles)  # counts kept from the meta
+    pd.testing.assert_series_equal(again.summary.kept, res.summary.kept)
     changed = extract_tiles(demo_ds, outdir=tmp_path, qc=None, stride_div=2, **FAST)  # different settings: warned, kept
-    assert (changed.summary.status == "reused").all() and changed.summary.reason.str.contains("stride_div").all()
+    assert (changed.summary.status == "skipped").all() and changed.summary.reason.str.contains("stride_div").all()
     redo = extract_tiles(demo_ds, outdir=tmp_path, qc=None, overwrite=True, stride_div=2, **FAST)
     assert (redo.summary.status == "done").all() and rec.stat().st_mtime_ns != t0
     assert redo.n_tiles > 2.5 * res.n_tiles
+
+
+def test_already_extracted_slides_keep_their_report_sections(demo_ds, tmp_path):
+    extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)
+    again = extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)
+    text = again.report_path.read_text()
+    assert text.count("skipped: already extracted") == 6 and text.count("<img ") == 9  # badge in table + section
+    assert "Needs attention" not in text
+
+
+def test_cohorts_sharing_a_tiles_root_do_not_touch_each_other(tiny_demo, tmp_path):
+    a = Dataset(tiny_demo / "slides", rois=tiny_demo / "rois", name="cohort_a")
+    b = Dataset(tiny_demo / "slides", name="cohort_b")
+    ra = extract_tiles(a, outdir=tmp_path, qc=None, **{**FAST, "slides": ["demo_000", "demo_001"]})
+    before = {p: p.stat().st_mtime_ns for p in ra.tile_dir.rglob("*") if p.is_file()}
+    rb = extract_tiles(b, outdir=tmp_path, qc=None, **FAST)
+    assert ra.tile_dir == tmp_path / "cohort_a" / "64px_64um" and rb.tile_dir == tmp_path / "cohort_b" / "64px_64um"
+    assert (rb.summary.status == "done").all() and rb.summary.roi_mode.eq("whole").all()  # b has no ROIs: extracted anew
+    assert {p: p.stat().st_mtime_ns for p in ra.tile_dir.rglob("*") if p.is_file()} == before
+    assert set(pd.read_parquet(ra.table_path).slide) == {"demo_000", "demo_001"} and len(rb.tiles) > len(ra.tiles)
+    assert (
+        len(get_tile_dataframe(a, 64, 64, tmp_path)) == ra.n_tiles and len(get_tile_dataframe(b, 64, 64, tmp_path)) == rb.n_tiles
+    )
+
+
+def test_a_slide_held_or_finished_by_another_run_is_never_deleted(demo_ds, tmp_path):
+    import time
+
+    from histolight.cohort import Claims
+    from histolight.extract.runner import ExtractJob, extract_one, make_config
+
+    d = tile_folder(tmp_path, demo_ds.name, 64, 64)
+    (d / "meta").mkdir(parents=True)
+    (d / "meta" / "demo_002.json").write_text("{}")  # leftovers of an interrupted slide: removed, then redone
+    claims = Claims(d / ".claims")
+    assert claims.acquire("demo_001") is None  # another run is extracting demo_001
+    try:
+        res = extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)
+    finally:
+        claims.close()
+    st = res.summary.set_index("slide")
+    assert st.status.to_dict() == {"demo_000": "done", "demo_001": "skipped", "demo_002": "done"}
+    assert "being processed by another run" in st.reason["demo_001"] and not list(d.glob("demo_001*"))
+    # overwrite=true keeps a slide that a concurrent run finished after this run started
+    rec = d / "demo_000.tfrecords"
+    t0 = rec.stat().st_mtime_ns
+    cfg = make_config(tile_px=64, tile_um=64, qc=None, overwrite=True)
+    info = {n: (str(demo_ds.path(n)), None, str(demo_ds.roi_path(n))) for n in demo_ds.names}
+    row = extract_one(ExtractJob(cfg, str(d), info, started=rec.stat().st_mtime - 1), "demo_000")
+    assert row["status"] == "skipped" and row["reason"] == "already extracted (by a concurrent run)"
+    assert rec.stat().st_mtime_ns == t0 and row["kept"] == st.kept["demo_000"]
+    row = extract_one(ExtractJob(cfg, str(d), info, started=time.time() + 1), "demo_000")  # finished before: redone
+    assert row["status"] == "done" and rec.stat().st_mtime_ns != t0
 
 
 def _listing(d: Path) -> set[str]:
@@ -145,7 +206,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(demo_ds, tmp_path, m
     monkeypatch.setattr(TFRecordWriter, "write_tile", flaky)
     with pytest.raises(KeyboardInterrupt):
         extract_tiles(demo_ds, outdir=tmp_path, qc=None, save_tiles=True, **FAST)
-    d = tmp_path / "64px_64um"
+    d = tile_folder(tmp_path, demo_ds.name, 64, 64)
     files = _listing(d)
     assert "demo_000.tfrecords" in files and "demo_001.tfrecords" not in files and "demo_002.tfrecords" not in files
     assert not [f for f in files if "tmp-" in f], files  # the aborted slide cleaned its temp files
@@ -153,7 +214,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(demo_ds, tmp_path, m
     t0 = (d / "demo_000.tfrecords").stat().st_mtime_ns
     monkeypatch.setattr(TFRecordWriter, "write_tile", real)
     res = extract_tiles(demo_ds, outdir=tmp_path, qc=None, save_tiles=True, **FAST)
-    assert res.summary.status.tolist() == ["reused", "done", "done"]
+    assert res.summary.status.tolist() == ["skipped", "done", "done"]
     assert (d / "demo_000.tfrecords").stat().st_mtime_ns == t0
     check_records(res, demo_ds)
     for name, g in res.tiles.groupby("slide"):  # loose tiles: one file per record, named by tile id
@@ -180,12 +241,12 @@ def test_killed_run_is_resumed(demo_ds, tiny_demo, tmp_path):
     """)
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == -signal.SIGKILL, p.stderr
-    d = tmp_path / "64px_64um"
+    d = tile_folder(tmp_path, demo_ds.name, 64, 64)
     files = _listing(d)
     assert sorted(f for f in files if f.endswith(".tfrecords")) == ["demo_000.tfrecords"]
     assert [f for f in files if "demo_001" in f and "tmp-" in f]  # the killed slide's temp file, hidden
     res = extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)
-    assert res.summary.status.tolist() == ["reused", "done", "done"]
+    assert res.summary.status.tolist() == ["skipped", "done", "done"]
     assert not [f for f in _listing(d) if "tmp-" in f]
     check_records(res, demo_ds)
 
@@ -202,14 +263,14 @@ def test_dry_run_writes_no_tiles_but_reports(demo_ds, tmp_path):
 
 def test_shards_partition_the_cohort_and_parallel_equals_serial(demo_ds, tmp_path):
     names = demo_ds.names
-    parts = [shard_slides(names, i, 2) for i in range(2)]
+    parts = [shard(names, i, 2) for i in range(2)]
     assert sorted(parts[0] + parts[1]) == names and not set(parts[0]) & set(parts[1])
     r0 = extract_tiles(demo_ds, outdir=tmp_path, qc=None, shard_index=0, num_shards=2, **FAST)
     r1 = extract_tiles(demo_ds, outdir=tmp_path, qc=None, shard_index=1, num_shards=2, **FAST)
     assert r0.summary.slide.tolist() == parts[0] and r1.summary.slide.tolist() == parts[1]
     assert r0.table_path.name == "tiles.shard-0-of-2.parquet" and r1.report_path.name == "report.shard-1-of-2.html"
-    merged = extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)  # final pass: all reused, cohort files written
-    assert (merged.summary.status == "reused").all() and len(merged.tiles) == r0.n_tiles + r1.n_tiles
+    merged = extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)  # final pass: all already extracted, cohort files written
+    assert (merged.summary.status == "skipped").all() and len(merged.tiles) == r0.n_tiles + r1.n_tiles
     par = extract_tiles(demo_ds, outdir=tmp_path / "par", qc=None, **{**FAST, "workers": 2})
     pd.testing.assert_frame_equal(par.tiles.sort_index(), merged.tiles.sort_index())
 
@@ -288,7 +349,7 @@ def test_tile_larger_than_slide_and_zero_tiles_kept(demo_ds, tmp_path, caplog):
     assert (none.summary.status == "empty").all() and none.n_tiles == 0
     assert none.summary.reason.str.contains("grayspace").all() and "0 tiles kept" in caplog.text
     again = extract_tiles(demo_ds, outdir=tmp_path, qc=None, grayspace_threshold=1.0, grayspace_fraction=0.0, **FAST)
-    assert (again.summary.status == "reused").all()  # an empty result is a finished result
+    assert (again.summary.status == "skipped").all() and (again.summary.kept == 0).all()  # empty is finished too
 
 
 def test_inside_without_rois_is_skipped_with_a_reason(tiny_demo, tmp_path):
@@ -367,6 +428,7 @@ def test_report_is_valid_html_with_images_for_every_slide(tiny_demo, tmp_path):
     assert summ.set_index("slide").blur_flagged["demo_000"]  # 15% of its tissue is blurred
 
 
+@pytest.mark.slow  # a run.py subprocess (~4-5 s)
 def test_task_runs_from_the_command_line(tiny_demo, tmp_path):
     from tests.conftest import tiny_demo_overrides
 
@@ -385,8 +447,10 @@ def test_task_runs_from_the_command_line(tiny_demo, tmp_path):
     ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "3 extracted" in p.stdout and (out / "64px_64um" / "report.html").is_file()
-    assert len(list((out / "64px_64um").glob("*.tfrecords"))) == 3 and (tmp_path / "run" / "summary.csv").is_file()
+    assert (
+        "3 slide(s): 3 done, 0 skipped, 0 failed, 0 empty" in p.stdout and (out / "demo" / "64px_64um" / "report.html").is_file()
+    )
+    assert len(list((out / "demo" / "64px_64um").glob("*.tfrecords"))) == 3 and (tmp_path / "run" / "summary.csv").is_file()
     bad = subprocess.run(cmd + ["task.roi_method=insde"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "task.roi_method" in bad.stderr + bad.stdout and "insde" in bad.stderr + bad.stdout
 

@@ -32,19 +32,19 @@ def test_timm_backbone_bags_and_resume(tfr, tmp_path):
     ext = build_extractor("resnet18")
     assert ext.dim == 512
     out = tmp_path / "bags"
-    summary = extract_features(ext, tfr, out, batch_size=2, progress=False)
-    assert list(summary.status) == ["ok", "ok"]
+    res = extract_features(ext, tfr, out, batch_size=2, progress=False)
+    assert list(res.table.status) == ["done", "done"] and res.summary_path == out / "summary.csv"
     feats, locs = load_bag(out, "s1")
     assert feats.shape == (5, 512) and feats.dtype == torch.float32
     np.testing.assert_array_equal(locs[:, 0], 100 + 64 * np.arange(5))
     # deterministic: the same tile gives the same vector whatever the batch it is in
     ext.net.eval()
-    feats2 = extract_features(ext, tfr, tmp_path / "bags2", batch_size=5, progress=False)
+    res2 = extract_features(ext, tfr, tmp_path / "bags2", batch_size=5, progress=False)
     torch.testing.assert_close(load_bag(tmp_path / "bags2", "s1")[0], feats, rtol=1e-4, atol=1e-4)
-    assert feats2.tiles.sum() == 8
+    assert res2.table.tiles.sum() == 8
     # re-running skips finished slides; another extractor in the same folder is refused
     again = extract_features(ext, tfr, out, progress=False)
-    assert set(again.status) == {"skipped (exists)"}
+    assert set(again.table.status) == {"skipped"} and set(again.table.reason) == {"exists"}
     with pytest.raises(HistolightError, match="another extractor"):
         extract_features(build_extractor("resnet10t"), tfr, out, progress=False)
 

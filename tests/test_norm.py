@@ -7,6 +7,7 @@ import math
 import pickle
 import warnings
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,7 @@ from histolight.norm import (
     option_spec,
 )
 from histolight.norm.make_presets import PRESETS, build_preset, find_slide
+from histolight.norm.np_ops.vahadane import _nnlasso2_general
 
 SLIDE = find_slide()
 needs_slide = pytest.mark.skipif(
@@ -277,7 +279,7 @@ def test_agrees_with_torchstain(method, ts_name, bright, tiles):
 
         def pre(x):
             f = np_ops.brightness_factor(np_ops.brightness_value(x, 90))
-            return np_ops.cv2.convertScaleAbs(x, alpha=float(f))
+            return cv2.convertScaleAbs(x, alpha=float(f))
 
     cls = {"macenko": ts.normalizers.MacenkoNormalizer, "reinhard": ts.normalizers.ReinhardNormalizer}[ts_name]
     ref = cls(backend="numpy")
@@ -360,7 +362,7 @@ def test_mask_variants_leave_background_untouched(method, tiles):
     img = tiles[1]  # has background
     work = img
     if method == "reinhard_mask":
-        work = np_ops.cv2.convertScaleAbs(img, alpha=float(np_ops.brightness_factor(np_ops.brightness_value(img, 90))))
+        work = cv2.convertScaleAbs(img, alpha=float(np_ops.brightness_factor(np_ops.brightness_value(img, 90))))
     bg = np_ops.luma(work) >= n.options["mask_threshold"]
     assert 0.05 < bg.mean() < 0.95
     for out in (n.transform(img), from_batch(n.transform_batch(to_batch([img])))[0]):
@@ -446,7 +448,7 @@ def test_brightness_rounding_matches_lut():
     img = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)
     for p in (1, 90, 170, 207, 250, 255):
         f = np_ops.brightness_factor(p)
-        assert np.array_equal(np_ops.cv2.convertScaleAbs(img, alpha=float(f)), np_ops.brightness_lut(f)[img])
+        assert np.array_equal(cv2.convertScaleAbs(img, alpha=float(f)), np_ops.brightness_lut(f)[img])
 
 
 def test_nnlasso_is_optimal():
@@ -457,7 +459,7 @@ def test_nnlasso_is_optimal():
         y = rng.normal(0.4, 0.5, size=(200, 3))
         b = y @ d.T
         a = np.stack(np_ops.nnlasso2(b[:, 0], b[:, 1], d @ d.T, 0.1), 1)
-        assert np.allclose(a, np.stack(np_ops._nnlasso2_general(b[:, 0], b[:, 1], d @ d.T, 0.1), 1))
+        assert np.allclose(a, np.stack(_nnlasso2_general(b[:, 0], b[:, 1], d @ d.T, 0.1), 1))
         obj = 0.5 * ((y - a @ d) ** 2).sum(1) + 0.1 * a.sum(1)
         for _ in range(20):  # no feasible perturbation does better
             a2 = np.maximum(a + rng.normal(0, 0.05, a.shape), 0)

@@ -91,7 +91,7 @@ def test_blur_uses_the_mpp_override(tiny_demo):
 def test_blur_burden_on_demo_slides(tiny_demo):
     import json
 
-    from histolight.extract.slide import run_qc
+    from histolight.qc import run_qc
 
     burdens = {}
     for name in ("demo_000", "demo_002"):

@@ -110,6 +110,10 @@ def test_bad_mode_labels_and_keys_are_rejected_at_startup(tiny_demo, tmp_path):
         (["model.arch=UNet3"], r"model\.arch='UNet3' is invalid"),
         (["model.class_weights=[1,2]"], r"class_weights=\[1, 2\] is invalid: must be null or 4 positive numbers"),
         (["model.encoder_weights=/nonexistent/w.pth"], r"encoder_weights=.*file not found"),
+        (["+model.lr=0.1"], r"unknown key 'model.lr'. It moved: use 'model.optimizer.lr'"),
+        (["model.optimizer.lr=-1"], r"model\.optimizer\.lr=-1 is invalid: must be a positive learning rate"),
+        (["model.optimizer._target_=torch.optim.Adamm"], r"model\.optimizer\._target_='torch.optim.Adamm' is invalid"),
+        (["+data.augment.rotate=true"], r"data\.augment\.rotate=True is invalid: unknown augmentation"),
     ]
     for extra, pattern in cases:
         cfg = compose_cfg(base + extra, tmp_path)
@@ -200,8 +204,8 @@ def test_crops_pad_augment_identically_and_more_crops_than_slides():
     mask[10:20, 20:30] = 2
     colours = np.array([[255, 255, 255], [200, 0, 0], [0, 0, 200]], np.uint8)
     item = ThumbMask("s", colours[mask], mask, {})
-    aug = {"flip": True, "rotate90": True, "brightness_contrast": 0.0, "hue_saturation": 0.0, "stain": 0.0}
-    cfg = small_config("multiclass", labels=["a", "b"], size=64, crops_per_epoch=10, batch_size=8, augmentation=aug)
+    aug = {"flip": True, "rot90": True, "scale": 0.0, "stain": None, "color_jitter": None, "blur": 0.0}
+    cfg = small_config("multiclass", labels=["a", "b"], size=64, crops_per_epoch=10, batch_size=8, augment=aug)
     dm = SegmentDataModule(cfg, [item], [item])
     batches = list(dm.train_dataloader())
     assert [b["image"].shape[0] for b in batches] == [8, 2]  # 10 crops per epoch from 1 slide, batch 8
@@ -220,7 +224,7 @@ def test_crops_pad_augment_identically_and_more_crops_than_slides():
     assert v["image"].shape == (1, 3, 64, 64) and v["weight"].sum() == 40 * 50
     # multilabel masks (N, H, W) follow the geometry too
     ml = np.stack([mask == 1, mask == 2]).astype(np.uint8)
-    cfg2 = small_config("multilabel", labels=["a", "b"], size=64, crops_per_epoch=4, augmentation=aug)
+    cfg2 = small_config("multilabel", labels=["a", "b"], size=64, crops_per_epoch=4, augment=aug)
     b = next(
         iter(
             DataLoader(
@@ -272,11 +276,17 @@ def test_modes_train_save_and_infer_with_correct_shapes(trained, tiny_demo, mode
 
     out, metrics = trained[mode]
     assert "val/miou" in metrics and 0.0 <= metrics["val/miou"] <= 1.0
-    assert (out / "model.pth").exists() and (out / "segment_config.json").exists() and (out / "metrics.json").exists()
+    assert (out / "weights.safetensors").exists() and (out / "segment_config.json").exists() and (out / "metrics.json").exists()
+    assert not (out / "model.pth").exists()
     meta = json.loads((out / "segment_config.json").read_text())
-    for k in ("arch", "encoder_name", "mode", "labels", "mpp", "size", "normalization", "input_stats", "training"):
-        assert k in meta, k
-    assert meta["training"]["data"]["mode"] == mode
+    assert meta["format"] == "histolight-model" and meta["format_version"] == 1 and meta["kind"] == "segment"
+    for k in ("arch", "encoder_name", "optimizer", "loss"):
+        assert k in meta["model"], k
+    for k in ("mode", "labels", "mpp", "size", "augment"):
+        assert k in meta["data"], k
+    assert meta["geometry"]["mpp"] == 4 and meta["normalizer"] is None and len(meta["input_norm"]["mean"]) == 3
+    assert meta["labels"][0] == "background" or mode == "multilabel"
+    assert meta["training"]["run"]["data"]["mode"] == mode and meta["training"]["train_slides"]
     model, cfg = load_model_and_config(out)
     n = {"binary": None, "multiclass": 4, "multilabel": 3}[mode]
     img = np.random.default_rng(0).integers(0, 255, (70, 150, 3), dtype=np.uint8)  # non-square, not a multiple of 32
@@ -310,13 +320,20 @@ def test_lr_and_scheduler_are_used(tiny_demo, tmp_path):
     from histolight.segment import train
 
     cfg = small_config(
-        "binary", lr=0.0123, scheduler="step", scheduler_kwargs={"step_size": 1, "gamma": 0.5}, crops_per_epoch=2, batch_size=2
+        "binary",
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.0123},
+        scheduler={"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5},
+        crops_per_epoch=2,
+        batch_size=2,
     )
     logger = CSVLogger(tmp_path, name="csv")
     seen = []
 
+    opts = []
+
     class Spy(LearningRateMonitor):
         def on_train_epoch_start(self, trainer, pl_module):
+            opts.append(trainer.optimizers[0])
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
             super().on_train_epoch_start(trainer, pl_module)
 
@@ -332,6 +349,7 @@ def test_lr_and_scheduler_are_used(tiny_demo, tmp_path):
         n_overlays=0,
     )
     assert seen == pytest.approx([0.0123, 0.0123 * 0.5, 0.0123 * 0.25])
+    assert isinstance(opts[0], torch.optim.SGD)
     import pandas as pd
 
     df = pd.read_csv(next((tmp_path / "csv").rglob("metrics.csv")))
@@ -388,7 +406,7 @@ def test_saved_model_reloads_identically_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     img = np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8)
-    for path in (tmp_path / "m", tmp_path / "m" / "model.pth"):
+    for path in (tmp_path / "m", tmp_path / "m" / "weights.safetensors", tmp_path / "m" / "segment_config.json"):
         m2, cfg2 = load_model_and_config(path)
         assert cfg2.mode == "multilabel" and cfg2.labels == LABELS
         assert np.array_equal(model.run_tiled_inference(img), m2.run_tiled_inference(img))
@@ -578,17 +596,17 @@ def test_dataset_generate_rois_writes_skips_and_survives_failures(tiny_demo, tmp
     model = SegmentModel(small_config("multiclass"))
     oracle = _Oracle(tiny_demo, model.config)
     model.run_slide_inference = oracle.run_slide_inference
-    rep = ds.generate_rois(model)  # every slide already has ROIs: skipped
-    assert {r["status"] for r in rep} == {"skipped"}
-    rep = ds.generate_rois(model, dest=tmp_path / "pred", min_area_mm2=0.001)
-    assert {r["status"] for r in rep} == {"written"}
+    rep = ds.generate_rois(model).table  # every slide already has ROIs: skipped
+    assert set(rep["status"]) == {"skipped"} and set(rep["reason"]) == {"exists"}
+    rep = ds.generate_rois(model, dest=tmp_path / "pred", min_area_mm2=0.001).table
+    assert set(rep["status"]) == {"done"}
     for name in ds.names:
         rois = read_rois(tmp_path / "pred" / f"{name}.csv")
         assert {r.label for r in rois} <= set(LABELS) and rois
         assert (tmp_path / "pred" / f"{name}.geojson").exists()
     m0 = (tmp_path / "pred" / f"{ds.names[0]}.csv").stat().st_mtime_ns
-    rep = ds.generate_rois(model, dest=tmp_path / "pred")
-    assert {r["status"] for r in rep} == {"skipped"}
+    rep = ds.generate_rois(model, dest=tmp_path / "pred").table
+    assert set(rep["status"]) == {"skipped"}
     assert (tmp_path / "pred" / f"{ds.names[0]}.csv").stat().st_mtime_ns == m0
     # a failing slide is logged and skipped; the others are written
     ds2 = ds.filter()
@@ -602,9 +620,10 @@ def test_dataset_generate_rois_writes_skips_and_survives_failures(tiny_demo, tmp
         return s
 
     ds2.open = open_
-    rep = {r["slide"]: r for r in ds2.generate_rois(model, dest=tmp_path / "pred2", overwrite=True, min_area_mm2=0.001)}
-    assert rep["broken"]["status"] == "failed" and "simulated" in rep["broken"]["error"]
-    assert all(rep[n]["status"] == "written" for n in ds.names)
+    res = ds2.generate_rois(model, dest=tmp_path / "pred2", overwrite=True, min_area_mm2=0.001)
+    status = dict(zip(res.table["slide"], res.table["status"]))
+    assert status["broken"] == "failed" and "simulated" in res.failed["broken"]
+    assert all(status[n] == "done" for n in ds.names)
 
 
 # ---------------------------------------------------------------------------------------------- Hydra tasks
@@ -621,10 +640,10 @@ def test_tasks_export_segment_and_generate_rois(trained, tiny_demo, tmp_path):
         tmp_path,
     )
     r = get_task("export_masks")(cfg)
-    assert r["n_exported"] == 3 and len(list((tmp_path / "work").rglob("*.npz"))) == 3
+    assert r["n_done"] == 3 and len(list((tmp_path / "work").rglob("*.npz"))) == 3
     cfg = compose_cfg(["task=segment", f"task.model={model_dir}", "task.min_area_mm2=0.0001", *ov], tmp_path)
     r = get_task("segment")(cfg)
-    assert r["n_ok"] == 3
+    assert r["n_done"] == 3
     seg = tmp_path / "out" / "segment"
     name = tiny_dataset(tiny_demo).names[0]
     import cv2
@@ -637,7 +656,7 @@ def test_tasks_export_segment_and_generate_rois(trained, tiny_demo, tmp_path):
     read_rois(seg / "rois" / f"{name}.csv")  # loads (may be empty for an untrained model)
     cfg = compose_cfg(["task=generate_rois", f"task.model={model_dir}", f"task.dest={tmp_path / 'gen'}", *ov], tmp_path)
     r = get_task("generate_rois")(cfg)
-    assert r["n_written"] + r["n_failed"] == 3 and r["n_failed"] == 0
+    assert r["n_done"] + r["n_empty"] == 3 and r["n_failed"] == 0
     cfg = compose_cfg(["task=generate_rois", f"task.model={model_dir}", *ov], tmp_path)
     assert get_task("generate_rois")(cfg)["n_skipped"] == 3  # the dataset's own ROIs are never overwritten
     cfg = compose_cfg(["task=segment", "task.model=/nonexistent", *ov], tmp_path)

@@ -108,3 +108,21 @@ def test_read_with_non_integer_downsample_is_not_shifted():
 
         got = s.read_region((level_origin(lx, ds), 0), 2, (5, 5))
         np.testing.assert_array_equal(got, full[:5, lx : lx + 5])
+
+
+def test_read_plan_is_what_read_and_read_region_do():
+    img = _gradient()
+    s = VirtualSlide(img, mpp=0.25, downsamples=(1, 3))  # level 1: downsample 3, 0.75 um/px
+    p = s.read_plan((301, 10), (100, 50), mpp=1.0)
+    # level 1 is the deepest at least as fine as 1 um/px; the box covers base px 301..401 x 10..60
+    assert (p.level, p.x, p.y, p.w, p.h, p.out_size) == (1, 100, 3, 34, 17, (25, 12))
+    np.testing.assert_array_equal(s.read_planned(p), s.read((301, 10), (100, 50), mpp=1.0))
+    r = s.region_plan((301, 10), 1, (20, 7))
+    assert (r.level, r.x, r.y, r.w, r.h, r.out_size) == (1, 100, 3, 20, 7, (20, 7))
+    np.testing.assert_array_equal(s.read_planned(r), s.read_region((301, 10), 1, (20, 7)))
+    np.testing.assert_array_equal(s.read_planned(r), s._levels[1][3:10, 100:120])
+    edge = s.read_planned(s.region_plan((1190, 790), 0, (20, 20)))  # past the slide: white
+    assert (edge[10:] == 255).all() and (edge[:, 10:] == 255).all()
+    np.testing.assert_array_equal(edge[:10, :10], img[790:, 1190:])
+    with pytest.raises(ValueError, match="level 2 out of range"):
+        s.region_plan((0, 0), 2, (4, 4))

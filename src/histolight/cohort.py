@@ -254,9 +254,12 @@ class Claims:
         os.close(fd)
 
     def close(self) -> None:
+        """Release every claim still held and remove the claims folder if no other run uses it."""
         self._stop.set()
         for name in list(self.held):
             self.release(name)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()  # only succeeds when empty
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(min(60.0, self.stale_after / 4)):
@@ -364,6 +367,7 @@ def run_per_slide(
     claims: bool = True,
     stale_after: float = 600.0,
     desc: str = "slides",
+    unit: str = "items",
     progress: bool = True,
 ) -> CohortResult:
     """Call ``fn(name)`` for each slide of this shard and return what happened (never raises for a slide).
@@ -379,7 +383,7 @@ def run_per_slide(
         summary_name: CSV file name of the summary table in ``out_dir`` (None = not written).
         claims: claim each slide while processing it, so concurrent runs into ``out_dir`` never collide.
         stale_after: seconds after which another host's claim without a heartbeat is taken over.
-        desc: label of the progress bar.
+        desc: label of the slide progress bar; ``unit``: what :func:`report_progress` counts (tiles, strips, ...).
     """
     t0 = time.time()
     mine = shard(names, shard_index, num_shards) if num_shards > 1 else list(names)
@@ -390,7 +394,7 @@ def run_per_slide(
         out.mkdir(parents=True, exist_ok=True)
     store = Claims(out / ".claims", stale_after) if (claims and out is not None) else None
     rows: dict[str, dict] = {}
-    bars = _Bars(desc, len(mine), progress)
+    bars = _Bars(desc, len(mine), progress, unit)
     try:
         n_workers = max(1, min(int(workers), len(mine)))
         method = _start_method() if n_workers > 1 else None
@@ -539,18 +543,21 @@ def _table(rows: list[dict]) -> pd.DataFrame:
 class _Bars:
     """The slide bar, plus a units bar (tiles, strips) that appears on the first :func:`report_progress`."""
 
-    def __init__(self, desc: str, total: int, enabled: bool):
+    def __init__(self, desc: str, total: int, enabled: bool, unit: str = "items"):
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
         self.enabled = enabled
         self.slides = tqdm(total=total, desc=desc, unit="slide", disable=not enabled, position=0)
         self.inner = None
+        self.unit = unit
         self.totals: dict[str, int] = {}
 
     def units(self, name: str, n: int, total: int | None) -> None:
         if self.inner is None:
-            self.inner = self._tqdm(total=0, desc="  units", disable=not self.enabled, position=1, leave=False)
+            self.inner = self._tqdm(
+                total=0, desc=f"  {self.unit}", unit=self.unit.rstrip("s"), disable=not self.enabled, position=1, leave=False
+            )
         if total is not None and self.totals.get(name) != total:
             self.inner.total = (self.inner.total or 0) + total - self.totals.get(name, 0)
             self.totals[name] = total

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from histolight.errors import ConfigError, HistolightError, ROIError, SlideError
-from histolight.io.tilestore import check_cohort_name, default_cohort_name
+from histolight.cohort import CohortResult, run_per_slide
+from histolight.config.schema import check_cohort_name, default_cohort_name
+from histolight.errors import ConfigError, HistolightError, ROIError
 from histolight.roi import ROI, ROI_EXTENSIONS, read_rois
 from histolight.wsi import SLIDE_EXTENSIONS, Slide, slide_name
 
@@ -204,39 +206,31 @@ class Dataset:
         return new
 
     # ------------------------------------------------------------------ summary
-    def info(self, check_read: bool = True) -> pd.DataFrame:
-        """One row per slide: vendor, size, levels, mpp, ROI count, and the error if it cannot be read."""
-        rows = []
-        for name in self.names:
-            row = {"slide": name, "path": str(self.path(name)), "error": None, "warning": None}
-            try:
-                with self.open(name) as s:
-                    row.update(s.describe())
-                    if check_read:  # decode a few pixels: files that open may still fail here
-                        lvl = s.level_count - 1
-                        s.read_region((0, 0), lvl, (min(64, s.level_dimensions[lvl][0]), min(64, s.level_dimensions[lvl][1])))
-                    if not s.has_mpp:
-                        row["warning"] = f"no mpp: {s._mpp_note}; set dataset.mpp_override or an mpp column"
-                    dims = s.dimensions
-                row["roi_file"] = self.roi_path(name).name if self.has_rois(name) else None
-                try:
-                    rois = self.rois(name, slide_dims=dims)
-                    row["rois"] = len(rois)
-                    row["roi_labels"] = ",".join(sorted({r.label for r in rois if r.label})) or None
-                except ROIError as e:
-                    row["rois"] = None
-                    row["error"] = str(e)
-            except SlideError as e:
-                row["error"] = e.reason
-            rows.append(row)
-        cols = ["slide", "vendor", "width", "height", "levels", "mpp", "mpp_source", "rois", "roi_labels", "error", "warning"]
-        df = pd.DataFrame(rows)
-        for c in cols:
-            if c not in df.columns:
-                df[c] = None
+    def info(
+        self,
+        check_read: bool = True,
+        workers: int = 1,
+        report_dir: str | os.PathLike | None = None,
+        summary_name: str = "slides.csv",
+        progress: bool = True,
+    ) -> CohortResult:
+        """Describe every slide on the cohort runner (:func:`histolight.cohort.run_per_slide`).
+
+        Returns the run's :class:`~histolight.cohort.CohortResult`; its ``table`` has one row per slide with
+        :data:`INFO_COLUMNS` after the runner's ``slide, status, reason, seconds``. A slide that cannot be opened or
+        read (``check_read``: decode a few pixels) or whose ROI file is broken is ``failed`` with the reason; a
+        slide without mpp is ``done`` with a ``warning``. ``report_dir``: folder of the summary CSV.
+        """
+        fn = functools.partial(slide_info, dataset=self, check_read=check_read)
+        res = run_per_slide(
+            self.names, fn, out_dir=report_dir, workers=workers, summary_name=summary_name, desc="slide info", progress=progress
+        )
+        for c in INFO_COLUMNS:
+            if c not in res.table.columns:
+                res.table[c] = None
         for c in ("width", "height", "levels", "rois"):
-            df[c] = pd.to_numeric(df[c]).astype("Int64")
-        return df[cols + [c for c in df.columns if c not in cols]]
+            res.table[c] = pd.to_numeric(res.table[c]).astype("Int64")
+        return res
 
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}: {len(self)} slides from {[str(s) for s in self.slide_sources]}, rois={[str(d) for d in self.roi_dirs]})"
@@ -255,12 +249,41 @@ class Dataset:
         return get_tile_dataframe(self, *args, **kw)
 
     # ------------------------------------------------------------------ segmentation
-    def generate_rois(self, model, dest=None, overwrite: bool = False, **kw) -> list[dict]:
+    def generate_rois(self, model, dest=None, overwrite: bool = False, **kw) -> CohortResult:
         """Write ROIs predicted by a segmentation model (path or SegmentModel) as CSV + GeoJSON per slide
         (see :func:`histolight.segment.rois.generate_dataset_rois`)."""
         from histolight.segment.rois import generate_dataset_rois
 
         return generate_dataset_rois(self, model, dest=dest, overwrite=overwrite, **kw)
+
+
+#: the columns of :meth:`Dataset.info` after the runner's ``slide, status, reason, seconds`` (mpp in um/px, size in base px)
+INFO_COLUMNS = ["vendor", "width", "height", "levels", "mpp", "mpp_source", "rois", "roi_file", "roi_labels", "warning", "path"]
+
+
+def slide_info(name: str, dataset: Dataset, check_read: bool = True) -> dict:
+    """Per-slide function of :meth:`Dataset.info`: vendor, size (base px), levels, mpp (um/px), ROI count and labels.
+
+    Raises :class:`~histolight.errors.SlideError` when the slide cannot be opened or (``check_read``) its pixels
+    cannot be decoded: the cohort runner records a ``failed`` row with the reason. A broken ROI file gives a
+    ``failed`` row that still describes the slide."""
+    row: dict = {"path": str(dataset.path(name)), "warning": None}
+    with dataset.open(name) as s:
+        row.update(s.describe())
+        if check_read:  # decode a few pixels: files that open may still fail here
+            lvl = s.level_count - 1
+            s.read_region((0, 0), lvl, (min(64, s.level_dimensions[lvl][0]), min(64, s.level_dimensions[lvl][1])))
+        if not s.has_mpp:
+            row["warning"] = f"no mpp: {s._mpp_note}; set dataset.mpp_override or an mpp column"
+        dims = s.dimensions
+    p = dataset.roi_path(name)
+    row["roi_file"] = p.name if p else None
+    try:
+        rois = dataset.rois(name, slide_dims=dims)
+    except ROIError as e:  # the slide is described; its ROI file must be fixed
+        return {**row, "status": "failed", "reason": str(e)}
+    row.update(rois=len(rois), roi_labels=",".join(sorted({r.label for r in rois if r.label})) or None)
+    return row
 
 
 def _is_slide_file(p: Path) -> bool:

@@ -1,21 +1,21 @@
-"""A trained tile classifier on disk: ``weights.pt`` + ``model_config.json``, enough to rebuild it alone.
+"""A trained tile classifier on disk, in the model-folder format of :mod:`histolight.training.artifacts`:
+``classifier_config.json`` + ``weights.safetensors`` (older ``model_config.json`` + ``weights.pt`` folders load too).
 
-``model_config.json``::
+In memory a classifier's description is one flat dict (:func:`make_model_config`, ``LoadedModel.config``)::
 
-    {"format": "histolight.tile_classifier", "version": 1,
-     "timm_name": "resnet18", "model_kwargs": {}, "drop_rate": 0.0,
-     "label_map": {"classes": ["necrosis", "stroma", "tumor"], "index": {...}},
-     "tile_px": 128, "tile_um": 64, "normalizer": null | StainNormalizer.to_config() (method + fit),
-     "mean": [...], "std": [...], "label_source": "roi", "weights": "weights.pt",
-     "checkpoint": "<the Lightning checkpoint it came from>", "metrics": {...}, "histolight_version": "..."}
+    {"timm_name": "resnet18", "model_kwargs": {}, "drop_rate": 0.0, "num_classes": 3,
+     "label_map": {"classes": ["necrosis", "stroma", "tumor"], ...}, "tile_px": 128, "tile_um": 64,
+     "normalizer": null | StainNormalizer.to_config() (method + fit), "mean": [...], "std": [...],
+     "label_source": "roi", ... (data options), "checkpoint": ..., "metrics": {...}}
 
-:func:`load_model` accepts that folder, the JSON file, or a Lightning ``.ckpt`` written by
-``task=train_tiles`` (which embeds the same config under ``checkpoint['histolight']``).
+:func:`save_model` files it into the sections of ``classifier_config.json`` (``model``, ``data``, ``labels``,
+``geometry``, ``normalizer``, ``input_norm``, ``metrics``, ``training``); :func:`read_model_config` flattens
+either layout back. :func:`load_model` accepts the folder, its config JSON, or a Lightning ``.ckpt`` written by
+``task=train_tiles`` (which embeds the flat config under ``checkpoint['histolight']``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -29,13 +29,14 @@ from torch import nn
 
 from histolight.classify.labels import LabelMap
 from histolight.errors import HistolightError
+from histolight.training.artifacts import read_model_folder, save_model_folder
 
 log = logging.getLogger(__name__)
 
-FORMAT = "histolight.tile_classifier"
-VERSION = 1
-CONFIG_NAME = "model_config.json"
-WEIGHTS_NAME = "weights.pt"
+KIND = "classifier"
+MODEL_KEYS = ("timm_name", "model_kwargs", "drop_rate", "num_classes")
+PROVENANCE_KEYS = ("checkpoint", "extraction", "tile_dir", "seed", "dataset")
+_SECTION_KEYS = {*MODEL_KEYS, "label_map", "tile_px", "tile_um", "normalizer", "mean", "std", "metrics", *PROVENANCE_KEYS}
 
 
 def make_model_config(
@@ -52,14 +53,11 @@ def make_model_config(
     label_source: str | None = None,
     **extra,
 ) -> dict:
-    """The JSON-able description of a model (``normalizer``: a StainNormalizer, its ``to_config()`` dict, or None)."""
-    import histolight
-
+    """The flat, JSON-able description of a classifier (``normalizer``: a StainNormalizer, its ``to_config()``
+    dict, or None; ``mean``/``std`` in [0, 1] units; ``extra``: data options and provenance)."""
     if normalizer is not None and hasattr(normalizer, "to_config"):
         normalizer = normalizer.to_config()
     cfg = {
-        "format": FORMAT,
-        "version": VERSION,
         "timm_name": timm_name,
         "model_kwargs": dict(model_kwargs or {}),
         "drop_rate": float(drop_rate),
@@ -71,7 +69,6 @@ def make_model_config(
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "label_source": label_source,
-        "histolight_version": histolight.__version__,
     }
     cfg.update(_jsonable(extra))
     return cfg
@@ -91,27 +88,60 @@ def _jsonable(o: Any) -> Any:
     return o
 
 
+def _geometry(tile_px: int, tile_um: Any) -> dict:
+    """``{tile_px, tile_um, mpp}``: the tile side in px and um (or magnification) and its um/px."""
+    from histolight.units import mag_to_mpp, parse_tile_um
+
+    um, mag = parse_tile_um(tile_um)
+    mpp = um / int(tile_px) if um is not None else mag_to_mpp(mag)
+    return {"tile_px": int(tile_px), "tile_um": tile_um, "mpp": mpp}
+
+
+def to_artifact(config: dict) -> dict:
+    """The sections of ``classifier_config.json`` from a flat config."""
+    return {
+        "model": {k: config[k] for k in MODEL_KEYS if k in config},
+        "data": {k: v for k, v in config.items() if k not in _SECTION_KEYS},
+        "labels": list(config["label_map"]["classes"]),
+        "geometry": _geometry(config["tile_px"], config["tile_um"]),
+        "normalizer": config.get("normalizer"),
+        "input_norm": {"mean": list(config["mean"]), "std": list(config["std"])},
+        "metrics": config.get("metrics") or {},
+        "training": {k: config[k] for k in PROVENANCE_KEYS if k in config},
+    }
+
+
+def from_artifact(meta: dict) -> dict:
+    """The flat config of a ``classifier_config.json``."""
+    labels = LabelMap(meta["labels"])
+    geo = meta["geometry"]
+    return {
+        **meta["model"],
+        "num_classes": len(labels),
+        "label_map": labels.to_dict(),
+        "tile_px": geo["tile_px"],
+        "tile_um": geo["tile_um"],
+        "normalizer": meta.get("normalizer"),
+        "mean": meta["input_norm"]["mean"],
+        "std": meta["input_norm"]["std"],
+        **meta.get("data", {}),
+        "metrics": meta.get("metrics", {}),
+        **meta.get("training", {}),
+    }
+
+
 def save_model(outdir: str | os.PathLike, net: nn.Module, config: dict, overwrite: bool = False) -> Path:
-    """Write ``weights.pt`` (state dict of the timm model) and ``model_config.json`` into ``outdir`` atomically.
+    """Write the timm model ``net`` and its flat ``config`` as a model folder ``outdir`` (atomically).
 
     An existing model there is only replaced with ``overwrite=True``.
     """
-    from histolight.io.atomic import atomic_write, atomic_write_json
-
-    outdir = Path(outdir)
-    if (outdir / CONFIG_NAME).exists() and not overwrite:
-        raise HistolightError(f"a model already exists in '{outdir}'; pass overwrite=true to replace it")
-    outdir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    with atomic_write(outdir / WEIGHTS_NAME, "wb") as fh:
-        torch.save(sd, fh)
-    atomic_write_json(outdir / CONFIG_NAME, {**_jsonable(config), "weights": WEIGHTS_NAME})
-    return outdir
+    _check_config(config, "the model config")
+    return save_model_folder(outdir, KIND, net.state_dict(), to_artifact(_jsonable(config)), overwrite=overwrite)
 
 
 @dataclass
 class LoadedModel:
-    """A rebuilt classifier: ``net`` (eval mode), its ``config``, ``label_map``, ``normalizer`` and
+    """A rebuilt classifier: ``net`` (eval mode), its flat ``config``, ``label_map``, ``normalizer`` and
     :meth:`transform` (evaluation preprocessing)."""
 
     net: nn.Module
@@ -140,7 +170,7 @@ class LoadedModel:
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 batch -> normalized float (model config mean/std), on ``x``'s device."""
-        from histolight.classify.augment import normalize_batch
+        from histolight.training.normalize import normalize_batch
 
         return normalize_batch(x, self.config["mean"], self.config["std"])
 
@@ -165,36 +195,30 @@ class LoadedModel:
 
 
 def _check_config(cfg: dict, where: str) -> dict:
-    if cfg.get("format") != FORMAT:
-        raise HistolightError(f"{where} is not a histolight tile classifier config (format={cfg.get('format')!r})")
-    if int(cfg.get("version", 0)) > VERSION:
-        raise HistolightError(f"{where} has version {cfg.get('version')}, newer than this histolight ({VERSION}); upgrade")
-    for k in ("timm_name", "label_map", "tile_px", "mean", "std"):
+    for k in ("timm_name", "label_map", "tile_px", "tile_um", "mean", "std"):
         if k not in cfg:
             raise HistolightError(f"{where} lacks '{k}'")
     return cfg
 
 
 def read_model_config(path: str | os.PathLike) -> dict:
-    """The model config of a model folder, ``model_config.json`` or a histolight Lightning ``.ckpt``."""
+    """The flat config of a model folder (either layout), its config JSON, or a ``task=train_tiles`` ``.ckpt``."""
     p = Path(path)
-    if p.is_dir():
-        p = p / CONFIG_NAME
-    if not p.exists():
-        raise HistolightError(
-            f"model '{path}' not found (expected a folder with {CONFIG_NAME}, the JSON file, or a .ckpt from task=train_tiles)"
-        )
     if p.suffix == ".ckpt":
-        ck = torch.load(p, map_location="cpu", weights_only=False)
+        from histolight.io.weights import read_checkpoint
+
+        ck = read_checkpoint(p)
         if "histolight" not in ck:
             raise HistolightError(f"checkpoint '{p}' has no histolight model config (not written by task=train_tiles)")
         return _check_config(ck["histolight"], str(p))
-    return _check_config(json.loads(p.read_text()), str(p))
+    mf = read_model_folder(p, KIND)
+    return _check_config(dict(mf.meta) if mf.legacy else from_artifact(mf.meta), str(mf.folder))
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a classifier from a model folder / ``model_config.json`` / ``.ckpt`` (no training config needed)."""
+    """Rebuild a classifier from a model folder / its config JSON / a ``.ckpt`` (no training config needed)."""
     from histolight.classify.module import create_timm_model
+    from histolight.io.weights import load_matching, read_state_dict
 
     p = Path(path)
     cfg = read_model_config(p)
@@ -202,18 +226,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     net = create_timm_model(
         cfg["timm_name"], len(label_map), pretrained=False, drop_rate=cfg.get("drop_rate", 0.0), **cfg.get("model_kwargs", {})
     )
-    if p.suffix == ".ckpt":
-        ck = torch.load(p, map_location="cpu", weights_only=False)
-        sd = {k[4:]: v for k, v in ck["state_dict"].items() if k.startswith("net.")}
-    else:
-        wdir = p if p.is_dir() else p.parent
-        wpath = wdir / cfg.get("weights", WEIGHTS_NAME)
-        if not wpath.exists():
-            raise HistolightError(f"model weights '{wpath}' not found")
-        sd = torch.load(wpath, map_location="cpu", weights_only=True)
+    sd = read_state_dict(p) if p.suffix == ".ckpt" else read_model_folder(p, KIND).state_dict()
     try:
-        net.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
+        load_matching(net, sd, source=f"'{path}'", strict=True)
+    except HistolightError as e:
         raise HistolightError(f"weights of '{path}' do not fit {cfg['timm_name']} with {len(label_map)} classes: {e}") from None
     net.eval().to(device)
     normalizer = None
@@ -224,4 +240,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     return LoadedModel(net, cfg, label_map, normalizer, str(p))
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LoadedModel", "make_model_config", "save_model", "load_model", "read_model_config"]
+__all__ = [
+    "KIND",
+    "LoadedModel",
+    "make_model_config",
+    "save_model",
+    "load_model",
+    "read_model_config",
+    "to_artifact",
+    "from_artifact",
+]

@@ -1,5 +1,5 @@
-"""Validated options of the tile-classifier tasks: ``data`` (conf/data/tiles.yaml), ``model``
-(conf/model/timm_*.yaml), ``task`` (conf/task/train_tiles.yaml, conf/task/predict.yaml).
+"""Validated options of tile classifiers: ``data`` (conf/data/tiles.yaml) and ``model`` (conf/model/timm_*.yaml);
+the tasks' ``task`` sections have their schemas in their task modules.
 
 Mistakes fail at startup with the key, the value and what is allowed, e.g.
 ``invalid config 'data': label_source='rio' is invalid: must be one of roi, slide, table``.
@@ -11,11 +11,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from histolight.classify.augment import check_mean_std, validate_augment
 from histolight.classify.labels import LABEL_SOURCES
-from histolight.classify.splits import BALANCE_METHODS, SPLIT_METHODS
-from histolight.config.schema import check, check_labels, from_config, is_pos_int, to_dict
+from histolight.classify.splits import BALANCE_METHODS
+from histolight.config.schema import check, check_labels, is_pos_int
 from histolight.errors import ConfigError
+from histolight.training.augment import DEFAULTS as AUGMENT_DEFAULTS
+from histolight.training.augment import validate_augment
+from histolight.training.normalize import check_mean_std
+from histolight.training.optim import check_optim
+from histolight.training.splits import SPLIT_METHODS
 
 
 def _bool(key: str, v: Any) -> None:
@@ -70,7 +74,7 @@ class TileDataConfig:
 
     tile_px: int = 128
     tile_um: Any = 64
-    tiles_dir: str = "tiles"
+    tiles_root: str = "tiles"
     tfrecords: Any = None
     extract: bool = True
     extract_options: dict = field(default_factory=dict)
@@ -79,6 +83,7 @@ class TileDataConfig:
     label_table: str | None = None
     labels: list[str] | None = None
     split: Any = None
+    allow_patient_leakage: bool = False
     batch_size: int = 64
     eval_batch_size: int | None = None
     num_workers: int = 2
@@ -86,7 +91,7 @@ class TileDataConfig:
     shuffle_buffer: int = 1024
     balance: str = "tile"
     samples_per_epoch: int | None = None
-    augment: dict | None = None
+    augment: Any = field(default_factory=lambda: dict(AUGMENT_DEFAULTS))
     normalize: bool = True
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -96,7 +101,7 @@ class TileDataConfig:
     verify_crc: bool = False
 
     def __post_init__(self):
-        from histolight.extract.config import parse_tile_um
+        from histolight.units import parse_tile_um
 
         check(
             is_pos_int(self.tile_px) and self.tile_px >= 8,
@@ -106,16 +111,16 @@ class TileDataConfig:
         )
         parse_tile_um(self.tile_um)
         check(
-            isinstance(self.tiles_dir, str) and self.tiles_dir.strip() != "",
-            "tiles_dir",
-            self.tiles_dir,
-            "must be a folder (tiles go to <tiles_dir>/<tile_px>px_<tile_um>um)",
+            isinstance(self.tiles_root, str) and self.tiles_root.strip() != "",
+            "tiles_root",
+            self.tiles_root,
+            "must be a folder (tiles go to <tiles_root>/<dataset.name>/<tile_px>px_<tile_um>um, as for task=extract)",
         )
         check(
             self.tfrecords is None or isinstance(self.tfrecords, (str, list)),
             "tfrecords",
             self.tfrecords,
-            "must be null (use tiles_dir) or a folder / glob / list of .tfrecords files",
+            "must be null (use tiles_root) or a folder / glob / list of .tfrecords files",
         )
         _bool("extract", self.extract)
         check(
@@ -129,7 +134,7 @@ class TileDataConfig:
             not bad,
             "extract_options",
             self.extract_options,
-            f"must not set {sorted(bad)} (use data.tile_px / data.tile_um / data.tiles_dir)",
+            f"must not set {sorted(bad)} (use data.tile_px / data.tile_um / data.tiles_root)",
         )
         check(
             self.label_source in LABEL_SOURCES,
@@ -174,8 +179,8 @@ class TileDataConfig:
             self.samples_per_epoch,
             "must be null (= number of training tiles) or an integer >= 1",
         )
-        self.augment = validate_augment(self.augment)
-        for k in ("normalize", "pin_memory", "persistent_workers", "verify_crc"):
+        self.augment = validate_augment(self.augment, prefix="augment")
+        for k in ("normalize", "allow_patient_leakage", "pin_memory", "persistent_workers", "verify_crc"):
             _bool(k, getattr(self, k))
         check_mean_std(self.mean, self.std, prefix="data")
         check(
@@ -187,7 +192,7 @@ class TileDataConfig:
 
     @property
     def tile_dir_name(self) -> str:
-        from histolight.extract.config import tile_dir_name
+        from histolight.units import tile_dir_name
 
         return tile_dir_name(self.tile_px, self.tile_um)
 
@@ -205,6 +210,7 @@ class TimmModelConfig:
     optimizer: dict | None = None
     scheduler: dict | None = None
     scheduler_interval: str = "epoch"
+    warmup_epochs: int = 0
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -236,22 +242,7 @@ class TimmModelConfig:
             self.freeze,
             "must be null, 'backbone' (train the head only) or a list of parameter-name prefixes",
         )
-        for k in ("optimizer", "scheduler"):
-            v = getattr(self, k)
-            if v is None and k == "scheduler":
-                continue
-            check(
-                isinstance(v, dict) and "_target_" in v and v.get("_partial_") is True,
-                k,
-                v,
-                "must be a Hydra node with _target_ and _partial_: true (e.g. torch.optim.AdamW)",
-            )
-        check(
-            self.scheduler_interval in ("epoch", "step"),
-            "scheduler_interval",
-            self.scheduler_interval,
-            "must be 'epoch' or 'step'",
-        )
+        self.optimizer, self.scheduler = check_optim(self.optimizer, self.scheduler, self.scheduler_interval, self.warmup_epochs)
         check(
             isinstance(self.model_kwargs, dict),
             "model_kwargs",
@@ -260,126 +251,4 @@ class TimmModelConfig:
         )
 
 
-@dataclass
-class TrainTilesTaskConfig:
-    """``task`` of ``task=train_tiles`` (conf/task/train_tiles.yaml)."""
-
-    name: str = "train_tiles"
-    monitor: str = "val/bal_acc"
-    monitor_mode: str = "max"
-    ckpt: str = "best"
-    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
-    model_dir: str | None = None
-    overwrite: bool = False
-    slide_metrics: Any = "auto"
-
-    def __post_init__(self):
-        check(
-            isinstance(self.monitor, str) and "/" in self.monitor,
-            "monitor",
-            self.monitor,
-            "must be a logged metric such as val/bal_acc, val/loss, val/auroc",
-        )
-        check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be 'min' or 'max'")
-        check(
-            self.ckpt in ("best", "last"), "ckpt", self.ckpt, "must be 'best' or 'last' (the checkpoint evaluated and exported)"
-        )
-        check(
-            isinstance(self.eval_splits, list) and set(self.eval_splits) <= {"val", "test"},
-            "eval_splits",
-            self.eval_splits,
-            "must be a list drawn from [val, test]",
-        )
-        _bool("overwrite", self.overwrite)
-        check(
-            self.slide_metrics in ("auto", True, False),
-            "slide_metrics",
-            self.slide_metrics,
-            "must be auto (on for label_source=slide), true or false",
-        )
-
-
-@dataclass
-class PredictTaskConfig:
-    """``task`` of ``task=predict`` (conf/task/predict.yaml)."""
-
-    name: str = "predict"
-    model: str | None = None
-    tfrecords: Any = None
-    tiles_dir: str | None = None
-    slides: list[str] | None = None
-    batch_size: int = 256
-    num_workers: int = 0
-    device: str = "auto"
-    heatmaps: bool = True
-    heatmap_scale: int = 4
-    label_source: str | None = None
-    label_column: str = "label"
-    label_table: str | None = None
-    roi_filter_method: Any = "center"
-
-    def __post_init__(self):
-        check(
-            isinstance(self.model, str) and self.model.strip() != "",
-            "model",
-            self.model,
-            "must be a trained model: a folder with model_config.json (train_tiles writes <run>/model), "
-            "the JSON file, or a .ckpt",
-        )
-        check(
-            self.tfrecords is None or isinstance(self.tfrecords, (str, list)),
-            "tfrecords",
-            self.tfrecords,
-            "must be null (the model's tile folder under tiles_dir) or a folder / glob / list of .tfrecords",
-        )
-        check(
-            self.tfrecords is not None or isinstance(self.tiles_dir, str),
-            "tiles_dir",
-            self.tiles_dir,
-            "must be a folder when tfrecords is null",
-        )
-        check(
-            self.slides is None or isinstance(self.slides, list), "slides", self.slides, "must be null or a list of slide names"
-        )
-        check(is_pos_int(self.batch_size), "batch_size", self.batch_size, "must be an integer >= 1")
-        _nonneg_int("num_workers", self.num_workers)
-        check(
-            isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
-            "device",
-            self.device,
-            "must be auto, cpu, cuda or cuda:<n>",
-        )
-        _bool("heatmaps", self.heatmaps)
-        check(is_pos_int(self.heatmap_scale), "heatmap_scale", self.heatmap_scale, "must be an integer >= 1 (px per tile)")
-        check(
-            self.label_source is None or self.label_source in LABEL_SOURCES,
-            "label_source",
-            self.label_source,
-            f"must be null (no evaluation) or one of {', '.join(LABEL_SOURCES)}",
-        )
-        from histolight.extract.config import parse_roi_filter_method
-
-        self.roi_filter_method = parse_roi_filter_method(self.roi_filter_method)
-
-
-def load_configs(cfg: Any) -> tuple[TrainTilesTaskConfig, TileDataConfig, TimmModelConfig]:
-    """Validated ``task``, ``data`` and ``model`` sections of a train_tiles config (before any work)."""
-    if cfg.get("data") is None:
-        raise ConfigError("task=train_tiles needs a data config: add data=tiles (or experiment=tile_classifier)")
-    if cfg.get("model") is None:
-        raise ConfigError("task=train_tiles needs a model config: add model=timm_resnet18 (or experiment=tile_classifier)")
-    task = from_config(TrainTilesTaskConfig, cfg.task, "task")
-    data = from_config(TileDataConfig, cfg.data, "data")
-    model = from_config(TimmModelConfig, cfg.model, "model")
-    return task, data, model
-
-
-__all__ = [
-    "SplitConfig",
-    "TileDataConfig",
-    "TimmModelConfig",
-    "TrainTilesTaskConfig",
-    "PredictTaskConfig",
-    "load_configs",
-    "to_dict",
-]
+__all__ = ["SplitConfig", "TileDataConfig", "TimmModelConfig"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
-from histolight.classify.augment import normalize_batch
 from histolight.errors import ConfigError, HistolightError
+from histolight.io.weights import load_matching, read_state_dict
+from histolight.training.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+from histolight.training.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -44,58 +46,21 @@ def check_timm_name(name: str) -> None:
     raise ConfigError(f"model.name={name!r} is not a timm model.{hint} (see timm.list_models())")
 
 
-def _read_state_dict(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"model.checkpoint_path '{path}' does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - Lightning checkpoints may hold non-tensor objects
-            sd = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict):
-        raise HistolightError(f"'{path}' does not hold a state dict")
-    out = {}
-    for k, v in sd.items():
-        if not torch.is_tensor(v):
-            continue
-        for pre in ("net.", "model.", "module."):
-            if k.startswith(pre):
-                k = k[len(pre) :]
-                break
-        out[k] = v
-    return out
-
-
 def load_local_weights(model: nn.Module, path: str) -> None:
     """Load local weights (timm/torchvision ``.pth``/``.safetensors`` or a histolight checkpoint) into ``model``.
 
-    Tensors whose shape differs (typically the classifier head, for another number of classes) are
-    skipped and re-initialised; at least one tensor must match.
+    Read with :func:`histolight.io.weights.read_state_dict` (safe loading only); tensors whose shape differs
+    (typically the classifier head, for another number of classes) are skipped and re-initialised; at least one
+    tensor must match.
     """
-    sd = _read_state_dict(path)
-    own = model.state_dict()
-    ok = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
-    if not ok:
-        raise HistolightError(f"no tensor in '{path}' matches the model's parameters (wrong architecture?)")
-    missing, _ = model.load_state_dict(ok, strict=False)
-    log.info(
-        "loaded %d/%d tensors from %s (%d shape mismatches skipped: %s; %d left at init)",
-        len(ok),
-        len(own),
-        path,
-        len(skipped),
-        skipped[:4],
-        len(missing),
-    )
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.checkpoint_path={path!r} is invalid: the file does not exist")
+    try:
+        load_matching(model, read_state_dict(path), source=f"model.checkpoint_path '{path}'")
+    except ConfigError:
+        raise
+    except HistolightError as e:
+        raise ConfigError(f"model.checkpoint_path={path!r} is invalid: {e}") from None
 
 
 def create_timm_model(
@@ -116,8 +81,8 @@ def timm_preprocessing(name: str) -> tuple[tuple, tuple]:
     import timm
 
     cfg = timm.get_pretrained_cfg(name) if hasattr(timm, "get_pretrained_cfg") else None
-    mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
-    std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
+    mean = getattr(cfg, "mean", None) or IMAGENET_MEAN
+    std = getattr(cfg, "std", None) or IMAGENET_STD
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
@@ -227,8 +192,8 @@ class TileClassifier(L.LightningModule):
         drop_rate: dropout before the classifier head.
         freeze: None | ``'backbone'`` | list of parameter-name prefixes to freeze.
         label_smoothing: cross-entropy label smoothing in [0, 1).
-        optimizer: ``functools.partial`` (Hydra ``_partial_: true``) taking ``params``.
-        scheduler: partial taking ``optimizer`` (or None); ``scheduler_interval`` ``epoch`` | ``step``.
+        optimizer, scheduler, scheduler_interval, warmup_epochs: Hydra ``_partial_`` nodes (or callables) and
+            options of :func:`histolight.training.optim.configure_optimizers`.
         slide_metrics: also report slide-level AUROC/accuracy (weak supervision).
         model_config: the artifact description saved in every checkpoint (``checkpoint['histolight']``).
         mean, std: preprocessing; uint8 batches (what the tile datasets deliver) are normalized by
@@ -244,14 +209,15 @@ class TileClassifier(L.LightningModule):
         drop_rate: float = 0.0,
         freeze: Any = None,
         label_smoothing: float = 0.0,
-        optimizer: Callable | None = None,
-        scheduler: Callable | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
         scheduler_interval: str = "epoch",
+        warmup_epochs: int = 0,
         slide_metrics: bool = False,
         model_config: dict | None = None,
         model_kwargs: dict | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "model_config"])
@@ -268,6 +234,7 @@ class TileClassifier(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        self.warmup_epochs = int(warmup_epochs)
         self.label_smoothing = float(label_smoothing)
         self.slide_metrics = slide_metrics
         self.model_config = model_config
@@ -336,15 +303,14 @@ class TileClassifier(L.LightningModule):
         return {"probs": self(batch["image"]).float().softmax(1), "index": batch["index"]}
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = self.optimizer_factory(params=params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-3)
-        if self.scheduler_factory is None:
-            return opt
-        sched = self.scheduler_factory(optimizer=opt)
-        conf = {"scheduler": sched, "interval": self.scheduler_interval}
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            conf["monitor"] = "val/loss"
-        return {"optimizer": opt, "lr_scheduler": conf}
+        return configure_optimizers(
+            [p for p in self.parameters() if p.requires_grad],
+            self.optimizer_factory,
+            self.scheduler_factory,
+            interval=self.scheduler_interval,
+            warmup_epochs=self.warmup_epochs,
+            trainer=self._trainer,
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.model_config is not None:

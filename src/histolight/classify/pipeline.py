@@ -1,6 +1,6 @@
 """From a cohort to labelled, split tiles: extract (or reuse) TFRecords, label every tile, split by patient.
 
->>> tiles, info = prepare_tiles(dataset, tile_px=128, tile_um=64, tiles_dir="outputs/work/tiles/demo")
+>>> tiles, info = prepare_tiles(dataset, tile_px=128, tile_um=64, tiles_root="outputs/work/tiles")
 >>> tiles["split"] = split_patients(tiles, "annotations", dataset=dataset)
 
 ``tiles`` is indexed by tile id and has ``tfrecord, record, slide, loc_x, loc_y, label, patient``:
@@ -41,7 +41,7 @@ def prepare_tiles(
     *,
     tile_px: int,
     tile_um: Any,
-    tiles_dir: str | os.PathLike | None = None,
+    tiles_root: str | os.PathLike | None = None,
     tfrecords: Any = None,
     extract: bool = True,
     extract_options: dict | None = None,
@@ -55,9 +55,11 @@ def prepare_tiles(
     """Labelled tiles of ``dataset`` stored in TFRecords.
 
     Args:
-        tile_px, tile_um: tile geometry (``<tiles_dir>/<tile_px>px_<tile_um>um``).
-        tiles_dir: root of extracted tiles; slides without a TFRecord there are extracted first
-            when ``extract`` (finished slides are reused). Ignored when ``tfrecords`` is given.
+        tile_px, tile_um: tile geometry (px per tile side, and microns or a magnification such as ``"10x"``).
+        tiles_root: root of extracted tiles: the tile folder is ``<tiles_root>/<dataset.name>/<px>px_<um>um``
+            (:func:`histolight.io.tilestore.tile_folder`, where ``task=extract`` writes); slides without a
+            TFRecord there are extracted first when ``extract`` (finished slides are reused). Ignored when
+            ``tfrecords`` is given.
         tfrecords: explicit TFRecords (folder / glob / list), e.g. Slideflow's; nothing is extracted.
         extract_options: extra :func:`histolight.extract.extract_tiles` options (``qc``, ``roi_method``, ...).
         label_source, label_column, label_table, classes: see :func:`histolight.classify.labels.label_tiles`.
@@ -67,16 +69,16 @@ def prepare_tiles(
     opts = dict(extract_options or {})
     info = PreparedTiles(None, [])
     if tfrecords is None:
-        from histolight.extract import tile_dir_name
+        from histolight.io.tilestore import tile_folder
 
-        if tiles_dir is None:
-            raise HistolightError("prepare_tiles needs tiles_dir (or tfrecords)")
-        tile_dir = Path(tiles_dir) / tile_dir_name(tile_px, tile_um)
+        if tiles_root is None:
+            raise HistolightError("prepare_tiles needs tiles_root (or tfrecords)")
+        tile_dir = tile_folder(tiles_root, dataset.name, tile_px, tile_um)
         info.tile_dir = tile_dir
         if extract:
             from histolight.extract import extract_tiles
 
-            res = extract_tiles(dataset, tile_px, tile_um, str(tiles_dir), progress=progress, **opts)
+            res = extract_tiles(dataset, tile_px, tile_um, str(tiles_root), progress=progress, **opts)
             info.extraction = res.metrics()
             if res.failed:
                 log.warning("extraction failed for %d slide(s): %s", len(res.failed), res.failed)

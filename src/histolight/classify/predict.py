@@ -3,12 +3,16 @@
 >>> m = load_model("outputs/.../model")
 >>> df = predict_tfrecords(m, "outputs/work/tiles/demo/128px_64um")   # one row per tile
 >>> slides = aggregate_slides(df, m.classes)                          # one row per slide
->>> write_heatmaps(df, m.classes, "heatmaps/")                          # <slide>.png, one px per tile
+>>> write_heatmaps(df, m.classes, "heatmaps/")                        # <slide>.png, one cell per tile
+>>> res, pred = predict_slides("outputs/.../model", tiles, "out/")   # the same per slide, on the cohort runner
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import multiprocessing
 import os
 import re
 from collections.abc import Sequence
@@ -21,9 +25,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from histolight.classify.artifacts import LoadedModel, load_model
-from histolight.classify.data import TileDataset, find_tfrecords, index_tfrecords
+from histolight.classify.data import TileDataset
 from histolight.classify.labels import LabelMap
+from histolight.cohort import CohortResult, report_progress, run_per_slide
 from histolight.errors import ConfigError, HistolightError
+from histolight.io.atomic import atomic_write_json
+from histolight.io.images import write_png
+from histolight.io.tables import write_parquet
+from histolight.io.tilestore import find_tfrecords, index_tfrecords, tfrecord_slide_name
+from histolight.units import tile_dir_name
+from histolight.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +59,6 @@ def prob_columns(classes: Sequence[str]) -> list[str]:
 
 def check_tile_geometry(tfrecords: Sequence[str], tile_px: int, tile_um: Any) -> None:
     """ConfigError when the TFRecords' folder (``<px>px_<um>um``) says another tile size than the model's."""
-    from histolight.extract.config import tile_dir_name
-
     want = tile_dir_name(tile_px, tile_um)
     for d in sorted({os.path.basename(os.path.dirname(os.path.abspath(p))) for p in tfrecords}):
         if _TILE_DIR.match(d) and d != want:
@@ -59,10 +68,20 @@ def check_tile_geometry(tfrecords: Sequence[str], tile_px: int, tile_um: Any) ->
             )
 
 
-def _device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+_MODELS: dict[tuple, LoadedModel] = {}
+
+
+def load_classifier(model: LoadedModel | str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """``model`` itself, or the classifier at path ``model`` on ``device``, loaded once per process (the last one is
+    cached, keyed by resolved path, device and modification time): slide workers load it once, not per slide."""
+    if isinstance(model, LoadedModel):
+        return model
+    p = Path(model).expanduser().resolve()
+    key = (str(p), str(device), p.stat().st_mtime_ns if p.exists() else None)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model(p, device=device)
+    return _MODELS[key]
 
 
 @torch.no_grad()
@@ -81,9 +100,10 @@ def predict_tfrecords(
     """Per-tile class probabilities for every record of ``tfrecords`` (folder / glob / files).
 
     Returns a DataFrame indexed by tile id with ``slide, loc_x, loc_y, prob_<class>...`` and ``pred``
-    (the most probable class).
+    (the most probable class). Inside a cohort run, each batch advances the slide's progress (``report_progress``).
     """
-    m = model if isinstance(model, LoadedModel) else load_model(model)
+    dev = torch.device(resolve_device(device))
+    m = load_classifier(model, str(dev))
     files = find_tfrecords(tfrecords)
     if not files:
         raise HistolightError(f"no TFRecords found in {tfrecords!r}")
@@ -95,7 +115,6 @@ def predict_tfrecords(
         return pd.DataFrame(columns=["slide", "loc_x", "loc_y", *cols, "pred"]).rename_axis("tile_id")
     table = table.sort_values(["slide", "record"], kind="stable")
     ds = TileDataset(table, transform=m.transform(), tile_px=m.tile_px)
-    dev = _device(device)
     net = m.net.to(dev).eval()
     amp = (dev.type == "cuda") if amp is None else amp
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False, pin_memory=dev.type == "cuda")
@@ -110,6 +129,7 @@ def predict_tfrecords(
         with torch.autocast(dev.type, enabled=amp):
             logits = net(x)
         probs[batch["index"].numpy()] = logits.float().softmax(1).cpu().numpy()
+        report_progress(len(x), len(ds))
     out = table[["slide", "loc_x", "loc_y"]].copy()
     for j, c in enumerate(cols):
         out[c] = probs[:, j]
@@ -171,34 +191,159 @@ def heatmap_image(pred: pd.DataFrame, classes: Sequence[str], scale: int = 4) ->
     return img
 
 
+def write_legend(classes: Sequence[str], outdir: str | os.PathLike) -> Path:
+    """``<outdir>/legend.json``: class -> heatmap RGB colour (:data:`PALETTE`)."""
+    path = Path(outdir) / "legend.json"
+    atomic_write_json(path, {c: list(PALETTE[i % len(PALETTE)]) for i, c in enumerate(classes)})
+    return path
+
+
 def write_heatmaps(pred: pd.DataFrame, classes: Sequence[str], outdir: str | os.PathLike, scale: int = 4) -> list[Path]:
     """One ``<slide>.png`` per slide (see :func:`heatmap_image`) and ``legend.json`` (class -> RGB)."""
-    import cv2
-
-    from histolight.io.atomic import atomic_write, atomic_write_json
-
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = []
     for slide, df in pred.groupby("slide"):
-        img = heatmap_image(df, classes, scale)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise HistolightError(f"cannot encode heatmap of {slide}")
-        p = outdir / f"{slide}.png"
-        with atomic_write(p, "wb") as fh:
-            fh.write(png.tobytes())
-        paths.append(p)
-    atomic_write_json(outdir / "legend.json", {c: list(PALETTE[i % len(PALETTE)]) for i, c in enumerate(classes)})
+        write_png(outdir / f"{slide}.png", heatmap_image(df, classes, scale))
+        paths.append(outdir / f"{slide}.png")
+    write_legend(classes, outdir)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------- per slide, on the cohort runner
+
+
+def predict_slide(
+    name: str,
+    model: LoadedModel | str,
+    files: dict[str, list[str]],
+    out: str,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "cpu",
+    heatmaps: bool = True,
+    heatmap_scale: int = 4,
+) -> dict:
+    """Per-slide function of :func:`predict_slides`: predict the tiles of slide ``name`` (TFRecords ``files[name]``),
+    write ``<out>/parts/<name>.parquet`` and ``<out>/heatmaps/<name>.png``. Returns its summary row: the per-slide
+    aggregate (``n_tiles``, mean ``prob_<class>``, ``pred``); status ``empty`` for a slide without tiles."""
+    m = load_classifier(model, device)
+    # a slide worker is a daemon process, which may not start DataLoader workers of its own
+    nw = 0 if multiprocessing.current_process().daemon else num_workers
+    pred = predict_tfrecords(
+        m, files[name], batch_size=batch_size, num_workers=nw, device=device, check_geometry=False, progress=False
+    )
+    if pred.empty:
+        return {"status": "empty", "n_tiles": 0}
+    for sub in ("parts", "heatmaps") if heatmaps else ("parts",):
+        Path(out, sub).mkdir(parents=True, exist_ok=True)
+    write_parquet(pred.reset_index(), Path(out, "parts", f"{name}.parquet"))
+    if heatmaps:
+        write_png(Path(out, "heatmaps", f"{name}.png"), heatmap_image(pred, m.classes, heatmap_scale))
+    agg = aggregate_slides(pred, m.classes).iloc[0]
+    return {"n_tiles": int(agg["n_tiles"]), **{c: float(agg[c]) for c in prob_columns(m.classes)}, "pred": agg["pred"]}
+
+
+def predict_slides(
+    model: LoadedModel | str | os.PathLike,
+    tfrecords: Any,
+    out: str | os.PathLike,
+    *,
+    slides: Sequence[str] | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | None = "auto",
+    heatmaps: bool = True,
+    heatmap_scale: int = 4,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[CohortResult, pd.DataFrame]:
+    """Predict every slide of ``tfrecords`` (folder / glob / files) on the cohort runner
+    (:func:`histolight.cohort.run_per_slide`), one slide per call, so one corrupt TFRecord fails only its slide.
+
+    Writes into ``out``: ``slides.csv`` (the run's summary: ``slide, status, reason, seconds, n_tiles,
+    prob_<class>..., pred``), ``predictions.parquet`` (every tile of the predicted slides: ``tile_id, slide, loc_x,
+    loc_y, prob_<class>..., pred``), ``slides.parquet`` (the aggregates of the predicted slides) and, with
+    ``heatmaps``, ``heatmaps/<slide>.png`` + ``legend.json``.
+
+    Returns: ``(result, predictions)``, predictions indexed by tile id.
+    """
+    device = resolve_device(device)
+    m = load_classifier(model, device)  # a bad model fails the run here, not every slide
+    paths = find_tfrecords(tfrecords)
+    if not paths:
+        raise HistolightError(f"no TFRecords found in {tfrecords!r}; run task=extract first or set task.tfrecords")
+    check_tile_geometry(paths, m.tile_px, m.tile_um)
+    files: dict[str, list[str]] = {}
+    for p in paths:
+        files.setdefault(tfrecord_slide_name(p), []).append(p)
+    names = sorted(files) if slides is None else [s for s in sorted(files) if s in set(slides)]
+    out = Path(out)
+    if heatmaps:
+        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+        write_legend(m.classes, out / "heatmaps")
+    fn = functools.partial(
+        predict_slide,
+        model=model if isinstance(model, LoadedModel) else str(model),
+        files=files,
+        out=str(out),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        heatmaps=heatmaps,
+        heatmap_scale=heatmap_scale,
+    )
+    res = run_per_slide(names, fn, out_dir=out, workers=workers, summary_name="slides.csv", desc="predict", progress=progress)
+    parts = [out / "parts" / f"{n}.parquet" for n, st in zip(res.table["slide"], res.table["status"]) if st == "done"]
+    cols = ["tile_id", "slide", "loc_x", "loc_y", *prob_columns(m.classes), "pred"]
+    pred = pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame(columns=cols)
+    pred = pred.set_index("tile_id")
+    write_parquet(pred.reset_index(), out / "predictions.parquet")
+    write_parquet(aggregate_slides(pred, m.classes).reset_index(), out / "slides.parquet")
+    for p in parts:
+        p.unlink()
+    with contextlib.suppress(OSError):  # only when empty
+        (out / "parts").rmdir()
+    return res, pred
+
+
+def evaluate_slides(
+    pred: pd.DataFrame,
+    model: LoadedModel,
+    dataset,
+    label_source: str,
+    *,
+    label_column: str = "label",
+    label_table: Any = None,
+    roi_filter_method: Any = "center",
+) -> dict[str, float]:
+    """Metrics of ``pred`` (from :func:`predict_slides`) against the labels of ``label_source`` (``roi``: the
+    dataset's ROIs, tile grid recomputed with the model's geometry; ``slide``: the annotations' ``label_column``
+    (slide-level metrics too); ``table``: ``label_table``)."""
+    from histolight.classify.labels import label_tiles
+
+    if label_source == "roi":
+        from histolight.extract import get_tile_dataframe
+
+        names = sorted(set(pred["slide"]) & set(dataset.names))
+        grid = get_tile_dataframe(dataset, model.tile_px, model.tile_um, roi_filter_method=roi_filter_method, slides=names)
+        lab = label_tiles(grid, "roi", dataset=dataset)
+    else:
+        lab = label_tiles(pred, label_source, dataset=dataset, column=label_column, table=label_table)
+    return evaluate_predictions(pred, lab["label"], model.label_map, slide_level=label_source == "slide")
 
 
 __all__ = [
     "predict_tfrecords",
     "aggregate_slides",
     "evaluate_predictions",
+    "evaluate_slides",
     "write_heatmaps",
+    "write_legend",
     "heatmap_image",
+    "load_classifier",
+    "predict_slide",
+    "predict_slides",
     "prob_columns",
     "check_tile_geometry",
     "PALETTE",

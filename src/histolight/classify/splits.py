@@ -1,7 +1,8 @@
-"""Patient-level train/val/test splits (seeded, optionally k-fold) and class-balancing weights.
+"""Tile-level views of the patient splits of :mod:`histolight.training.splits` (shared with segmentation),
+the checks a tile table must pass before training, and class-balancing weights.
 
-A patient's tiles always land in one split: tiles of one patient are correlated (same stain, same
-scanner day, often the same tumour), so splitting tiles or slides would leak.
+A patient's tiles always land in one split: tiles of one patient are correlated (same stain, same scanner day,
+often the same tumour), so splitting tiles or slides would leak.
 """
 
 from __future__ import annotations
@@ -14,35 +15,11 @@ import numpy as np
 import pandas as pd
 
 from histolight.errors import ConfigError, HistolightError
+from histolight.training.splits import SPLIT_METHODS, split_slides
 
 log = logging.getLogger(__name__)
 
-SPLIT_METHODS = ("annotations", "random", "kfold")
-SPLITS = ("train", "val", "test")
 BALANCE_METHODS = ("none", "tile", "slide")
-
-
-def _rng_order(items: Sequence[str], seed: int) -> list[str]:
-    items = sorted(items)
-    perm = np.random.default_rng(seed).permutation(len(items))
-    return [items[i] for i in perm]
-
-
-def _stratified_order(patients: pd.DataFrame, seed: int) -> list[str]:
-    """Patients shuffled (seeded), then interleaved across their majority label so that taking
-    every k-th patient gives each fold a similar label mix."""
-    order = _rng_order(patients.index.tolist(), seed)
-    major = patients["major"].to_dict()
-    groups: dict[str, list[str]] = {}
-    for p in order:
-        groups.setdefault(str(major[p]), []).append(p)
-    out: list[str] = []
-    queues = [groups[g] for g in sorted(groups)]
-    while any(queues):
-        for q in queues:
-            if q:
-                out.append(q.pop(0))
-    return out
 
 
 def split_patients(
@@ -56,91 +33,54 @@ def split_patients(
     k: int = 5,
     fold: int = 0,
     seed: int = 0,
+    allow_leakage: bool = False,
 ) -> pd.Series:
     """The split (``train``/``val``/``test``, or None = unused) of every tile, decided per patient.
 
     Args:
         tiles: labelled tiles with ``slide``, ``patient`` and ``label`` columns (index: tile id).
-        method: ``annotations`` (the annotations CSV's ``column``: train/val/test per slide; a patient
-            must not have slides in two splits), ``random`` (seeded patient shuffle; ``val_fraction``,
-            ``test_fraction`` of patients), ``kfold`` (``test_fraction`` of patients held out first, the rest
-            in ``k`` label-stratified folds; fold ``fold`` is validation).
+        method: ``annotations`` (the annotations CSV's ``column``: train/val/test per slide, compared
+            case-insensitively; a patient with slides in two splits is a :class:`ConfigError` unless
+            ``allow_leakage``), ``random`` (seeded patient shuffle; ``val_fraction``, ``test_fraction`` of
+            patients), ``kfold`` (``test_fraction`` of patients held out first, the rest in ``k`` folds; fold
+            ``fold`` is validation). Random and k-fold splits interleave patients by their majority label.
+        dataset: the :class:`histolight.dataset.Dataset` (annotations) for ``annotations``.
     Returns:
         Series aligned with ``tiles.index``.
     """
     if method not in SPLIT_METHODS:
-        raise ConfigError(f"data.split.method={method!r} is invalid: allowed {list(SPLIT_METHODS)}")
+        raise ConfigError(f"data.split.method={method!r} is invalid: must be one of {', '.join(SPLIT_METHODS)}")
     if tiles.empty:
         raise HistolightError("no labelled tiles to split (check the label source and the extracted tiles)")
-    pat = tiles.groupby("patient")["label"].agg(lambda s: s.value_counts().index[0]).rename("major").to_frame()
-    patients = pat.index.astype(str).tolist()
-    assign: dict[str, str | None] = {}
+    pairs = tiles[["slide", "patient"]].drop_duplicates()
+    slide_patient = {str(s): str(p) for s, p in pairs.itertuples(index=False)}
+    values = None
     if method == "annotations":
-        if dataset is None or getattr(dataset, "annotations", None) is None:
+        ann = getattr(dataset, "annotations", None)
+        if ann is None or column not in ann.columns:
+            found = list(ann.columns) if ann is not None else "no annotations"
             raise ConfigError(
-                "data.split.method=annotations needs an annotations CSV with a split column "
-                "(or use data.split.method=random|kfold)"
+                f"data.split.column={column!r} is invalid: data.split.method=annotations needs that column in the "
+                f"annotations CSV (found {found}); use data.split.method=random|kfold"
             )
-        if column not in dataset.annotations.columns:
-            raise ConfigError(
-                f"data.split.column={column!r} is not a column of the annotations "
-                f"(found {list(dataset.annotations.columns)}); use data.split.method=random|kfold"
-            )
-        slide_split = {s: dataset.column(s, column) for s in tiles["slide"].astype(str).unique()}
-        slide_split = {s: (str(v).strip().lower() if v is not None else None) for s, v in slide_split.items()}
-        by_patient: dict[str, set] = {}
-        for s, p in tiles[["slide", "patient"]].drop_duplicates().itertuples(index=False):
-            by_patient.setdefault(str(p), set()).add(slide_split[str(s)])
-        for p, vals in by_patient.items():
-            vals = {v for v in vals if v in SPLITS}
-            if len(vals) > 1:
-                raise HistolightError(
-                    f"patient '{p}' has slides in several splits {sorted(vals)} (annotations column '{column}'); "
-                    "put all slides of a patient in one split"
-                )
-            assign[p] = vals.pop() if vals else None
-        unused = sorted({v for v in slide_split.values() if v not in SPLITS and v is not None})
-        if unused:
-            log.info("split column '%s': values %s are not train/val/test; those slides are not used", column, unused)
-    else:
-        for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not (isinstance(v, (int, float)) and 0 <= v < 1):
-                raise ConfigError(f"data.split.{name}={v!r} is invalid: must be in [0, 1)")
-        n = len(patients)
-        n_test = int(round(test_fraction * n)) if test_fraction > 0 else 0
-        if test_fraction > 0:
-            n_test = max(1, n_test)
-        order = _stratified_order(pat, seed)
-        test = set(order[len(order) - n_test :]) if n_test else set()
-        rest = [p for p in order if p not in test]
-        if method == "random":
-            n_val = max(1, int(round(val_fraction * n))) if val_fraction > 0 else 0
-            val = set(rest[len(rest) - n_val :]) if n_val else set()
-        else:
-            if not (isinstance(k, int) and k >= 2):
-                raise ConfigError(f"data.split.k={k!r} is invalid: k-fold needs an integer k >= 2")
-            if not (isinstance(fold, int) and 0 <= fold < k):
-                raise ConfigError(f"data.split.fold={fold!r} is invalid: must be an integer in [0, {k - 1}]")
-            if len(rest) < k:
-                raise HistolightError(f"{k}-fold split needs at least {k} patients outside the test set; there are {len(rest)}")
-            val = {p for i, p in enumerate(rest) if i % k == fold}
-        for p in patients:
-            assign[p] = "test" if p in test else "val" if p in val else "train"
-    out = tiles["patient"].astype(str).map(assign)
+        values = {s: dataset.column(s, column) for s in slide_patient}
+    strata = tiles.groupby(tiles["patient"].astype(str))["label"].agg(lambda s: s.value_counts().index[0]).to_dict()
+    split = split_slides(
+        slide_patient,
+        method,
+        slide_values=values,
+        column=column,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        k=k,
+        fold=fold,
+        seed=seed,
+        strata=strata,
+        allow_leakage=allow_leakage,
+    )
+    out = tiles["slide"].astype(str).map(split)
     out.name = "split"
-    check_no_leakage(tiles.assign(split=out))
     return out
-
-
-def check_no_leakage(tiles: pd.DataFrame) -> None:
-    """Raise when a patient has tiles in more than one split."""
-    t = tiles[tiles["split"].notna()]
-    n = t.groupby("patient")["split"].nunique()
-    if (n > 1).any():
-        p = n[n > 1].index[0]
-        raise HistolightError(
-            f"patient leakage: patient '{p}' has tiles in splits {sorted(t.loc[t['patient'] == p, 'split'].unique())}"
-        )
 
 
 def check_splits(tiles: pd.DataFrame, classes: Sequence[str], required: Sequence[str] = ("train", "val")) -> None:
@@ -188,4 +128,4 @@ def balance_weights(labels: np.ndarray, slides: np.ndarray, method: str = "tile"
     return w / w.sum()
 
 
-__all__ = ["SPLIT_METHODS", "SPLITS", "BALANCE_METHODS", "split_patients", "check_no_leakage", "check_splits", "balance_weights"]
+__all__ = ["BALANCE_METHODS", "split_patients", "check_splits", "balance_weights"]

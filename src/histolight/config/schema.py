@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from histolight.errors import ConfigError
@@ -62,6 +65,30 @@ def check_labels(key: str, labels: Any, min_len: int = 1) -> list[str] | None:
     return labels
 
 
+_COHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_cohort_name(name: Any) -> str:
+    """``name`` if it is a safe folder name (letters, digits, ``.``, ``_``, ``-``; no path separators), else a
+    :class:`ConfigError` saying what is allowed."""
+    s = str(name)
+    if not _COHORT_NAME.match(s) or s in (".", ".."):
+        raise ConfigError(
+            f"dataset.name={name!r} is invalid: a cohort name is a short folder name of letters, digits, '.', '_' "
+            "and '-' (at most 128 characters, no '/'), e.g. dataset.name=tcga_brca"
+        )
+    return s
+
+
+def default_cohort_name(slides: Any) -> str:
+    """The cohort name implied by a slide source: the base name of the (first) slide folder, made safe."""
+    first = slides[0] if isinstance(slides, (list, tuple)) and slides else slides
+    p = Path(os.fspath(first)) if first not in (None, "") else Path("cohort")
+    base = p.name if not p.suffix or p.is_dir() else p.parent.name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._-")[:128]
+    return safe or "cohort"
+
+
 def from_config(cls: type[T], node: Any, prefix: str, ignore: Sequence[str] = ()) -> T:
     """Build dataclass ``cls`` from a config section, raising :class:`ConfigError` with full key paths."""
     d = to_dict(node)
@@ -100,8 +127,6 @@ class DatasetConfig:
             "must be null or a positive number of microns per pixel (e.g. 0.25 for 40x, 0.5 for 20x)",
         )
         self.labels = check_labels("labels", self.labels)
-        from histolight.io.tilestore import check_cohort_name, default_cohort_name
-
         try:
             self.name = check_cohort_name(default_cohort_name(self.slides) if self.name in (None, "") else self.name)
         except ConfigError as e:  # re-raised as the schema's ValueError, which from_config prefixes

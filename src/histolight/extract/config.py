@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from histolight.cohort import PerSlideOptions
 from histolight.config.schema import check, is_pos_int, is_pos_num
 from histolight.errors import ConfigError, HistolightError
 from histolight.units import mag_to_mpp, parse_tile_um, tile_dir_name
@@ -51,13 +52,15 @@ def _bool(key: str, v: Any) -> bool:
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(PerSlideOptions):
     """Options of ``task=extract`` / :func:`histolight.extract.extract_tiles`.
 
     Tile geometry: ``tile_px`` output pixels covering ``tile_um`` microns (or a magnification such
     as ``"10x"``), a stride of ``tile_px / stride_div``. Filters in order: ROI (``roi_method``,
     ``roi_filter_method``), slide-level QC masks (``qc``; a tile is dropped when more than
     ``filter_threshold`` of its footprint is masked), then per-tile grayspace and whitespace.
+    Run options shared by every per-slide task (``workers``, ``allow_failures``, ``max_failed``) come from
+    :class:`histolight.cohort.PerSlideOptions`.
     """
 
     name: str = "extract"
@@ -89,6 +92,7 @@ class ExtractConfig:
     report_samples: int = 12
 
     def __post_init__(self):
+        super().__post_init__()
         check(
             is_pos_int(self.tile_px) and self.tile_px >= 8,
             "tile_px",
@@ -143,7 +147,6 @@ class ExtractConfig:
             "must be null, a preset name (e.g. v1), 'context' (fit per slide on its thumbnail) or a path",
         )
         check(isinstance(self.outdir, str) and self.outdir.strip() != "", "outdir", self.outdir, "must be a folder path")
-        check(is_pos_int(self.workers), "workers", self.workers, "must be an integer >= 1 (parallel slide processes)")
         check(is_pos_int(self.num_shards), "num_shards", self.num_shards, "must be an integer >= 1")
         check(
             isinstance(self.shard_index, int)
@@ -184,6 +187,8 @@ RUN_OPTIONS = (
     "name",
     "outdir",
     "workers",
+    "allow_failures",
+    "max_failed",
     "shard_index",
     "num_shards",
     "overwrite",

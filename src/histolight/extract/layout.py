@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 REASONS = ("kept", "roi", "qc", "grayspace", "whitespace")
 KEPT, ROI_R, QC_R, GRAY_R, WHITE_R = range(5)
 
+#: Reason of a ``skipped`` slide whose complete outputs from an earlier run were kept.
+ALREADY_EXTRACTED = "already extracted"
+
 #: Version of the ``meta/<slide>.json`` format.
 META_VERSION = 1
 
@@ -77,7 +80,9 @@ def loose_tiles_temp(tile_dir: str | os.PathLike, name: str, token: str) -> Path
 
 def is_complete(tile_dir: str | os.PathLike, name: str) -> bool:
     """True when slide ``name`` was fully extracted into ``tile_dir`` (TFRecord + summary + table)."""
-    return tfrecord_path(tile_dir, name).is_file() and meta_path(tile_dir, name).is_file() and table_path(tile_dir, name).is_file()
+    return (
+        tfrecord_path(tile_dir, name).is_file() and meta_path(tile_dir, name).is_file() and table_path(tile_dir, name).is_file()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- leftovers
@@ -145,10 +150,11 @@ class SlideResult:
 
     Counts are tiles; ``width``/``height``/``extract_px`` base px; ``mpp``/``tile_mpp`` um/px; fractions 0-1;
     ``seconds`` wall time. ``table`` (the slide's tile table) is kept in memory only.
+    :func:`is_extracted` tells whether a summary row has outputs (extracted now or earlier).
     """
 
     slide: str
-    status: str  # done | empty | skipped | failed
+    status: str  # done | empty | skipped | failed (histolight.cohort.STATUSES)
     reason: str | None = None
     grid_tiles: int = 0
     kept: int = 0
@@ -183,6 +189,14 @@ class SlideResult:
 def summary_columns() -> list[str]:
     """The fields of :class:`SlideResult` stored in its JSON and in the cohort summary (all but ``table``)."""
     return [f.name for f in dataclasses.fields(SlideResult) if f.name != "table"]
+
+
+def is_extracted(row: dict) -> bool:
+    """Whether a summary row (a :class:`SlideResult` dict) has a finished extraction: ``done``/``empty``, or
+    ``skipped`` because an earlier run had extracted it."""
+    st = row.get("status")
+    reason = row.get("reason")
+    return st in ("done", "empty") or (st == "skipped" and isinstance(reason, str) and reason.startswith(ALREADY_EXTRACTED))
 
 
 def write_meta(tile_dir: str | os.PathLike, res: SlideResult) -> None:

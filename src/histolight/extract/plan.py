@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from histolight.errors import HistolightError
+from histolight.cohort import SkipSlide
 from histolight.extract.config import ExtractConfig
 from histolight.extract.grid import TileGrid, make_grid
 from histolight.extract.layout import KEPT, QC_R, ROI_R
@@ -30,8 +30,9 @@ TABLE_COLUMNS = ["loc_x", "loc_y", "grid_x", "grid_y", "roi_name", "roi_desc", "
 EXTRA_COLUMNS = ["tile_id", "record", "x", "y", "size_base", "qc_fraction", "roi_fraction"]
 
 
-class SlideSkipped(HistolightError):
-    """The slide cannot be extracted under the chosen settings (e.g. ``roi_method=inside`` without ROIs)."""
+class SlideSkipped(SkipSlide):
+    """The slide cannot be extracted under the chosen settings (e.g. ``roi_method=inside`` without ROIs): the cohort
+    runner records it as ``skipped`` with this reason."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from histolight.extract.layout import REASONS, is_extracted
 from histolight.io.atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ def _save_jpg(img: np.ndarray, path: Path, quality: int = 85) -> None:
 
 def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(QC + ROI overlay, tile map) RGB images of the slide thumbnail (long side :data:`THUMB_PX`)."""
-    from histolight.extract.slide import REASONS
-
     if thumb is None:
         thumb = slide.thumbnail(max_size=THUMB_PX)
     th, tw = thumb.shape[:2]
@@ -166,7 +165,7 @@ h1{margin:0 0 4px 0} .sub{color:#666;margin-bottom:16px}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right} th{background:#f0f0f0}
 td.l,th.l{text-align:left} tr.flag td{background:#fff0f0} tr.fail td{background:#ffe0e0}
 .st{border-radius:3px;padding:1px 6px;font-size:12px;color:#fff}
-.st-done,.st-reused{background:#2a2}.st-empty{background:#d80}.st-failed{background:#c00}.st-skipped{background:#888}
+.st-done,.st-earlier{background:#2a2}.st-empty{background:#d80}.st-failed{background:#c00}.st-skipped{background:#888}
 .slide{background:#fff;border:1px solid #ddd;border-radius:6px;margin:16px 0;padding:10px 14px}
 .slide.flagged{border:2px solid #d00}
 .imgs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
@@ -209,20 +208,34 @@ def _legend() -> str:
     )
 
 
+def _badge(row: dict) -> str:
+    """The status label of a slide (``skipped`` slides extracted by an earlier run say so)."""
+    st = str(row.get("status"))
+    if st == "skipped" and is_extracted(row):
+        return f"<span class='st st-earlier' title='{html.escape(str(row.get('reason')))}'>skipped: already extracted</span>"
+    return f"<span class='st st-{html.escape(st)}'>{html.escape(st)}</span>"
+
+
 def attention(row: dict, low_tissue: float = 0.02) -> list[str]:
     """Why a slide deserves a look (empty list = fine)."""
     out = []
     st = row.get("status")
     if st == "failed":
         out.append(f"failed: {row.get('reason')}")
-    elif st == "skipped":
+    elif st == "skipped" and not is_extracted(row):
         out.append(f"skipped: {row.get('reason')}")
     elif st == "empty":
         out.append("0 tiles kept")
     if row.get("blur_flagged"):
         out.append(f"blur burden {_fmt_pct(row.get('blur_burden'))}")
     tf = row.get("tissue_fraction")
-    if st in ("done", "reused") and tf is not None and not (isinstance(tf, float) and np.isnan(tf)) and tf < low_tissue:
+    if (
+        is_extracted(row)
+        and st != "empty"
+        and tf is not None
+        and not (isinstance(tf, float) and np.isnan(tf))
+        and tf < low_tissue
+    ):
         out.append(f"little tissue ({_fmt_pct(tf)})")
     return out
 
@@ -236,7 +249,8 @@ def write_report(
     settings: dict | None = None,
     embed: bool | None = None,
 ) -> Path:
-    """Write the HTML report (and the CSV summary) for ``summary`` (one row per slide, see ``SlideResult``).
+    """Write the HTML report (and the CSV summary) for ``summary`` (one row per slide, see ``SlideResult``;
+    statuses ``done``, ``empty``, ``skipped``, ``failed``).
 
     ``embed``: embed images as base64 (default: when at most 300 slides; else link to ``meta_dir``).
     """
@@ -253,12 +267,14 @@ def write_report(
     kept = int(sum(int(r.get("kept") or 0) for r in rows))
     rej = {k: int(sum(int(r.get(f"rejected_{k}") or 0) for r in rows)) for k in ("roi", "qc", "grayspace", "whitespace")}
     flagged = [(r["slide"], attention(r)) for r in rows if attention(r)]
+    earlier = sum(1 for r in rows if r.get("status") == "skipped" and is_extracted(r))
     cards = [
         ("slides", n, False),
-        ("extracted", by("done") + by("reused"), False),
+        ("extracted", by("done"), False),
+        ("already extracted", earlier, False),
         ("0 tiles", by("empty"), by("empty") > 0),
         ("failed", by("failed"), by("failed") > 0),
-        ("skipped", by("skipped"), by("skipped") > 0),
+        ("skipped", by("skipped") - earlier, by("skipped") > earlier),
         ("tiles kept", kept, False),
         ("rejected: ROI", rej["roi"], False),
         ("rejected: QC", rej["qc"], False),
@@ -299,10 +315,9 @@ def write_report(
     for r in rows:
         flag = attention(r)
         cls = "fail" if r.get("status") == "failed" else ("flag" if flag else "")
-        st = str(r.get("status"))
         out.append(
             f"<tr class='{cls}'><td class='l'><a href='#s-{html.escape(r['slide'])}'>{html.escape(r['slide'])}</a></td>"
-            f"<td class='l'><span class='st st-{st}'>{st}</span></td><td>{int(r.get('kept') or 0)}</td>"
+            f"<td class='l'>{_badge(r)}</td><td>{int(r.get('kept') or 0)}</td>"
             f"<td>{int(r.get('grid_tiles') or 0)}</td><td>{int(r.get('rejected_roi') or 0)}</td><td>{int(r.get('rejected_qc') or 0)}</td>"
             f"<td>{int(r.get('rejected_grayspace') or 0)}</td><td>{int(r.get('rejected_whitespace') or 0)}</td>"
             f"<td>{_fmt_pct(r.get('tissue_fraction'))}</td>"
@@ -318,12 +333,10 @@ def write_report(
         name = r["slide"]
         flag = attention(r)
         out.append(f'<div class="slide{" flagged" if flag else ""}" id="s-{html.escape(name)}">')
-        out.append(
-            f"<h3>{html.escape(name)} <span class='st st-{r.get('status')}'>{html.escape(str(r.get('status')))}</span></h3>"
-        )
+        out.append(f"<h3>{html.escape(name)} {_badge(r)}</h3>")
         if flag:
             out.append(f"<div class='reason'>{html.escape('; '.join(flag))}</div>")
-        if r.get("status") in ("failed", "skipped"):
+        if not is_extracted(r):
             out.append("</div>")
             continue
         out.append(

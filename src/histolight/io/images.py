@@ -1,4 +1,4 @@
-"""Image encoding and writing in one place: PNG/JPEG bytes from RGB or grey arrays, PNG and TIFF files (atomic)."""
+"""Image bytes and files in one place: PNG/JPEG encoding and decoding of RGB or grey arrays, PNG and TIFF files (atomic)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import os
 
 import numpy as np
 
+from histolight.errors import HistolightError
 from histolight.io.atomic import atomic_write
+
+
+class ImageDecodeError(HistolightError, ValueError):
+    """Bytes could not be decoded as a JPEG/PNG image."""
 
 
 def encode_image(img: np.ndarray, fmt: str = "png", quality: int = 95, png_compression: int = 3) -> bytes:
@@ -30,6 +35,20 @@ def encode_image(img: np.ndarray, fmt: str = "png", quality: int = 95, png_compr
     if not ok:
         raise ValueError(f"OpenCV could not encode a {img.dtype} array of shape {img.shape} as {fmt}")
     return buf.tobytes()
+
+
+def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Decode JPEG/PNG bytes -> (H, W, 3) uint8 RGB. EXIF orientation is ignored (as in tf.io.decode_jpeg)."""
+    import cv2
+
+    arr = np.frombuffer(data, dtype=np.uint8)
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # newer OpenCV decodes straight to RGB
+    flags = (cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag) | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(arr, flags) if arr.size else None
+    if img is None:
+        head = bytes(arr[:8]).hex()
+        raise ImageDecodeError(f"cannot decode image ({arr.size} bytes, starting {head!r}); expected JPEG or PNG")
+    return img if rgb_flag is not None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:

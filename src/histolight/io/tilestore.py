@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,34 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histolight.config.schema import check_cohort_name
 from histolight.errors import ConfigError, HistolightError
 from histolight.io.tfrecord import TFRecordReader
 from histolight.units import tile_dir_name
 
 log = logging.getLogger(__name__)
-
-_COHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_cohort_name(name: Any) -> str:
-    """``name`` if it is a safe folder name (letters, digits, ``.``, ``_``, ``-``; no path separators), else a
-    :class:`ConfigError` saying what is allowed."""
-    s = str(name)
-    if not _COHORT_NAME.match(s) or s in (".", ".."):
-        raise ConfigError(
-            f"dataset.name={name!r} is invalid: a cohort name is a short folder name of letters, digits, '.', '_' "
-            "and '-' (at most 128 characters, no '/'), e.g. dataset.name=tcga_brca"
-        )
-    return s
-
-
-def default_cohort_name(slides: Any) -> str:
-    """The cohort name implied by a slide source: the base name of the (first) slide folder, made safe."""
-    first = slides[0] if isinstance(slides, (list, tuple)) and slides else slides
-    p = Path(os.fspath(first)) if first not in (None, "") else Path("cohort")
-    base = p.name if not p.suffix or p.is_dir() else p.parent.name
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._-")[:128]
-    return safe or "cohort"
 
 
 def tile_folder(tiles_root: str | os.PathLike, cohort: str, tile_px: int, tile_um: Any) -> Path:

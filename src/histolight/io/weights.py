@@ -175,8 +175,7 @@ def load_matching(
     )
     if not ok:
         raise HistolightError(
-            f"no tensor of {source} matches the {type(module).__name__} ({report}); is it a checkpoint of the same "
-            "architecture?"
+            f"no tensor of {source} matches the {type(module).__name__} ({report}); is it a checkpoint of the same architecture?"
         )
     if strict and (report.missing or report.shape_mismatch):
         raise HistolightError(f"{source} does not fit the {type(module).__name__}: {report}")

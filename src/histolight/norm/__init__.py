@@ -8,15 +8,10 @@ out_b = n.transform_batch(x)                   # (B,3,H,W) uint8/float torch, sa
 n2 = build_normalizer(n.to_config())           # exact rebuild; build_normalizer(None) is None
 """
 
-from histolight.norm._presets import available_presets, load_preset
-from histolight.norm._spec import option_spec
-from histolight.norm.normalizer import (
-    NormalizerWarning,
-    StainNormalizer,
-    available_methods,
-    build_normalizer,
-    sample_augment_params,
-)
+from histolight.norm.augment import sample_augment_params
+from histolight.norm.normalizer import NormalizerWarning, StainNormalizer, available_methods, build_normalizer
+from histolight.norm.options import option_spec
+from histolight.norm.presets import available_presets, load_preset
 
 __all__ = [
     "StainNormalizer",

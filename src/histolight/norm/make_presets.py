@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 
 from histolight.norm import np_ops
-from histolight.norm._presets import PRESET_DIR
-from histolight.norm._spec import METHODS
 from histolight.norm.normalizer import StainNormalizer
+from histolight.norm.options import METHODS
+from histolight.norm.presets import PRESET_DIR
 
 SLIDE_NAME = "cmu_small_region.svs"
 TISSUE_LUMA = 220  # a pixel is tissue if its luma < 220

@@ -12,7 +12,8 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
-from histolight.norm.normalizer import StainNormalizer, build_normalizer, sample_augment_params
+from histolight.norm.augment import sample_augment_params
+from histolight.norm.normalizer import StainNormalizer, build_normalizer
 
 
 def _on_u8(img: np.ndarray, fn) -> np.ndarray:

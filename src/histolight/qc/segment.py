@@ -34,7 +34,7 @@ class Segment:
             channel (0..N-1); None = any foreground.
         threshold_direction: ``'less'`` drops pixels *not* predicted as tissue/``class_idx``;
             ``'greater'`` drops pixels predicted as it.
-        device: torch device for inference (``'cpu'``, ``'cuda'``; default cuda if available).
+        device: torch device for inference (``'auto'``/None = cuda if available, ``'cpu'``, ``'cuda[:n]'``).
     """
 
     name = "segment"
@@ -72,12 +72,9 @@ class Segment:
     @property
     def model(self):
         if self._model is None:
-            import torch
+            from histolight.segment.rois import load_segment_model
 
-            from histolight.segment.io import load_model_and_config
-
-            dev = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._model, _ = load_model_and_config(self.model_path, device=dev)
+            self._model = load_segment_model(self.model_path, self.device)  # once per process, shared with other users
         return self._model
 
     @property

@@ -3,7 +3,7 @@
     from histolight import segment
     cfg = segment.SegmentConfig(mode="multiclass", labels=["tumor", "stroma", "necrosis"], mpp=4, size=256)
     segment.export_thumbs_and_masks(dataset, mpp=4, dest="thumbs", labels=cfg.labels, mode=cfg.mode)  # optional
-    metrics = segment.train(cfg, dataset, dest="outputs/seg")         # model.pth + segment_config.json
+    metrics = segment.train(cfg, dataset, dest="outputs/seg")         # segment_config.json + weights.safetensors
     model, cfg = segment.load_model_and_config("outputs/seg")
     proba = model.run_tiled_inference(image)                          # any H x W x 3 array at cfg.mpp
     pred = model.run_slide_inference(slide)                           # whole slide, in strips
@@ -27,7 +27,7 @@ _EXPORTS = {
     "SegmentDataModule": "histolight.segment.datamodule",
     "SegmentLoss": "histolight.segment.losses",
     "SegmentModel": "histolight.segment.model",
-    "SegmentNet": "histolight.segment.model",
+    "SegmentNet": "histolight.segment.net",
     "train": "histolight.segment.training",
     "split_slides": "histolight.segment.training",
     "save_model": "histolight.segment.io",

@@ -1,10 +1,11 @@
 """``SegmentConfig``: every setting of a whole-slide segmentation model, validated at startup.
 
 One flat dataclass (like Slideflow's ``sf.segment.SegmentConfig``) used by the Python API and
-saved next to each trained model as ``segment_config.json``. Under Hydra it is assembled from the
-``data`` group (what to segment and how to sample it) and the ``model`` group (network, loss,
-optimiser) by :func:`config_from_hydra`, which reports mistakes with their config path
-(``data.mode``, ``model.loss``) before any work starts.
+saved with each trained model (the ``data`` and ``model`` sections of ``segment_config.json``, see
+:mod:`histolight.training.artifacts`). Under Hydra it is assembled from the ``data`` group (what to segment
+and how to sample and augment it: :mod:`histolight.training.augment`) and the ``model`` group (network, loss,
+``_partial_`` optimizer / scheduler: :mod:`histolight.training.optim`) by :func:`config_from_hydra`, which
+reports mistakes with their config path (``data.mode``, ``model.loss``) before any work starts.
 
 Modes and output channels:
 
@@ -22,39 +23,30 @@ import difflib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from histolight.config.schema import check, check_labels, is_pos_int, is_pos_num, to_dict
 from histolight.errors import ConfigError
+from histolight.training.augment import DEFAULTS as AUGMENT_DEFAULTS
+from histolight.training.augment import deprecated, upgrade_augment, validate_augment
+from histolight.training.normalize import IMAGENET_MEAN, IMAGENET_STD, check_training_normalizer
+from histolight.training.optim import check_optim, legacy_optim
 
 MODES = ("binary", "multiclass", "multilabel")
 LOSSES = ("ce", "bce", "dice", "jaccard", "focal")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("none", "cosine", "step", "onecycle", "plateau")
 INPUT_NORMS = ("auto", "dataset", "imagenet", "none")
-AUGMENT_KEYS = {
-    "flip": bool,  # horizontal + vertical flips
-    "rotate90": bool,  # random multiples of 90 degrees
-    "brightness_contrast": float,  # +- limit of albumentations RandomBrightnessContrast (0 = off)
-    "hue_saturation": float,  # strength of HueSaturationValue (0 = off)
-    "stain": float,  # H&E optical-density jitter: scale 1 +- stain, shift +- stain / 2 (0 = off)
-    "scale": float,  # random zoom in 1 +- scale (0 = off)
-    "blur": float,  # probability of a light Gaussian blur (0 = off)
-}
+#: segmentation's augmentation defaults (conf/data/seg.yaml): the shared schema of histolight.training.augment
 DEFAULT_AUGMENT = {
-    "flip": True,
-    "rotate90": True,
-    "brightness_contrast": 0.1,
-    "hue_saturation": 0.05,
+    **AUGMENT_DEFAULTS,
     "stain": 0.1,
-    "scale": 0.0,
-    "blur": 0.0,
+    "color_jitter": {"brightness": 0.1, "contrast": 0.1, "saturation": 0.05, "hue": 0.05, "p": 0.5},
 }
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 1e-4}
+DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True}
+#: string-form optimizer keys of configs written before the move to ``_partial_`` nodes (see SegmentConfig.from_dict)
+LEGACY_OPTIM_KEYS = ("lr", "weight_decay", "scheduler_kwargs")
 
 #: keys of the Hydra ``data`` group that are not part of the saved model config
 DATA_ONLY_KEYS = ("cache_dir",)
@@ -103,22 +95,21 @@ class SegmentConfig:
     batch_size: int = 8
     num_workers: int = 0
     fg_crop_prob: float = 0.5
-    augmentation: dict = field(default_factory=lambda: dict(DEFAULT_AUGMENT))
+    augment: Any = field(default_factory=lambda: dict(DEFAULT_AUGMENT))
     train_split: Any = "train"
     val_split: Any = "val"
     val_fraction: float = 0.2
+    allow_patient_leakage: bool = False
     # ---- network (model group)
     arch: str = "Unet"
     encoder_name: str = "resnet34"
     encoder_weights: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     input_norm: str = "auto"
-    # ---- optimisation (model group)
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    scheduler: str = "cosine"
-    scheduler_kwargs: dict = field(default_factory=dict)
+    # ---- optimisation (model group): Hydra _partial_ nodes (histolight.training.optim)
+    optimizer: dict = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
+    scheduler: dict | None = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    scheduler_interval: str = "epoch"
     warmup_epochs: int = 0
     loss: Any = "ce+dice"
     focal_gamma: float = 2.0
@@ -135,8 +126,13 @@ class SegmentConfig:
     normalizer: dict | None = None
     input_mean: list[float] | None = None
     input_std: list[float] | None = None
+    # ---- deprecated spelling of ``augment`` (Python API)
+    augmentation: InitVar[Any] = None
 
-    def __post_init__(self):
+    def __post_init__(self, augmentation: Any = None):
+        if augmentation is not None:
+            deprecated("SegmentConfig(augmentation=...)", "augment=...")
+            self.augment = augmentation
         check(self.mode in MODES, "mode", self.mode, f"must be one of {list(MODES)}")
         if self.mode == "binary":
             self.labels = check_labels("labels", self.labels)
@@ -176,25 +172,15 @@ class SegmentConfig:
             self.val_fraction,
             "must be in [0, 1)",
         )
-        self._check_augmentation()
+        check(
+            isinstance(self.allow_patient_leakage, bool),
+            "allow_patient_leakage",
+            self.allow_patient_leakage,
+            "must be true or false",
+        )
+        self.augment = validate_augment(self.augment, prefix="augment")
         self._check_network()
-        check(is_pos_num(self.lr) and self.lr < 10, "lr", self.lr, "must be a positive learning rate (e.g. 1e-3)")
-        check(
-            isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-            "weight_decay",
-            self.weight_decay,
-            "must be >= 0",
-        )
-        check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {list(OPTIMIZERS)}")
-        check(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"must be one of {list(SCHEDULERS)}")
-        check(isinstance(self.scheduler_kwargs, Mapping), "scheduler_kwargs", self.scheduler_kwargs, "must be a mapping")
-        self.scheduler_kwargs = dict(self.scheduler_kwargs)
-        check(
-            isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0,
-            "warmup_epochs",
-            self.warmup_epochs,
-            "must be an integer >= 0",
-        )
+        self.optimizer, self.scheduler = check_optim(self.optimizer, self.scheduler, self.scheduler_interval, self.warmup_epochs)
         terms = parse_loss(self.loss)
         check(bool(terms), "loss", self.loss, f"name at least one of {list(LOSSES)}")
         for name, w in terms.items():
@@ -266,30 +252,6 @@ class SegmentConfig:
                 self.normalizer = None
 
     # ------------------------------------------------------------------ validation helpers
-    def _check_augmentation(self):
-        aug = self.augmentation
-        if aug is None or aug is False:
-            aug = {k: (False if t is bool else 0.0) for k, t in AUGMENT_KEYS.items()}
-        check(isinstance(aug, Mapping), "augmentation", aug, f"must be a mapping with keys {list(AUGMENT_KEYS)}")
-        out = dict(DEFAULT_AUGMENT)
-        for k, v in dict(aug).items():
-            if k not in AUGMENT_KEYS:
-                close = difflib.get_close_matches(k, AUGMENT_KEYS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                check(False, f"augmentation.{k}", v, f"unknown augmentation{hint}; allowed {list(AUGMENT_KEYS)}")
-            if AUGMENT_KEYS[k] is bool:
-                check(isinstance(v, bool), f"augmentation.{k}", v, "must be true or false")
-            else:
-                check(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
-                    f"augmentation.{k}",
-                    v,
-                    "must be a number in [0, 1] (0 = off)",
-                )
-                v = float(v)
-            out[k] = v
-        self.augmentation = out
-
     def _check_network(self):
         import segmentation_models_pytorch as smp
 
@@ -398,9 +360,23 @@ class SegmentConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> SegmentConfig:
-        """Build from a dict (e.g. ``segment_config.json``); keys that are not fields are ignored."""
+        """Build from a dict (a saved config, checkpoint hyperparameters); keys that are not fields are ignored.
+
+        Configs written by older versions load too: ``augmentation`` (old augmentation keys) becomes ``augment``,
+        and string optimizer options (``optimizer: adamw``, ``lr``, ``weight_decay``, ``scheduler: cosine``,
+        ``scheduler_kwargs``) become ``_partial_`` nodes.
+        """
+        d = dict(d)
+        if "augmentation" in d:
+            aug = d.pop("augmentation")
+            d.setdefault("augment", aug)
+        if isinstance(d.get("augment"), Mapping):
+            d["augment"] = upgrade_augment(d["augment"], warn=False)
+        if isinstance(d.get("optimizer"), str):
+            old = {k: d.pop(k) for k in ("optimizer", "scheduler", *LEGACY_OPTIM_KEYS) if k in d}
+            d["optimizer"], d["scheduler"], d["scheduler_interval"] = legacy_optim(**old)
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(d).items() if k in names})
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_json(self, path: str | os.PathLike, **extra) -> None:
         from histolight.io.atomic import atomic_write_json
@@ -428,10 +404,11 @@ DATA_FIELDS = (
     "batch_size",
     "num_workers",
     "fg_crop_prob",
-    "augmentation",
+    "augment",
     "train_split",
     "val_split",
     "val_fraction",
+    "allow_patient_leakage",
 )
 MODEL_FIELDS = (
     "arch",
@@ -439,11 +416,9 @@ MODEL_FIELDS = (
     "encoder_weights",
     "model_kwargs",
     "input_norm",
-    "lr",
-    "weight_decay",
     "optimizer",
     "scheduler",
-    "scheduler_kwargs",
+    "scheduler_interval",
     "warmup_epochs",
     "loss",
     "focal_gamma",
@@ -457,12 +432,21 @@ MODEL_FIELDS = (
 )
 
 
+#: keys that moved: old Hydra key -> where it lives now
+MOVED_KEYS = {
+    "model.lr": "model.optimizer.lr",
+    "model.weight_decay": "model.optimizer.weight_decay",
+    "model.scheduler_kwargs": "model.scheduler.<argument>",
+}
+
+
 def _unknown_keys(d: dict, allowed: tuple, prefix: str, ignore: tuple = ()) -> None:
     for k in d:
         if k in allowed or k in ignore or k == "_target_":
             continue
         close = difflib.get_close_matches(k, allowed, n=1)
-        hint = f" Did you mean '{prefix}.{close[0]}'?" if close else ""
+        moved = MOVED_KEYS.get(f"{prefix}.{k}")
+        hint = f" It moved: use '{moved}'." if moved else f" Did you mean '{prefix}.{close[0]}'?" if close else ""
         raise ConfigError(
             f"unknown key '{prefix}.{k}'.{hint} Allowed keys: {', '.join(allowed)} "
             "(segmentation tasks use data=seg and model=seg_*)"
@@ -481,17 +465,17 @@ def config_from_hydra(cfg: Any, need_model: bool = True) -> SegmentConfig:
         )
     data = to_dict(cfg.data)
     model = to_dict(cfg.get("model")) if cfg.get("model") is not None else {}
+    if "augmentation" in data:  # the old name of data.augment
+        if "augment" in data:
+            raise ConfigError("data.augmentation is the old name of data.augment: give only data.augment")
+        deprecated("data.augmentation", "data.augment")
+        data["augment"] = data.pop("augmentation")
     _unknown_keys(data, DATA_FIELDS, "data", DATA_ONLY_KEYS)
     _unknown_keys(model, MODEL_FIELDS, "model")
     kw = {k: v for k, v in data.items() if k in DATA_FIELDS}
     kw.update({k: v for k, v in model.items() if k in MODEL_FIELDS})
-    norm = to_dict(cfg.get("normalizer")) if cfg.get("normalizer") is not None else None
-    if norm and norm.get("method") == "augment":
-        raise ConfigError(
-            "normalizer=augment is a random augmentation, not a normalizer a segmentation model can apply "
-            "at inference; use data.augmentation.stain (and hue_saturation) instead"
-        )
-    if norm and norm.get("method") not in (None, "none"):
+    norm = check_training_normalizer(to_dict(cfg.get("normalizer")) or None, per_tile=False)
+    if norm:
         kw["normalizer"] = norm
     epochs = None
     if cfg.get("trainer") is not None:

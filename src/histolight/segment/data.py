@@ -19,6 +19,7 @@ export whose sidecar matches the slide, ROI file and settings is reused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histolight.cohort import CohortResult, run_per_slide
 from histolight.errors import ConfigError, HistolightError
 from histolight.io.atomic import atomic_save_npz, atomic_write_json
 from histolight.roi import rasterize_rois
@@ -86,19 +88,19 @@ def rasterize_slide_mask(rois, thumb_hw: tuple[int, int], scale: float, mode: st
 
 
 def export_slide(
-    dataset,
     name: str,
+    dataset,
     mpp: float,
     dest: str | os.PathLike,
     labels: Sequence[str] | None = None,
     mode: str = "binary",
     overwrite: bool = False,
-    normalizer=None,
-) -> Path:
-    """Export slide ``name`` of ``dataset`` (thumbnail at ``mpp`` um/px + ROI mask) into ``dest``; returns the .npz path.
+) -> dict:
+    """Export slide ``name`` of ``dataset`` (thumbnail at ``mpp`` um/px + ROI mask) into ``dest``.
 
-    Reuses an up-to-date export unless ``overwrite``. Raises :class:`HistolightError` subclasses for
-    unreadable slides or ROI files.
+    The per-slide function of :func:`export_cohort`. Returns its summary row: ``file`` (the ``.npz``),
+    ``n_rois`` and ``warning``; status ``skipped`` (reason ``exists``) when an up-to-date export is there and not
+    ``overwrite``. Raises :class:`HistolightError` subclasses for unreadable slides or ROI files.
     """
     dest = Path(dest)
     npz, side = dest / f"{name}.npz", dest / f"{name}.json"
@@ -118,7 +120,7 @@ def export_slide(
         try:
             meta = json.loads(side.read_text())
             if all(meta.get(k) == v for k, v in want.items()):
-                return npz
+                return {"status": "skipped", "reason": "exists", "file": str(npz), "n_rois": meta.get("n_rois")}
         except (OSError, ValueError):
             pass
     with dataset.open(name) as slide:
@@ -137,12 +139,14 @@ def export_slide(
             "n_rois": len(rois),
             "label_pixels": _label_pixels(mask, mode, labels),
         }
+    warning = None
     if roi_path is None:
-        log.warning("%s: no ROI file, the whole slide is background in its mask", name)
+        warning = "no ROI file: the whole slide is background in its mask"
+        log.warning("%s: %s", name, warning)
     dest.mkdir(parents=True, exist_ok=True)
     atomic_save_npz(npz, compressed=True, image=image, mask=mask)
     atomic_write_json(side, meta)
-    return npz
+    return {"file": str(npz), "n_rois": len(rois), "warning": warning}
 
 
 def _label_pixels(mask: np.ndarray, mode: str, labels) -> dict:
@@ -152,6 +156,53 @@ def _label_pixels(mask: np.ndarray, mode: str, labels) -> dict:
         counts = np.bincount(mask.ravel(), minlength=len(labels) + 1)
         return {lab: int(counts[i + 1]) for i, lab in enumerate(labels)}
     return {lab: int(mask[i].sum()) for i, lab in enumerate(labels)}
+
+
+def export_cohort(
+    dataset,
+    mpp: float,
+    dest: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    mode: str = "binary",
+    overwrite: bool = False,
+    slides: Sequence[str] | None = None,
+    workers: int = 1,
+    report_dir: str | os.PathLike | None = None,
+    summary_name: str = "export_report.csv",
+    progress: bool = True,
+) -> CohortResult:
+    """Export thumbnails and ROI masks of every slide on the cohort runner (:func:`histolight.cohort.run_per_slide`).
+
+    Args:
+        dataset: a :class:`histolight.dataset.Dataset`.
+        mpp: thumbnail resolution in um/px (20 is typical for real slides).
+        dest: output folder (see the module docstring for the format).
+        labels: ROI labels to rasterize (required for multiclass/multilabel; binary: null = any ROI).
+        mode: ``binary``, ``multiclass`` or ``multilabel``.
+        overwrite: re-export even when an up-to-date export exists (otherwise: status ``skipped``, reason ``exists``).
+        slides: restrict to these slide names.
+        workers: slide worker processes.
+        report_dir: folder of the summary CSV (``summary_name``) and of the slide claims; None = neither.
+
+    Returns: the run's :class:`~histolight.cohort.CohortResult` (table columns ``file``, ``n_rois``, ``warning``).
+    """
+    from histolight.segment.config import MODES
+
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is invalid: must be one of {list(MODES)}")
+    if mode != "binary" and not labels:
+        raise ConfigError(f"mode '{mode}' needs a list of labels")
+    fn = functools.partial(export_slide, dataset=dataset, mpp=mpp, dest=str(dest), labels=labels, mode=mode, overwrite=overwrite)
+    names = list(slides) if slides is not None else dataset.names
+    return run_per_slide(
+        names,
+        fn,
+        out_dir=report_dir,
+        workers=workers,
+        summary_name=summary_name,
+        desc=f"thumbs+masks @ {mpp:g} um/px",
+        progress=progress,
+    )
 
 
 def export_thumbs_and_masks(
@@ -164,38 +215,20 @@ def export_thumbs_and_masks(
     slides: Sequence[str] | None = None,
     strict: bool = False,
 ) -> dict[str, Path]:
-    """Export thumbnails and ROI masks of every slide (Slideflow's ``sf.segment.export_thumbs_and_masks``).
+    """Export thumbnails and ROI masks (Slideflow's ``sf.segment.export_thumbs_and_masks``): :func:`export_cohort`
+    in this process, without a summary file.
 
-    Args:
-        dataset: a :class:`histolight.dataset.Dataset`.
-        mpp: thumbnail resolution in um/px (20 is typical for real slides).
-        dest: output folder (see the module docstring for the format).
-        labels: ROI labels to rasterize (required for multiclass/multilabel; binary: null = any ROI).
-        mode: ``binary``, ``multiclass`` or ``multilabel``.
-        overwrite: re-export even when an up-to-date export exists.
-        slides: restrict to these slide names.
-        strict: raise on the first failing slide instead of logging and skipping it.
-
-    Returns: ``{slide: npz path}`` for the slides exported (failures are logged and left out).
+    Returns: ``{slide: npz path}`` of the slides exported or reused; failing slides are logged and left out, or,
+    with ``strict``, raise a :class:`HistolightError` listing them.
     """
-    from tqdm.auto import tqdm
-
-    from histolight.segment.config import MODES
-
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r} is invalid: must be one of {list(MODES)}")
-    if mode != "binary" and not labels:
-        raise ConfigError(f"mode '{mode}' needs a list of labels")
-    names = list(slides) if slides is not None else dataset.names
-    out: dict[str, Path] = {}
-    for name in tqdm(names, desc=f"thumbs+masks @ {mpp:g} um/px", leave=False):
-        try:
-            out[name] = export_slide(dataset, name, mpp, dest, labels, mode, overwrite)
-        except HistolightError as e:
-            if strict:
-                raise
-            log.error("%s: export failed, skipped: %s", name, e)
-    return out
+    res = export_cohort(dataset, mpp, dest, labels, mode, overwrite, slides)
+    if strict and res.failed:
+        raise HistolightError(f"export failed for {len(res.failed)} slide(s): {res.failed}")
+    t = res.table
+    if "file" not in t.columns:
+        return {}
+    ok = t[t["file"].notna()]
+    return {s: Path(f) for s, f in zip(ok["slide"], ok["file"])}
 
 
 def load_thumb_mask(path: str | os.PathLike) -> ThumbMask:

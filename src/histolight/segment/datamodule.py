@@ -4,9 +4,8 @@
   epoch). Each crop comes from a slide drawn uniformly; with probability ``fg_crop_prob`` it is
   centred near a random labelled pixel, else placed uniformly. Thumbnails smaller than ``size``
   are padded with white; padded pixels have weight 0 (ignored by losses and metrics).
-- Augmentation (albumentations; geometry applied to image, mask and weights alike): flips, 90
-  degree rotations, optional zoom; colour: brightness/contrast, hue/saturation, H&E stain jitter
-  (:class:`histolight.norm.transforms.StainAugment`).
+- Augmentation: ``data.augment`` through the shared schema of :mod:`histolight.training.augment`
+  (albumentations; geometry applied to image, mask and weights alike, colour and stain to the image only).
 - Validation: whole thumbnails of the validation slides (one per batch); the LightningModule runs
   them through the same tiled inference as :meth:`SegmentModel.run_tiled_inference`.
 
@@ -29,43 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from histolight.segment.config import SegmentConfig
 from histolight.segment.data import ThumbMask
 from histolight.segment.losses import edge_weight_map
+from histolight.training.augment import build_augmentation
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------- augmentation
-
-
-def build_transforms(aug: dict):
-    """albumentations ``Compose`` for image + masks (geometry on both, colour and stain on the image only)."""
-    import albumentations as A
-
-    t = []
-    if aug.get("flip"):
-        t += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
-    if aug.get("rotate90"):
-        t.append(A.RandomRotate90(p=0.5))
-    if aug.get("scale", 0) > 0:
-        s = aug["scale"]
-        t.append(A.Affine(scale=(1 - s, 1 + s), fill=255, fill_mask=0, p=0.5))
-    if aug.get("brightness_contrast", 0) > 0:
-        b = aug["brightness_contrast"]
-        t.append(A.RandomBrightnessContrast(brightness_limit=b, contrast_limit=b, p=0.5))
-    if aug.get("hue_saturation", 0) > 0:
-        h = aug["hue_saturation"]
-        t.append(
-            A.HueSaturationValue(
-                hue_shift_limit=int(round(h * 180)), sat_shift_limit=int(round(h * 255)), val_shift_limit=0, p=0.5
-            )
-        )
-    if aug.get("stain", 0) > 0:  # H&E optical-density scale/shift (histolight.norm), image only
-        from histolight.norm.transforms import StainAugment
-
-        st = aug["stain"]
-        t.append(StainAugment(stain_alpha=st, stain_beta=st / 2, hue=0.0, saturation=0.0, value=0.0, p=0.5))
-    if aug.get("blur", 0) > 0:
-        t.append(A.GaussianBlur(blur_limit=(3, 5), p=aug["blur"]))
-    return A.Compose(t) if t else None
-
 
 # ---------------------------------------------------------------------------------------------- datasets
 
@@ -110,7 +75,7 @@ class CropDataset(Dataset):
         self.cfg = cfg
         self.n = int(n)
         self.augment = augment
-        self.transform = build_transforms(cfg.augmentation) if augment else None
+        self.transform = build_augmentation(cfg.augment, prefix="data.augment") if augment else None
         self.seed = seed
         self._rng: np.random.Generator | None = None
         # candidate centres for foreground crops: labelled pixels, subsampled
@@ -209,21 +174,6 @@ def _collate_pad(batch: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- module
-
-
-def input_stats(items: Sequence[ThumbMask]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (in [0, 1] units) of the training thumbnails' pixels."""
-    s = np.zeros(3)
-    ss = np.zeros(3)
-    n = 0
-    for it in items:
-        x = it.image.reshape(-1, 3).astype(np.float64) / 255.0
-        s += x.sum(0)
-        ss += (x**2).sum(0)
-        n += len(x)
-    mean = s / max(n, 1)
-    std = np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 1e-8))
-    return [float(v) for v in mean], [float(max(v, 1e-3)) for v in std]
 
 
 class SegmentDataModule(L.LightningDataModule):

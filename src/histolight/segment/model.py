@@ -1,9 +1,7 @@
-"""The segmentation network and its LightningModule (training, validation metrics, inference).
+"""The segmentation LightningModule (training, validation metrics, inference) and overlay pictures.
 
-:class:`SegmentNet` = input normalisation (mean/std buffers, saved with the weights) + a
-``segmentation_models_pytorch`` model. Built with ``encoder_weights=None`` always, so building or
-loading never touches the network; pretrained encoder weights come from a local file
-(:func:`load_encoder_weights`) or, only when training with a weights *name*, from smp's hub.
+The network is :class:`histolight.segment.net.SegmentNet`; optimizers come from the ``_partial_`` nodes of the
+config through :func:`histolight.training.optim.configure_optimizers`.
 
 :class:`SegmentModel` (a ``LightningModule``, like Slideflow's ``SegmentModel``) trains it and
 runs inference: :meth:`SegmentModel.run_tiled_inference` on any ``H x W x 3`` array and
@@ -22,115 +20,16 @@ from pathlib import Path
 import lightning.pytorch as L
 import numpy as np
 import torch
-from torch import nn
 
-from histolight.errors import ConfigError
 from histolight.segment.config import SegmentConfig
 from histolight.segment.inference import single_pass_logits, tiled_logits
 from histolight.segment.losses import SegmentLoss
+from histolight.segment.net import SegmentNet, load_encoder_weights
+from histolight.training.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("proba", "logits", "labels")
-
-
-# ---------------------------------------------------------------------------------------------- network
-
-
-class SegmentNet(nn.Module):
-    """``(B, 3, H, W)`` float in [0, 1] -> ``(B, n_out, H, W)`` logits."""
-
-    def __init__(self, cfg: SegmentConfig):
-        super().__init__()
-        import segmentation_models_pytorch as smp
-
-        self.model = smp.create_model(
-            cfg.arch,
-            encoder_name=cfg.encoder_name,
-            encoder_weights=None,
-            in_channels=3,
-            classes=cfg.n_out,
-            **arch_kwargs(cfg.arch, cfg.model_kwargs),
-        )
-        mean, std = cfg.resolved_input_stats()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
-
-
-def arch_kwargs(arch: str, kwargs: dict) -> dict:
-    """``kwargs`` accepted by smp architecture ``arch``; others are dropped with a warning (arch sweeps)."""
-    import inspect
-
-    import segmentation_models_pytorch as smp
-
-    cls = smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()]
-    params = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-    ok = {k: v for k, v in kwargs.items() if k in params}
-    dropped = sorted(set(kwargs) - set(ok))
-    if dropped:
-        log.warning("model.model_kwargs %s are not arguments of %s: ignored", dropped, arch)
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in ok.items()}
-
-
-def load_encoder_weights(net: SegmentNet, weights: str, encoder_name: str) -> None:
-    """Load pretrained encoder weights: a local file (state dict, ``.safetensors`` or a checkpoint
-    holding ``state_dict``), or an smp/timm weights name (downloads; fails offline with a clear error)."""
-    enc = net.model.encoder
-    p = Path(weights).expanduser()
-    if p.is_file():
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(p))
-        else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=False)
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        if not isinstance(sd, dict):
-            raise ConfigError(
-                f"model.encoder_weights={weights!r} is invalid: the file holds a {type(sd).__name__}, not a state dict"
-            )
-        best = (0, None, None)
-        targets = [("encoder", enc)] + ([("encoder.model", enc.model)] if hasattr(enc, "model") else [])
-        prefixes = ["", "encoder.", "model.encoder.", "net.model.encoder.", "model.", "module."]
-        for _tname, target in targets:
-            own = target.state_dict()
-            for pre in prefixes:
-                cand = {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}
-                ok = {k: v for k, v in cand.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-                if len(ok) > best[0]:
-                    best = (len(ok), target, ok)
-        n, target, ok = best
-        if n == 0:
-            raise ConfigError(
-                f"model.encoder_weights={weights!r} is invalid: no tensor matches the {encoder_name} encoder "
-                "(is it a checkpoint of the same encoder?)"
-            )
-        target.load_state_dict(ok, strict=False)
-        total = len(target.state_dict())
-        log.info("encoder weights: %d/%d tensors loaded from %s", n, total, p)
-        if n < 0.5 * total:
-            log.warning("encoder weights: only %d of %d encoder tensors matched in %s", n, total, p)
-        return
-    # a weights name: smp / timm download it (needs internet)
-    try:
-        import segmentation_models_pytorch as smp
-
-        if encoder_name.startswith("tu-"):
-            fresh = smp.encoders.get_encoder(encoder_name, weights=True, depth=len(enc.out_channels) - 1)
-        else:
-            fresh = smp.encoders.get_encoder(encoder_name, weights=weights, depth=getattr(enc, "_depth", 5))
-        enc.load_state_dict(fresh.state_dict())
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - hub / network errors of several kinds
-        raise ConfigError(
-            f"model.encoder_weights={weights!r}: cannot get pretrained weights ({type(e).__name__}: {e}). "
-            "Without internet use encoder_weights=null or a local weights file."
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- colours / overlays
@@ -186,7 +85,7 @@ class SegmentModel(L.LightningModule):
     Args:
         config: :class:`SegmentConfig` (or its dict, e.g. from a checkpoint's hyperparameters).
         load_pretrained: load ``config.encoder_weights`` into the encoder (training start). False
-            when rebuilding a trained model: the weights then come from ``model.pth``/the checkpoint
+            when rebuilding a trained model: the weights then come from the model folder / the checkpoint
             and nothing is read from the network.
         n_overlays: validation slides drawn as ``[image | truth | prediction]`` overlays.
         overlay_every: draw overlays every this many epochs (and at the last one); 0 = never.
@@ -365,17 +264,13 @@ class SegmentModel(L.LightningModule):
             self._log_overlays()
 
     def _log_overlays(self):
-        import cv2
-
-        from histolight.io.atomic import atomic_write
+        from histolight.io.images import write_png
 
         tag = "best" if self._in_validate() else f"epoch{self.current_epoch:03d}"
         d = self.overlay_dir or Path(self.trainer.default_root_dir) / "overlays"
         d.mkdir(parents=True, exist_ok=True)
         for name, img in self._overlays:
-            ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-            with atomic_write(d / f"{tag}_{name}.png", "wb") as fh:
-                fh.write(png.tobytes())
+            write_png(d / f"{tag}_{name}.png", img)
         for lg in self.loggers:
             if hasattr(lg, "log_image"):
                 try:
@@ -390,37 +285,15 @@ class SegmentModel(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        params = [p for p in self.parameters() if p.requires_grad]
-        if c.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        elif c.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=c.lr, weight_decay=c.weight_decay, momentum=0.9, nesterov=True)
-        if c.scheduler == "none":
-            return opt
-        kw = dict(c.scheduler_kwargs)
-        max_epochs = self.trainer.max_epochs if self.trainer is not None and (self.trainer.max_epochs or -1) > 0 else c.epochs
-        if c.scheduler == "onecycle":
-            total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else c.epochs
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(1, total), **kw)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        if c.scheduler == "plateau":
-            monitor = kw.pop("monitor", "val/loss")
-            mode = kw.pop("mode", "min")
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, **kw)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": monitor, "interval": "epoch"}}
-        if c.scheduler == "cosine":
-            eta_min = float(kw.pop("eta_min", 0.0))
-            main = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, max_epochs - c.warmup_epochs), eta_min=eta_min)
-        else:  # step
-            main = torch.optim.lr_scheduler.StepLR(opt, step_size=int(kw.pop("step_size", 10)), gamma=float(kw.pop("gamma", 0.1)))
-        if c.warmup_epochs > 0:
-            warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=c.warmup_epochs)
-            sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, main], milestones=[c.warmup_epochs])
-        else:
-            sched = main
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return configure_optimizers(
+            [p for p in self.parameters() if p.requires_grad],
+            c.optimizer,
+            c.scheduler,
+            interval=c.scheduler_interval,
+            warmup_epochs=c.warmup_epochs,
+            trainer=self._trainer,
+            max_epochs=c.epochs,
+        )
 
     # ------------------------------------------------------------------ inference
     @property
@@ -565,15 +438,6 @@ class SegmentModel(L.LightningModule):
             else:
                 out[:, y0:y1] = self.activation(logits).cpu().numpy()
         return out[0] if (self.mode == "binary" and output != "labels") else out
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def seed_all(seed: int | None) -> None:
-    if seed is not None:
-        L.seed_everything(int(seed), workers=True, verbose=False)
 
 
 __all__ = ["SegmentNet", "SegmentModel", "load_encoder_weights", "palette", "colorize", "overlay", "panel"]

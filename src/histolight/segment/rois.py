@@ -1,4 +1,4 @@
-"""Predicted masks -> labelled ROI polygons (holes kept) in base px; per-slide and per-dataset writers.
+"""Predicted masks -> labelled ROI polygons (holes kept) in base px; per-slide and per-cohort writers.
 
 Polygons follow pixel edges: OpenCV traces the boundary pixel centres of each connected region
 (``RETR_CCOMP``: outer boundaries and their holes), then the polygon is grown by half a pixel
@@ -9,10 +9,12 @@ holes smaller than ``min_area_mm2`` are dropped (holes filled); outlines are sim
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,6 +22,7 @@ import shapely
 import shapely.affinity
 from shapely.geometry import MultiPolygon, Polygon
 
+from histolight.cohort import CohortResult, run_per_slide
 from histolight.errors import HistolightError
 from histolight.roi import ROI, write_rois
 from histolight.roi.core import _polygonal
@@ -180,6 +183,65 @@ def write_slide_rois(
     return out
 
 
+def _model_stamp(p: Path) -> tuple:
+    """Modification times of a model path (its folder's files), so a model rewritten in place is reloaded."""
+    files = sorted(p.iterdir()) if p.is_dir() else [p]
+    return tuple((f.name, f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
+_MODELS: dict[tuple, Any] = {}
+
+
+def load_segment_model(model: Any, device: str | None = "auto"):
+    """The :class:`~histolight.segment.model.SegmentModel` to run: ``model`` itself, or the model at path ``model``
+    (folder, ``model.pth`` or ``.ckpt``) on ``device`` (``auto`` = cuda when available), loaded once per process.
+
+    Per-slide functions call this in every slide worker, so a cohort loads the model once per process, not per
+    slide. The cache holds the last model (keyed by resolved path, device and file times)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    from histolight.segment.io import load_model_and_config
+    from histolight.utils.device import resolve_device
+
+    p = Path(model).expanduser().resolve()
+    dev = resolve_device(device)
+    key = (str(p), dev, _model_stamp(p) if p.exists() else None)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model_and_config(p, device=dev)[0]
+    return _MODELS[key]
+
+
+def slide_rois(
+    name: str,
+    dataset,
+    model: Any,
+    dest: str,
+    formats: Sequence[str],
+    overwrite: bool,
+    into_dataset: bool,
+    device: str | None = "auto",
+    roi_kwargs: dict | None = None,
+) -> dict:
+    """Per-slide function of :func:`generate_dataset_rois`: segment slide ``name`` and write its ROI files.
+
+    Returns its summary row: ``n_rois``, ``labels``, ``files`` (status ``skipped``/"exists" when the slide already has
+    ROIs and not ``overwrite``; ``empty`` when the model finds no region large enough)."""
+    out = Path(dest)
+    if not overwrite and (any((out / f"{name}.{f}").exists() for f in formats) or (into_dataset and dataset.has_rois(name))):
+        return {"status": "skipped", "reason": "exists"}
+    m = load_segment_model(model, device)
+    with dataset.open(name) as slide:
+        rois = generate_rois(slide, m, apply=False, **(roi_kwargs or {}))
+    files = write_slide_rois(rois, out, name, formats)
+    return {
+        "status": "done" if rois else "empty",
+        "n_rois": len(rois),
+        "labels": ",".join(sorted({r.label for r in rois})) or None,
+        "files": ",".join(str(f) for f in files),
+    }
+
+
 def generate_dataset_rois(
     dataset,
     model,
@@ -190,62 +252,50 @@ def generate_dataset_rois(
     min_area_mm2: float = 0.01,
     min_hole_mm2: float | None = None,
     simplify_tolerance: float | None = None,
-    device: str = "cpu",
-) -> list[dict]:
-    """Generate and write ROIs for every slide of ``dataset`` (Slideflow's ``Dataset.generate_rois``).
+    device: str | None = "auto",
+    workers: int = 1,
+    report_dir: str | os.PathLike | None = None,
+    summary_name: str = "rois_report.csv",
+    progress: bool = True,
+) -> CohortResult:
+    """Generate and write ROIs for every slide of ``dataset`` (Slideflow's ``Dataset.generate_rois``), on the
+    cohort runner (:func:`histolight.cohort.run_per_slide`).
 
     Args:
-        model: a :class:`SegmentModel` or a model path (folder / ``model.pth``).
+        model: a :class:`SegmentModel` or a model path (folder / ``model.pth`` / ``.ckpt``; loaded once per process).
         dest: output folder (default: the dataset's first ROI folder).
         overwrite: also process slides that already have ROIs: any ROI file of the dataset when
             writing into the dataset's ROI folder, else ``<dest>/<slide>.<format>``.
         formats: ``csv`` (Slideflow) and/or ``geojson`` (QuPath).
+        device: where a model path is loaded (``auto`` = cuda when available).
+        workers: slide worker processes.
+        report_dir: folder of the summary CSV (``summary_name``) and of the slide claims; None = neither.
 
-    Returns: one report row per slide: ``slide``, ``status`` (``written``, ``skipped``, ``failed``),
-    ``n_rois``, ``labels``, ``files``, ``error``. Failing slides are logged and skipped.
+    Returns: the run's :class:`~histolight.cohort.CohortResult`; its table has one row per slide (``status``
+    ``done``/``empty``/``skipped``/``failed``, ``reason``, ``n_rois``, ``labels``, ``files``).
     """
-    from tqdm.auto import tqdm
-
-    if isinstance(model, (str, os.PathLike)):
-        from histolight.segment.io import load_model_and_config
-
-        model, _ = load_model_and_config(model, device=device)
     into_dataset = dest is None or any(Path(dest).resolve() == Path(d).resolve() for d in dataset.roi_dirs)
     if dest is None:
         if not dataset.roi_dirs:
             raise HistolightError("no ROI folder to write into: pass dest (task.dest) or configure dataset.rois")
         dest = dataset.roi_dirs[0]
-    dest = Path(dest)
-    report = []
+    formats = [f.lower().lstrip(".") for f in formats]
+    bad = [f for f in formats if f not in ("csv", "geojson")]
+    if bad or not formats:
+        raise HistolightError(f"ROI formats {list(formats)} are invalid: use csv and/or geojson")
+    load_segment_model(model, device)  # a bad model fails the run here, not every slide
+    fn = functools.partial(
+        slide_rois,
+        dataset=dataset,
+        model=model,
+        dest=str(dest),
+        formats=formats,
+        overwrite=overwrite,
+        into_dataset=into_dataset,
+        device=device,
+        roi_kwargs={"min_area_mm2": min_area_mm2, "min_hole_mm2": min_hole_mm2, "simplify_tolerance": simplify_tolerance},
+    )
     names = list(slides) if slides is not None else dataset.names
-    for name in tqdm(names, desc="generate ROIs", leave=False):
-        row = {"slide": name, "status": None, "n_rois": 0, "labels": None, "files": None, "error": None}
-        existing = [dest / f"{name}.{f.lower().lstrip('.')}" for f in formats]
-        has = any(p.exists() for p in existing) or (into_dataset and dataset.has_rois(name))
-        if not overwrite and has:
-            row["status"] = "skipped"
-            row["error"] = "has ROIs (overwrite=true to replace)"
-            report.append(row)
-            continue
-        try:
-            with dataset.open(name) as slide:
-                rois = generate_rois(
-                    slide,
-                    model,
-                    apply=False,
-                    min_area_mm2=min_area_mm2,
-                    min_hole_mm2=min_hole_mm2,
-                    simplify_tolerance=simplify_tolerance,
-                )
-            files = write_slide_rois(rois, dest, name, formats)
-            row.update(
-                status="written",
-                n_rois=len(rois),
-                labels=",".join(sorted({r.label for r in rois})) or None,
-                files=",".join(str(f) for f in files),
-            )
-        except HistolightError as e:
-            log.error("%s: ROI generation failed, skipped: %s", name, e)
-            row.update(status="failed", error=str(e))
-        report.append(row)
-    return report
+    return run_per_slide(
+        names, fn, out_dir=report_dir, workers=workers, summary_name=summary_name, desc="generate ROIs", progress=progress
+    )

@@ -1,4 +1,6 @@
-"""``histolight.segment.train`` (module ``training``): thumbnails + masks -> a trained model folder (Slideflow's ``sf.segment.train``).
+"""``histolight.segment.train`` (module ``training``): thumbnails + masks -> a trained model folder (Slideflow's
+``sf.segment.train``), with the shared training kit (:mod:`histolight.training`: splits, augmentation, optimizers,
+model folder).
 
 >>> from histolight.dataset import Dataset
 >>> from histolight import segment
@@ -18,32 +20,31 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from histolight.errors import ConfigError, HistolightError
 from histolight.segment.config import SegmentConfig
 from histolight.segment.data import ThumbMask, check_labels_present, export_key, export_thumbs_and_masks, load_thumb_mask
+from histolight.training.splits import annotation_split, names_in, random_split
 
 log = logging.getLogger(__name__)
 
 
 def split_slides(dataset, cfg: SegmentConfig, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, val) slide names: by the annotations' ``split`` column when present (slides of other splits,
-    e.g. ``test``, are left out), else a random patient-level split of ``val_fraction`` (also used to carve
-    validation patients out of the training split when no slide has ``val_split``). Slides of one patient
-    never straddle the two sets."""
-    ann = dataset.annotations
+    """(train, val) slide names, decided per patient (:mod:`histolight.training.splits`).
+
+    With a ``split`` column in the annotations: slides whose value is in ``cfg.train_split`` / ``cfg.val_split``
+    (compared case-insensitively; other values, e.g. ``test``, are left out); a patient with slides in two
+    splits is a :class:`ConfigError` unless ``cfg.allow_patient_leakage``. When no slide is in the val split,
+    ``val_fraction`` of the training patients are drawn for validation; without a split column (or training
+    slides), ``val_fraction`` of all patients.
+    """
     names = dataset.names
+    slide_patient = {n: dataset.patient(n) for n in names}
+    ann = dataset.annotations
     if ann is not None and "split" in ann.columns:
-
-        def pick(spec) -> list[str]:
-            vals = {str(v) for v in (spec if isinstance(spec, (list, tuple)) else [spec])}
-            return [n for n in names if n in ann.index and str(ann.at[n, "split"]) in vals]
-
-        train, val = pick(cfg.train_split), pick(cfg.val_split)
-        overlap = {dataset.patient(n) for n in train} & {dataset.patient(n) for n in val}
-        if overlap:
-            log.warning("patients %s have slides in both the train and val splits", sorted(overlap)[:5])
+        values = {n: dataset.column(n, "split") for n in names}
+        roles = {"train": cfg.train_split, "val": cfg.val_split, "test": "test"}
+        split = annotation_split(slide_patient, values, roles=roles, allow_leakage=cfg.allow_patient_leakage)
+        train, val = names_in(split, "train", names), names_in(split, "val", names)
         if train and val:
             return train, val
         if train:
@@ -52,17 +53,11 @@ def split_slides(dataset, cfg: SegmentConfig, seed: int = 0) -> tuple[list[str],
                 cfg.val_split,
                 100 * cfg.val_fraction,
             )
-            names = train
+            slide_patient = {n: slide_patient[n] for n in train}
         else:
             log.warning("no slide has split=%r; splitting every slide by patient instead", cfg.train_split)
-    patients = sorted({dataset.patient(n) for n in names})
-    rng = np.random.default_rng(seed)
-    rng.shuffle(patients)
-    n_val = int(round(cfg.val_fraction * len(patients))) if len(patients) > 1 else 0
-    if cfg.val_fraction > 0 and len(patients) > 1:
-        n_val = max(1, n_val)
-    val_p = set(patients[:n_val])
-    return [n for n in names if dataset.patient(n) not in val_p], [n for n in names if dataset.patient(n) in val_p]
+    split = random_split(slide_patient, val_fraction=cfg.val_fraction, seed=seed)
+    return names_in(split, "train", names), names_in(split, "val", names)
 
 
 def prepare_items(
@@ -78,50 +73,11 @@ def prepare_items(
         from histolight.norm import build_normalizer
 
         norm = build_normalizer(cfg.normalizer)
-        if norm is not None:
-            for it in items:
-                if getattr(norm, "use_context", False):
-                    norm.set_context(it.image)
-                it.image = norm.transform(it.image)
+        for it in items:
+            if getattr(norm, "use_context", False):
+                norm.set_context(it.image)  # the whole thumbnail is the slide's context
+            it.image = norm.transform(it.image)
     return items
-
-
-def _default_trainer(dest: Path, epochs: int, loggers, callbacks, **kw):
-    import lightning.pytorch as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    callbacks = list(callbacks or [])
-    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=str(dest / "checkpoints"),
-                filename="epoch_{epoch:03d}",
-                monitor="val/miou",
-                mode="max",
-                save_last=True,
-                auto_insert_metric_name=False,
-            )
-        )
-    opts = dict(
-        max_epochs=epochs,
-        logger=loggers if loggers else False,
-        callbacks=callbacks,
-        default_root_dir=str(dest),
-        accelerator="auto",
-        devices=1,
-        log_every_n_steps=5,
-        enable_progress_bar=True,
-    )
-    opts.update(kw)
-    return L.Trainer(**opts)
-
-
-def _best_checkpoint(trainer) -> str | None:
-    for cb in getattr(trainer, "checkpoint_callbacks", []) or []:
-        p = getattr(cb, "best_model_path", "") or getattr(cb, "last_model_path", "")
-        if p and Path(p).exists():
-            return p
-    return None
 
 
 def train(
@@ -143,19 +99,21 @@ def train(
     overlay_every: int = 5,
     **trainer_kwargs,
 ) -> dict[str, Any]:
-    """Train a segmentation model and save it into ``dest`` (``model.pth``, ``segment_config.json``, checkpoints).
+    """Train a segmentation model and save it as the model folder ``dest`` (``segment_config.json`` +
+    ``weights.safetensors``, see :mod:`histolight.segment.io`), with ``checkpoints/``, ``overlays/`` and
+    ``metrics.json``.
 
     Args:
         config: the :class:`SegmentConfig`.
         dataset: a :class:`histolight.dataset.Dataset` with ROIs (and a ``split`` column, else a
-            patient-level split of ``config.val_fraction`` is drawn).
+            patient-level split of ``config.val_fraction`` is drawn: :func:`split_slides`).
         dest: output folder (the run dir under Hydra).
         cache_dir: where thumbnails/masks are exported and reused (default ``dest/thumbs``).
         trainer: a Lightning ``Trainer``; default: one built from ``epochs`` (``config.epochs``)
-            with a checkpoint on the best ``val/miou``, ``loggers`` and ``callbacks``.
+            with a checkpoint on the best ``val/miou``, ``loggers``, ``callbacks`` and ``trainer_kwargs``.
         seed: global seed (``None`` = leave as is).
-        overwrite: replace a model already in ``dest``.
-        run_config: the full resolved run config, logged to the loggers and saved as ``training``.
+        overwrite: replace a model already in ``dest`` (checked before any work).
+        run_config: the full resolved run config, logged to the loggers and saved as ``training.run``.
         train_slides, val_slides: explicit slide lists (override the split).
         n_overlays, overlay_every: validation overlay images (``dest/overlays`` and image loggers).
 
@@ -163,16 +121,19 @@ def train(
     ``val/iou_<class>``, ...), plus ``epochs``, ``train_time_s`` and ``model_dir``.
     """
     import lightning.pytorch as L
-    import torch
 
-    from histolight.segment.datamodule import SegmentDataModule, input_stats
-    from histolight.segment.io import MODEL_FILE, save_model
+    from histolight.io.atomic import atomic_write_json
+    from histolight.io.tables import nan_to_none
+    from histolight.segment.datamodule import SegmentDataModule
+    from histolight.segment.io import KIND, save_model
     from histolight.segment.model import SegmentModel
+    from histolight.training.artifacts import check_overwrite
+    from histolight.training.normalize import pixel_stats
+    from histolight.training.trainer import chosen_checkpoint, default_trainer, log_hyperparams, restore_weights, update_summary
 
     t0 = time.time()
     dest = Path(dest)
-    if (dest / MODEL_FILE).exists() and not overwrite:
-        raise HistolightError(f"{dest / MODEL_FILE} exists; pass overwrite=True to replace it")
+    check_overwrite(dest, KIND, overwrite)
     dest.mkdir(parents=True, exist_ok=True)
     if epochs is not None:
         config = replace(config, epochs=int(epochs))
@@ -188,7 +149,7 @@ def train(
     if val_slides is not None:
         val_names = list(val_slides)
     if not train_names:
-        raise ConfigError("no training slides: check data.train_split and the annotations' split column")
+        raise ConfigError(f"data.train_split={config.train_split!r} is invalid: no slide has it in the annotations' split column")
     train_items = prepare_items(dataset, config, cache_dir, train_names)
     val_items = prepare_items(dataset, config, cache_dir, val_names) if val_names else []
     if not train_items:
@@ -198,78 +159,45 @@ def train(
         val_items = train_items
     check_labels_present(train_items + val_items, config.labels, config.mode)
     if config.input_mean is None or config.input_std is None:
-        mean, std = input_stats(train_items)
+        mean, std = pixel_stats(it.image for it in train_items)
         config = replace(config, input_mean=mean, input_std=std)
+    slides = {"train_slides": [i.name for i in train_items], "val_slides": [i.name for i in val_items]}
     log.info(
         "segmentation: %s; %d train slides (%s), %d val slides (%s); %d crops/epoch",
         config.describe(),
         len(train_items),
-        ",".join(i.name for i in train_items),
+        ",".join(slides["train_slides"]),
         len(val_items),
-        ",".join(i.name for i in val_items),
+        ",".join(slides["val_slides"]),
         config.crops_per_epoch,
     )
 
     # ---- model, trainer
     datamodule = SegmentDataModule(config, train_items, val_items)
+    if trainer is None:
+        trainer = default_trainer(dest, config.epochs, "val/miou", "max", loggers, callbacks, **trainer_kwargs)
+    elif (trainer.max_epochs or -1) > 0:
+        config = replace(config, epochs=int(trainer.max_epochs))
     model = SegmentModel(config, load_pretrained=True, n_overlays=n_overlays, overlay_every=overlay_every)
     model.overlay_dir = dest / "overlays"
-    if trainer is None:
-        trainer = _default_trainer(dest, config.epochs, loggers, callbacks, **trainer_kwargs)
-    else:
-        config = replace(config, epochs=int(trainer.max_epochs)) if (trainer.max_epochs or -1) > 0 else config
-        model.config = config
-    hp = {
-        "segment": config.to_dict(),
-        "artifacts_dir": str(dest.resolve()),
-        "train_slides": [i.name for i in train_items],
-        "val_slides": [i.name for i in val_items],
-    }
-    if run_config is not None:
-        hp["run"] = run_config
-    for lg in trainer.loggers:
-        try:
-            lg.log_hyperparams(hp)
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not log the config to %s: %s", type(lg).__name__, e)
-
+    hp = {"segment": config.to_dict(), "artifacts_dir": str(dest.resolve()), **slides}
+    log_hyperparams(trainer, {**hp, "run": run_config} if run_config is not None else hp)
     trainer.fit(model, datamodule=datamodule)
     fit_time = time.time() - t0
 
     # ---- best weights, final metrics, artifacts
-    best = _best_checkpoint(trainer)
-    if best and not getattr(trainer, "fast_dev_run", False):
-        ck = torch.load(best, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["state_dict"])
-        log.info("best checkpoint: %s", best)
+    best = chosen_checkpoint(trainer, "best")
+    restore_weights(model, best)
     res = trainer.validate(model, datamodule=datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
+    metrics = {k: nan_to_none(float(v)) for k, v in (res[0] if res else {}).items()}
     metrics.update({"epochs": int(trainer.current_epoch), "train_time_s": round(fit_time, 1), "model_dir": str(dest)})
-    extra = {
-        "training": run_config,
-        "metrics": metrics,
-        "checkpoint": best,
-        "train_slides": [i.name for i in train_items],
-        "val_slides": [i.name for i in val_items],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    save_model(model, dest, extra=extra, overwrite=True)
-    from histolight.io.atomic import atomic_write_json
-
+    training = {"run": run_config, "checkpoint": best, **slides}
+    save_model(model, dest, extra={"metrics": metrics, "training": training}, overwrite=True)
     atomic_write_json(dest / "metrics.json", metrics)
-    for lg in trainer.loggers:
-        exp = getattr(lg, "experiment", None)
-        summ = getattr(exp, "summary", None)
-        if summ is not None and hasattr(summ, "update"):
-            try:
-                summ.update(
-                    {
-                        "artifacts_dir": str(dest.resolve()),
-                        "model_path": str((dest / MODEL_FILE).resolve()),
-                        **{f"best/{k}": v for k, v in metrics.items() if isinstance(v, float)},
-                    }
-                )
-            except Exception:  # noqa: BLE001
-                pass
-    log.info("segmentation model saved to %s (val/miou %.4f)", dest, metrics.get("val/miou", float("nan")))
+    summary = {f"best/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+    update_summary(trainer, {"artifacts_dir": str(dest.resolve()), **summary})
+    log.info("segmentation model saved to %s (val/miou %s)", dest, metrics.get("val/miou"))
     return metrics
+
+
+__all__ = ["split_slides", "prepare_items", "train"]

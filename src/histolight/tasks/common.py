@@ -1,14 +1,20 @@
-"""Helpers shared by tasks: the cohort from config, the run's output dir, the demo on first use."""
+"""Helpers shared by tasks: the cohort from config, the run's output dir, the demo on first use, slide selection
+and the options of the segmentation tasks."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from histolight.cohort import PerSlideOptions
 from histolight.config import DatasetConfig, from_config
+from histolight.config.schema import check
 from histolight.dataset import Dataset
+from histolight.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,6 @@ def ensure_demo_from_config(dcfg: DatasetConfig) -> Path | None:
     try:
         demo_cfg = DemoConfig(**opts)
     except (TypeError, ValueError) as e:
-        from histolight.errors import ConfigError
-
         raise ConfigError(f"invalid config 'dataset.demo': {e}") from None
     return ensure_demo(root, demo_cfg)
 
@@ -49,3 +53,74 @@ def output_dir(cfg: DictConfig) -> Path:
     p = Path(OmegaConf.select(cfg, "paths.output_dir", default="outputs/manual"))
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+# ---------------------------------------------------------------------------------------------- shared task options
+
+
+def opt_list(key: str, v: Any) -> list[str] | None:
+    """``None``, or ``v`` as a list of strings (a single string becomes a one-item list)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [v]
+    check(isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), key, v, "must be null, a name or a list of names")
+    return list(v)
+
+
+def check_model_path(v: Any, hint: str) -> None:
+    """``v`` names an existing file or folder; ``hint`` says what kind (for the error message)."""
+    check(isinstance(v, str) and v.strip() not in ("", "???"), "model", v, f"must be {hint}")
+    check(Path(v).exists(), "model", v, f"does not exist (expected {hint})")
+
+
+def _check_area(key: str, v: Any) -> None:
+    check(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, key, v, "must be an area >= 0 in mm^2")
+
+
+@dataclass
+class RoiOptions(PerSlideOptions):
+    """ROI generation options (``task=segment``, ``task=generate_rois``), see :func:`histolight.segment.rois.masks_to_rois`.
+
+    Attributes:
+        min_area_mm2: drop ROIs smaller than this (mm^2).
+        min_hole_mm2: fill holes smaller than this (mm^2; null = ``min_area_mm2``).
+        simplify_tolerance: outline simplification in base px (null = half a prediction pixel).
+    """
+
+    min_area_mm2: float = 0.01
+    min_hole_mm2: float | None = None
+    simplify_tolerance: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_area("min_area_mm2", self.min_area_mm2)
+        if self.min_hole_mm2 is not None:
+            _check_area("min_hole_mm2", self.min_hole_mm2)
+        tol = self.simplify_tolerance
+        check(
+            tol is None or (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0),
+            "simplify_tolerance",
+            self.simplify_tolerance,
+            "must be null (half a prediction pixel) or a tolerance >= 0 in base px",
+        )
+
+    def roi_kwargs(self) -> dict:
+        return {
+            "min_area_mm2": self.min_area_mm2,
+            "min_hole_mm2": self.min_hole_mm2,
+            "simplify_tolerance": self.simplify_tolerance,
+        }
+
+
+def select_slides(ds: Dataset, slides: list[str] | None, split: list[str] | None = None) -> list[str]:
+    """Slide names of ``ds`` restricted to ``slides`` (``task.slides``) and/or annotation ``split`` values."""
+    names = ds.names
+    if slides:
+        unknown = [s for s in slides if s not in names]
+        if unknown:
+            raise ConfigError(f"task.slides={unknown} is invalid: not in the cohort ({len(names)} slides: {names[:5]} ...)")
+        names = [n for n in names if n in slides]
+    if split:
+        names = [n for n in ds.filter(split=split).names if n in names]
+    return names

@@ -1,52 +1,64 @@
-"""``task=export_masks``: thumbnails + ROI masks for segmentation (``histolight.segment.export_thumbs_and_masks``).
+"""``task=export_masks``: thumbnails + ROI masks for segmentation (``histolight.segment.data.export_cohort``).
 
     python run.py task=export_masks data=seg data.mode=multiclass data.mpp=4
 
-Writes ``<slide>.npz`` + ``<slide>.json`` per slide (format: :mod:`histolight.segment.data`) into
-``task.dest`` or, by default, ``<data.cache_dir>/mpp<mpp>_<mode>_<hash of labels>``: the folder
-``task=train_seg`` reads, so training reuses the export. Up-to-date exports are kept unless
-``task.overwrite=true``; failing slides are logged and listed in ``export_report.csv``.
+Writes ``<slide>.npz`` + ``<slide>.json`` per slide (format: :mod:`histolight.segment.data`) into ``task.dest`` or, by
+default, ``<data.cache_dir>/mpp<mpp>_<mode>_<hash of labels>``: the folder ``task=train_seg`` reads, so training
+reuses the export. Up-to-date exports are skipped (reason ``exists``) unless ``task.overwrite=true``. One row per
+slide in ``<run>/export_report.csv``.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
+from histolight.cohort import PerSlideOptions
 from histolight.config import from_config
 from histolight.errors import ConfigError
+from histolight.tasks.common import load_dataset, opt_list, output_dir, select_slides
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class ExportMasksTask(PerSlideOptions):
+    """``conf/task/export_masks.yaml``."""
+
+    name: str = "export_masks"
+    dest: str | None = None
+    overwrite: bool = False
+    slides: Any = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.slides = opt_list("slides", self.slides)
 
 
 def run(cfg: DictConfig) -> dict:
     from histolight.segment.config import config_from_hydra
-    from histolight.segment.tasks import ExportMasksTask
+    from histolight.segment.data import export_cohort, export_key
 
-    task = from_config(ExportMasksTask, cfg.task, "task")
+    t = from_config(ExportMasksTask, cfg.task, "task")
     scfg = config_from_hydra(cfg, need_model=False)
-    import pandas as pd
-
-    from histolight.io.atomic import atomic_write_text
-    from histolight.segment.data import export_key, export_thumbs_and_masks
-    from histolight.segment.tasks import select_slides
-    from histolight.tasks.common import load_dataset, output_dir
-
-    ds = load_dataset(cfg)
-    names = select_slides(ds, task.slides, None)
-    if task.dest:
-        dest = Path(task.dest)
+    if t.dest:
+        dest = Path(t.dest)
+    elif cfg.data.get("cache_dir"):
+        dest = Path(cfg.data.cache_dir) / export_key(scfg.mpp, scfg.mode, scfg.labels)
     else:
-        cache = cfg.data.get("cache_dir")
-        if not cache:
-            raise ConfigError("task.dest is null and data.cache_dir is unset: give one of them")
-        dest = Path(cache) / export_key(scfg.mpp, scfg.mode, scfg.labels)
-    paths = export_thumbs_and_masks(
-        ds, scfg.mpp, dest, labels=scfg.labels, mode=scfg.mode, overwrite=task.overwrite, slides=names
+        raise ConfigError("task.dest=None is invalid while data.cache_dir is unset: give one of them")
+    ds = load_dataset(cfg)
+    res = export_cohort(
+        ds,
+        scfg.mpp,
+        dest,
+        labels=scfg.labels,
+        mode=scfg.mode,
+        overwrite=t.overwrite,
+        slides=select_slides(ds, t.slides),
+        workers=t.workers,
+        report_dir=output_dir(cfg),
     )
-    rows = [{"slide": n, "status": "ok" if n in paths else "failed", "file": str(paths.get(n, ""))} for n in names]
-    atomic_write_text(output_dir(cfg) / "export_report.csv", pd.DataFrame(rows).to_csv(index=False))
-    print(f"Exported {len(paths)}/{len(names)} slides ({scfg.mode}, labels {scfg.labels}, {scfg.mpp:g} um/px) to {dest}")
-    return {"n_slides": len(names), "n_exported": len(paths), "n_failed": len(names) - len(paths), "dest": str(dest)}
+    print(f"export_masks ({scfg.mode}, labels {scfg.labels}, {scfg.mpp:g} um/px): {res.summary_line()} -> {dest}")
+    return {**res.metrics(), "dest": str(dest)}

@@ -5,8 +5,8 @@
     python run.py -m launcher=slurm task=extract task.num_shards=8 task.shard_index='range(8)'
 
 Options: ``conf/task/extract.yaml`` (validated by :class:`histolight.extract.ExtractConfig`). Outputs go
-to ``task.outdir/<tile_px>px_<tile_um>um`` (shared between runs, so re-runs resume); the run folder gets
-a copy of the summary CSV.
+to ``task.outdir/<dataset.name>/<tile_px>px_<tile_um>um`` (shared between runs, so re-runs resume); the run folder
+gets a copy of the summary CSV. Failed slides give exit status 2 unless ``task.allow_failures`` / ``task.max_failed``.
 """
 
 from __future__ import annotations
@@ -37,13 +37,9 @@ def run(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     if res.summary_path and res.summary_path.is_file():
         shutil.copyfile(res.summary_path, out / res.summary_path.name)
-    m = res.metrics()
-    print(
-        f"{m['n_slides']} slide(s): {m['n_done']} extracted, {m['n_reused']} already done, {m['n_empty']} with 0 tiles, "
-        f"{m['n_skipped']} skipped, {m['n_failed']} failed; {m['n_tiles']} tiles in {res.tile_dir}"
-    )
+    print(res.summary_line())
     for name, reason in res.failed.items():
         print(f"  FAILED {name}: {reason}")
     if res.report_path:
         print(f"Report: {res.report_path}")
-    return m
+    return res.metrics()

@@ -1,28 +1,37 @@
-"""``task=features``: per-slide feature bags from TFRecords with a trained classifier or a timm backbone."""
+"""``task=features``: per-slide feature bags from TFRecords with a trained classifier or a timm backbone.
+
+    python run.py task=features task.model=outputs/<run>/model            # the tiles task=extract wrote
+    python run.py task=features task.model=resnet18 task.tile_px=256 task.tile_um=128 [task.workers=2]
+
+Tiles: ``task.tfrecords``, or by default the tile folder ``<tiles_root>/<dataset.name>/<px>px_<um>um`` of the model's
+geometry (a trained classifier's own; ``task.tile_px``/``task.tile_um`` for a timm backbone). Bags and the per-slide
+``summary.csv`` go to ``task.outdir`` (layout: :mod:`histolight.features.extractor`).
+"""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from histolight.cohort import PerSlideOptions
 from histolight.config.schema import check, from_config, is_pos_int
-from histolight.errors import HistolightError
-
-log = logging.getLogger(__name__)
+from histolight.tasks.common import dataset_config
+from histolight.units import parse_tile_um
 
 
 @dataclass
-class FeaturesTaskConfig:
+class FeaturesTaskConfig(PerSlideOptions):
     """``conf/task/features.yaml``."""
 
-    tfrecords: Any
-    outdir: str
+    outdir: str | None = None
+    tfrecords: Any = None
+    tiles_root: str | None = None
     model: str = "resnet18"
     checkpoint_path: str | None = None
     tile_px: int | None = None
+    tile_um: Any = None
     batch_size: int = 64
     num_workers: int = 0
     device: str = "auto"
@@ -30,45 +39,33 @@ class FeaturesTaskConfig:
     name: str = "features"
 
     def __post_init__(self):
-        check(
-            self.tfrecords not in (None, ""),
-            "tfrecords",
-            self.tfrecords,
-            "a folder of <slide>.tfrecords, a glob or a list of files",
+        super().__post_init__()
+        hint = (
+            "a trained classifier (model folder of task=train_tiles, its config JSON or a .ckpt) or a timm name (e.g. resnet18)"
         )
-        check(
-            isinstance(self.model, str) and self.model != "",
-            "model",
-            self.model,
-            "a timm model name (e.g. resnet18) or a trained classifier (folder, model_config.json or .ckpt)",
-        )
+        check(isinstance(self.model, str) and self.model != "", "model", self.model, f"must be {hint}")
+        check(isinstance(self.outdir, str) and self.outdir != "", "outdir", self.outdir, "must be the folder of the bags")
+        check(self.tfrecords not in ("", []), "tfrecords", self.tfrecords, "null, a folder, a glob or a list of files")
+        check(self.tfrecords is not None or bool(self.tiles_root), "tiles_root", self.tiles_root, "a folder when tfrecords=null")
         check(self.tile_px is None or is_pos_int(self.tile_px), "tile_px", self.tile_px, "null or a positive integer (px)")
+        if self.tile_um is not None:
+            parse_tile_um(self.tile_um)
         check(is_pos_int(self.batch_size), "batch_size", self.batch_size, "a positive integer")
         check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        check(
-            self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
-            "device",
-            self.device,
-            "auto, cpu, cuda or cuda:<n>",
-        )
 
 
 def run(cfg: DictConfig) -> dict:
-    import torch
-
-    from histolight.features import build_extractor, extract_features
+    from histolight.features.extractor import default_tiles, extract_features, load_extractor
+    from histolight.utils.device import resolve_device
 
     t = from_config(FeaturesTaskConfig, cfg.task, "task")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device
-    ext = build_extractor(
-        t.model, checkpoint_path=t.checkpoint_path, tile_px=t.tile_px, normalizer=cfg.get("normalizer"), device=device
-    )
-    summary = extract_features(
-        ext, t.tfrecords, t.outdir, batch_size=t.batch_size, num_workers=t.num_workers, device=device, overwrite=t.overwrite
-    )
-    print(summary.to_string(index=False))
-    n_failed = int((summary["status"] == "failed").sum())
-    if len(summary) and n_failed == len(summary):
-        raise HistolightError(f"every slide failed; see {t.outdir}/summary.csv")
-    log.info("feature bags (dim %d) in %s", ext.dim, t.outdir)
-    return {"slides": len(summary), "failed": n_failed, "tiles": int(summary["tiles"].sum()), "dim": ext.dim}
+    norm = OmegaConf.to_container(cfg.normalizer, resolve=True) if cfg.get("normalizer") is not None else None
+    spec = {"model": t.model, "checkpoint_path": t.checkpoint_path, "tile_px": t.tile_px, "normalizer": norm}
+    device = resolve_device(t.device)
+    ext = load_extractor(spec, device)  # validates the model before any work (and is reused in this process)
+    src = t.tfrecords or default_tiles(ext, t.tiles_root, dataset_config(cfg).name, t.tile_px, t.tile_um)
+    kw = {"batch_size": t.batch_size, "num_workers": t.num_workers, "overwrite": t.overwrite, "workers": t.workers}
+    res = extract_features(spec, src, t.outdir, device=device, **kw)
+    print(f"features (dim {ext.dim}) from {src}: {res.summary_line()} -> {t.outdir}")
+    tiles = int(res.table["tiles"].fillna(0).sum()) if "tiles" in res.table else 0
+    return {**res.metrics(), "n_tiles": tiles, "dim": ext.dim}

@@ -2,58 +2,61 @@
 
     python run.py task=generate_rois task.model=outputs/<run> task.dest=data/rois_pred
 
-For each slide: ``<dest>/<slide>.csv`` (Slideflow) and ``<dest>/<slide>.geojson`` (QuPath), in base
-px, labelled by class. ``dest`` defaults to the dataset's ROI folder; slides that already have ROIs
-are skipped unless ``task.overwrite=true``. Failing slides are logged and skipped; the run folder
-gets ``rois_report.csv``.
+For each slide: ``<dest>/<slide>.csv`` (Slideflow) and ``<dest>/<slide>.geojson`` (QuPath), in base px, labelled by
+class. ``dest`` defaults to the dataset's ROI folder; slides that already have ROIs are skipped (reason ``exists``)
+unless ``task.overwrite=true``. One row per slide in ``<run>/rois_report.csv``.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import DictConfig
 
 from histolight.config import from_config
+from histolight.config.schema import check
+from histolight.tasks.common import RoiOptions, check_model_path, load_dataset, opt_list, output_dir, select_slides
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class GenerateRoisTask(RoiOptions):
+    """``conf/task/generate_rois.yaml``."""
+
+    name: str = "generate_rois"
+    model: str | None = None
+    dest: str | None = None
+    overwrite: bool = False
+    formats: list = field(default_factory=lambda: ["csv", "geojson"])
+    slides: Any = None
+    split: Any = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_model_path(self.model, "a trained model folder (task.model=outputs/<run>)")
+        self.formats = opt_list("formats", self.formats) or []
+        ok = bool(self.formats) and all(f in ("csv", "geojson") for f in self.formats)
+        check(ok, "formats", self.formats, "must list csv and/or geojson")
+        self.slides, self.split = opt_list("slides", self.slides), opt_list("split", self.split)
 
 
 def run(cfg: DictConfig) -> dict:
-    from histolight.segment.tasks import GenerateRoisTask
+    from histolight.segment.rois import generate_dataset_rois
 
-    task = from_config(GenerateRoisTask, cfg.task, "task")
-    import pandas as pd
-
-    from histolight.io.atomic import atomic_write_text
-    from histolight.segment.io import load_model_and_config
-    from histolight.segment.tasks import select_slides
-    from histolight.tasks.common import load_dataset, output_dir
-    from histolight.tasks.segment import _auto_device
-
+    t = from_config(GenerateRoisTask, cfg.task, "task")
     ds = load_dataset(cfg)
-    names = select_slides(ds, task.slides, task.split)
-    model, _ = load_model_and_config(task.model, device=task.device or _auto_device())
-    report = ds.generate_rois(
-        model,
-        dest=task.dest,
-        overwrite=task.overwrite,
-        formats=task.formats,
-        slides=names,
-        min_area_mm2=task.min_area_mm2,
-        min_hole_mm2=task.min_hole_mm2,
-        simplify_tolerance=task.simplify_tolerance,
+    res = generate_dataset_rois(
+        ds,
+        t.model,
+        dest=t.dest,
+        overwrite=t.overwrite,
+        formats=t.formats,
+        slides=select_slides(ds, t.slides, t.split),
+        device=t.device,
+        workers=t.workers,
+        report_dir=output_dir(cfg),
+        **t.roi_kwargs(),
     )
-    df = pd.DataFrame(report, columns=["slide", "status", "n_rois", "labels", "files", "error"])
-    atomic_write_text(output_dir(cfg) / "rois_report.csv", df.to_csv(index=False))
-    counts = df["status"].value_counts().to_dict() if len(df) else {}
-    print(
-        f"ROIs: {counts.get('written', 0)} written, {counts.get('skipped', 0)} skipped (already had ROIs), "
-        f"{counts.get('failed', 0)} failed -> {task.dest or (ds.roi_dirs[0] if ds.roi_dirs else '-')}"
-    )
-    return {
-        "n_slides": len(names),
-        "n_written": int(counts.get("written", 0)),
-        "n_skipped": int(counts.get("skipped", 0)),
-        "n_failed": int(counts.get("failed", 0)),
-    }
+    print(f"generate_rois: {res.summary_line()} -> {t.dest or ds.roi_dirs[0]}")
+    return res.metrics()

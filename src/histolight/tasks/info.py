@@ -1,40 +1,52 @@
-"""``task=info``: a table of the cohort's slides (vendor, size, levels, mpp, ROIs) with errors listed."""
+"""``task=info``: a table of the cohort's slides (vendor, size, levels, mpp, ROIs), unreadable ones as failures.
+
+    python run.py task=info [dataset=shared] [task.workers=4]
+
+One row per slide in ``<run>/slides.csv`` (``slide, status, reason, seconds`` + :data:`histolight.dataset.INFO_COLUMNS`).
+"""
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 
 import pandas as pd
 from omegaconf import DictConfig
 
-from histolight.io.atomic import atomic_write_text
+from histolight.cohort import PerSlideOptions
+from histolight.config import from_config
+from histolight.config.schema import check
 from histolight.tasks.common import load_dataset, output_dir
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class InfoTask(PerSlideOptions):
+    """``conf/task/info.yaml``."""
+
+    name: str = "info"
+    check_read: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(isinstance(self.check_read, bool), "check_read", self.check_read, "must be true or false")
 
 
 def format_info(df: pd.DataFrame) -> str:
-    """Human-readable table: readable slides first, then errors."""
-    ok = df[df["error"].isna()].drop(columns=["error", "warning", "path"], errors="ignore")
-    bad = df[df["error"].notna()]
-    warn = df[df["error"].isna() & df["warning"].notna()]
-    lines = [f"{len(df)} slide(s): {len(ok)} readable, {len(bad)} with errors", ""]
+    """Human-readable table of :meth:`~histolight.dataset.Dataset.info`: readable slides, then warnings and failures."""
+    failed = df["status"] == "failed"
+    ok = df[~failed].drop(columns=["status", "reason", "seconds", "warning", "path", "roi_file"], errors="ignore")
+    warn = df[~failed & df["warning"].notna()]
+    lines = [f"{len(df)} slide(s): {len(ok)} readable, {int(failed.sum())} failed", ""]
     if len(ok):
         lines.append(ok.astype(object).where(ok.notna(), "-").to_string(index=False))
     if len(warn):
-        lines += ["", "Warnings:"]
-        lines += [f"  {r.slide}: {r.warning}" for r in warn.itertuples()]
-    if len(bad):
-        lines += ["", "Errors:"]
-        lines += [f"  {r.slide}: {r.error}" for r in bad.itertuples()]
+        lines += ["", "Warnings:", *(f"  {r.slide}: {r.warning}" for r in warn.itertuples())]
+    if failed.any():
+        lines += ["", "Failed:", *(f"  {r.slide}: {r.reason}" for r in df[failed].itertuples())]
     return "\n".join(lines)
 
 
 def run(cfg: DictConfig) -> dict:
-    ds = load_dataset(cfg)
-    df = ds.info(check_read=bool(cfg.task.get("check_read", True)))
-    text = format_info(df)
-    print(text)
-    out = output_dir(cfg)
-    atomic_write_text(out / "slides.csv", df.to_csv(index=False))
-    return {"n_slides": len(df), "n_errors": int(df["error"].notna().sum())}
+    t = from_config(InfoTask, cfg.task, "task")
+    res = load_dataset(cfg).info(check_read=t.check_read, workers=t.workers, report_dir=output_dir(cfg))
+    print(format_info(res.table))
+    return {**res.metrics(), "n_warnings": int(res.table["warning"].notna().sum())}

@@ -1,78 +1,80 @@
-"""``task=predict``: per-tile predictions of a saved tile classifier for a set of TFRecords.
+"""``task=predict``: per-tile predictions of a saved tile classifier, one slide at a time.
 
-    python run.py task=predict task.model=outputs/<run>/model                       # the model's demo tiles
+    python run.py task=predict task.model=outputs/<run>/model                      # the tiles task=extract wrote
     python run.py task=predict task.model=<run>/model task.tfrecords=/data/tiles/128px_64um
-    python run.py task=predict task.model=<run>/model task.label_source=roi           # + metrics vs ROI labels
+    python run.py task=predict task.model=<run>/model task.label_source=roi          # + metrics vs ROI labels
 
-Writes ``predictions.parquet`` (tile_id, slide, loc_x, loc_y, prob_<class>..., pred), ``slides.parquet``
-and ``slides.csv`` (per-slide mean probabilities, tile count, predicted class), ``heatmaps/<slide>.png``
-(one cell per tile, colours in ``heatmaps/legend.json``) and, with a label source, ``metrics.json``.
+Tiles: ``task.tfrecords``, or the tile folder ``<tiles_root>/<dataset.name>/<px>px_<um>um`` of the model's geometry.
+Writes ``slides.csv`` (per slide: status, reason, tile count, mean probabilities, predicted class),
+``predictions.parquet``, ``slides.parquet``, ``heatmaps/<slide>.png`` and, with a label source, ``metrics.json``
+(formats: :func:`histolight.classify.predict.predict_slides`).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig
 
-from histolight.errors import HistolightError
+from histolight.cohort import PerSlideOptions
+from histolight.config.schema import check, from_config, is_pos_int
+from histolight.tasks.common import dataset_config, load_dataset, opt_list, output_dir
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class PredictTask(PerSlideOptions):
+    """``conf/task/predict.yaml``."""
+
+    name: str = "predict"
+    model: str | None = None
+    tfrecords: Any = None
+    tiles_root: str | None = None
+    slides: Any = None
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"
+    heatmaps: bool = True
+    heatmap_scale: int = 4
+    label_source: str | None = None
+    label_column: str = "label"
+    label_table: str | None = None
+    roi_filter_method: Any = "center"
+
+    def __post_init__(self):
+        from histolight.classify.labels import LABEL_SOURCES
+        from histolight.extract.config import parse_roi_filter_method
+
+        super().__post_init__()
+        hint = "a trained model: a model folder (task=train_tiles writes <run>/model), its config JSON, or a .ckpt"
+        check(isinstance(self.model, str) and self.model.strip() != "", "model", self.model, f"must be {hint}")
+        check(self.tfrecords is not None or bool(self.tiles_root), "tiles_root", self.tiles_root, "a folder when tfrecords=null")
+        self.slides = opt_list("slides", self.slides)
+        check(is_pos_int(self.batch_size), "batch_size", self.batch_size, "must be an integer >= 1")
+        check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        check(is_pos_int(self.heatmap_scale), "heatmap_scale", self.heatmap_scale, "must be an integer >= 1 (px per tile)")
+        ok = self.label_source is None or self.label_source in LABEL_SOURCES
+        check(ok, "label_source", self.label_source, f"must be null (no evaluation) or one of {', '.join(LABEL_SOURCES)}")
+        self.roi_filter_method = parse_roi_filter_method(self.roi_filter_method)
 
 
 def run(cfg: DictConfig) -> dict:
-    from histolight.classify.config import PredictTaskConfig
-    from histolight.config import from_config
+    from histolight.classify.predict import evaluate_slides, load_classifier, predict_slides
+    from histolight.io.atomic import atomic_write_json
+    from histolight.io.tilestore import tile_folder
+    from histolight.utils.device import resolve_device
 
-    t = from_config(PredictTaskConfig, cfg.task, "task")  # validated before any work
-
-    from histolight.classify import (
-        aggregate_slides,
-        evaluate_predictions,
-        label_tiles,
-        load_model,
-        predict_tfrecords,
-        write_heatmaps,
-    )
-    from histolight.extract import tile_dir_name
-    from histolight.io.atomic import atomic_write_json, atomic_write_text
-    from histolight.tasks.common import load_dataset, output_dir
-    from histolight.tasks.train_tiles import write_parquet
-
-    out = output_dir(cfg)
-    model = load_model(t.model, device="cpu")
-    src = t.tfrecords if t.tfrecords is not None else str(Path(t.tiles_dir) / tile_dir_name(model.tile_px, model.tile_um))
-    log.info("predicting %s with %s (%s, classes %s)", src, t.model, model.config["timm_name"], model.classes)
-    pred = predict_tfrecords(model, src, batch_size=t.batch_size, num_workers=t.num_workers, device=t.device, slides=t.slides)
-    if pred.empty:
-        raise HistolightError(f"no tiles to predict in {src}")
-    write_parquet(pred.reset_index(), out / "predictions.parquet")
-    slides = aggregate_slides(pred, model.classes)
-    write_parquet(slides.reset_index(), out / "slides.parquet")
-    atomic_write_text(out / "slides.csv", slides.to_csv())
-    metrics: dict = {"n_tiles": float(len(pred)), "n_slides": float(len(slides))}
-    if t.heatmaps:
-        paths = write_heatmaps(pred, model.classes, out / "heatmaps", scale=t.heatmap_scale)
-        log.info("wrote %d heatmap(s) to %s", len(paths), out / "heatmaps")
-    if t.label_source is not None:
-        ds = load_dataset(cfg)
-        if t.label_source == "roi":
-            from histolight.extract import get_tile_dataframe
-
-            grid = get_tile_dataframe(
-                ds,
-                model.tile_px,
-                model.tile_um,
-                roi_filter_method=t.roi_filter_method,
-                slides=[s for s in slides.index if s in set(ds.names)],
-            )
-            lab = label_tiles(grid, "roi", dataset=ds)
-        else:
-            lab = label_tiles(pred, t.label_source, dataset=ds, column=t.label_column, table=t.label_table)
-        m = evaluate_predictions(pred, lab["label"], model.label_map, slide_level=t.label_source == "slide")
+    t = from_config(PredictTask, cfg.task, "task")
+    out, device = output_dir(cfg), resolve_device(t.device)
+    model = load_classifier(t.model, device)
+    src = t.tfrecords or tile_folder(t.tiles_root, dataset_config(cfg).name, model.tile_px, model.tile_um)
+    kw = {"batch_size": t.batch_size, "num_workers": t.num_workers, "heatmaps": t.heatmaps, "heatmap_scale": t.heatmap_scale}
+    res, pred = predict_slides(t.model, src, out, slides=t.slides, device=device, workers=t.workers, **kw)
+    metrics = {**res.metrics(), "n_tiles": len(pred)}
+    if t.label_source is not None and len(pred):
+        lab = {"label_column": t.label_column, "label_table": t.label_table, "roi_filter_method": t.roi_filter_method}
+        m = evaluate_slides(pred, model, load_dataset(cfg), t.label_source, **lab)
         metrics.update({f"eval/{k}": v for k, v in m.items()})
         atomic_write_json(out / "metrics.json", metrics)
-    print(f"predict: {len(pred)} tiles of {len(slides)} slide(s) -> {out / 'predictions.parquet'}")
-    print(slides.to_string())
+    print(f"predict: {res.summary_line()}; {len(pred)} tiles -> {out / 'predictions.parquet'}")
     return metrics

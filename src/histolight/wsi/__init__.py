@@ -1,8 +1,12 @@
-"""Slide reading: :class:`Slide` (OpenSlide) and :class:`VirtualSlide` (numpy), units in base px and um/px."""
+"""Slide reading: :class:`Slide` (OpenSlide) and :class:`VirtualSlide` (numpy), units in base px and um/px.
+
+Every read is served by a :class:`ReadPlan` (level, level-px box, output size): ``slide.read_plan(...)`` /
+``slide.region_plan(...)`` say how, ``slide.read_planned(plan)`` reads it; tile grids use the same plans."""
 
 from histolight.wsi.slide import (
     SLIDE_EXTENSIONS,
     BaseSlide,
+    ReadPlan,
     Slide,
     VirtualSlide,
     open_slide,
@@ -11,4 +15,14 @@ from histolight.wsi.slide import (
     slide_name,
 )
 
-__all__ = ["SLIDE_EXTENSIONS", "BaseSlide", "Slide", "VirtualSlide", "open_slide", "resize_area", "rgba_to_rgb", "slide_name"]
+__all__ = [
+    "SLIDE_EXTENSIONS",
+    "BaseSlide",
+    "ReadPlan",
+    "Slide",
+    "VirtualSlide",
+    "open_slide",
+    "resize_area",
+    "rgba_to_rgb",
+    "slide_name",
+]

@@ -1,29 +1,14 @@
 """Direct tile reading for tiled TIFF pyramids (Aperio SVS, generic tiled TIFF), bypassing OpenSlide's ``read_region``.
 
-For each OpenSlide level the matching TIFF page (same size, same tile size) is found; tiles are read with
-``os.pread`` from their raw byte ranges (``TileOffsets`` / ``TileByteCounts``), decoded with libjpeg-turbo and
-stitched. Colour handling replicates OpenSlide's direct JPEG path (``openslide-decode-tiff.c``): the page's
-``JPEGTables`` are loaded first, the JPEG colour space is forced from the TIFF ``Photometric`` tag (``YCbCr`` ->
-YCbCr-to-RGB conversion, ``RGB`` -> no conversion, whatever JFIF/Adobe markers the stream carries; Aperio stores
-RGB-coded JPEG without markers), default (ISLOW) IDCT and fancy upsampling.
+For each OpenSlide level the matching TIFF page (same size, same tile size) is found
+(:mod:`histolight.wsi.tiff_structure`); tiles are read with ``os.pread`` from their raw byte ranges, decoded with
+libjpeg-turbo the way OpenSlide decodes them (:mod:`histolight.wsi.jpeg_tiles`) and stitched here.
 Zero-length (missing) tiles are filled with the slide's background colour, as OpenSlide leaves them transparent.
 
-Decoders (same pixels, measured in ``experiments/fast_tile_reading.md``):
-
-- ``simplejpeg`` (preferred when installed): ``strict=True`` turns libjpeg warnings ("Premature end of JPEG file",
-  "Corrupt JPEG data: ...") into errors exactly as OpenSlide does, so a damaged tile fails here too (and the caller
-  falls back to OpenSlide, which raises). The tables and the colour space are given to it by rewriting the stream
-  header: SOI + an Adobe APP14 marker whose transform flag says RGB (0) or YCbCr (1) + the JPEGTables segments + the
-  tile without its SOI and without its own APP0 (JFIF) / APP14 (Adobe) markers.
-- ``imagecodecs.jpeg8_decode`` (fallback): tables and colour space passed directly; it ignores libjpeg warnings, so a
-  damaged tile may decode to wrong pixels where OpenSlide would raise.
-
 Anything else is refused with a reason (:class:`UnsupportedTiff`) and the caller keeps using OpenSlide:
-vendors other than ``aperio`` / ``generic-tiff`` (Hamamatsu NDPI, Philips, Ventana, Leica, ...), compression other
-than JPEG (JPEG 2000 Aperio 33003/33005, deflate, LZW, ...), photometric other than RGB/YCbCr, planar
-configuration, predictor, extra samples, bit depth, orientation, 3-D tiles, a level without a page of exactly
-OpenSlide's size and tile size, a tile that does not decode to the tile size, or (``verify=True``) a decoded tile
-that differs from OpenSlide's own ``read_region`` of it by more than ``tolerance``.
+vendors other than ``aperio`` / ``generic-tiff`` (Hamamatsu NDPI, Philips, Ventana, Leica, ...), pages that cannot
+be read directly (see :mod:`histolight.wsi.tiff_structure`), a tile that does not decode to the tile size, or
+(``verify=True``) a decoded tile that differs from OpenSlide's own ``read_region`` of it by more than ``tolerance``.
 
 Pixels are identical to OpenSlide's ``read_region`` (measured max abs difference 0) at level 0 and at every level
 whose downsample is an integer. At a level with a non-integer downsample (real Aperio files: e.g. 4.000121)
@@ -44,9 +29,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
+
+from histolight.wsi.jpeg_tiles import available_decoders, jpeg_stream
+from histolight.wsi.jpeg_tiles import make_decoder as _make_decoder
+from histolight.wsi.tiff_structure import TiffLevel, UnsupportedTiff, map_levels
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +56,6 @@ SUPPORTED_VENDORS = ("aperio", "generic-tiff")
 #: Default bound of the decoded-tile cache, bytes, per reader and process.
 DEFAULT_CACHE_BYTES = 32 << 20
 
-_COMPRESSION_JPEG = 7
-_PHOTOMETRIC_COLORSPACE = {2: "RGB", 6: "YCBCR"}  # TIFF Photometric -> JPEG colour space forced on the decoder
-# Adobe APP14 marker (version 100, flags 0, 0, transform): transform 0 = RGB, 1 = YCbCr (libjpeg honours it when
-# there is no JFIF marker)
-_ADOBE = {
-    "RGB": b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00",
-    "YCBCR": b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x01",
-}
-_COMPRESSION_NAMES = {
-    1: "none",
-    5: "LZW",
-    7: "JPEG",
-    8: "deflate",
-    32946: "deflate",
-    33003: "Aperio JPEG 2000 YCbCr",
-    33005: "Aperio JPEG 2000 RGB",
-    34712: "JPEG 2000",
-    50001: "WebP",
-    50002: "JPEG XL",
-}
-
 # a module lock that is valid in a forked child even if the fork happened while another thread held it
 _STATE_LOCK = threading.Lock()
 
@@ -102,45 +69,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_lock)
 
 
-class UnsupportedTiff(Exception):
-    """The file (or one of its levels) cannot be read directly; ``reason`` says why. Use OpenSlide instead."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
-
-
 class TileReadError(Exception):
     """A stored tile could not be read or decoded (short read, corrupt JPEG, wrong size). Fall back to OpenSlide."""
-
-
-@dataclass(frozen=True)
-class TiffLevel:
-    """One pyramid level as stored: TIFF page ``page``, ``width`` x ``height`` level px in ``tile_w`` x ``tile_h`` tiles.
-
-    ``offsets`` / ``counts``: raw byte range of each tile (row-major, ``tiles_across`` per row; count 0 = missing).
-    ``tables``: the page's JPEGTables (or None). ``colorspace``: JPEG colour space forced on the decoder.
-    ``prefix``: SOI + Adobe marker for ``colorspace`` + the tables' segments (see :func:`jpeg_stream`).
-    """
-
-    page: int
-    width: int
-    height: int
-    tile_w: int
-    tile_h: int
-    offsets: np.ndarray
-    counts: np.ndarray
-    tables: bytes | None
-    colorspace: str
-    prefix: bytes
-
-    @property
-    def tiles_across(self) -> int:
-        return -(-self.width // self.tile_w)
-
-    @property
-    def tiles_down(self) -> int:
-        return -(-self.height // self.tile_h)
 
 
 class TileCache:
@@ -197,68 +127,6 @@ class _ProcState:
         self.cache = TileCache(cache_bytes)
 
 
-def jpeg_stream(prefix: bytes, tile: bytes) -> bytes:
-    """A self-contained JPEG stream: ``prefix`` (SOI + Adobe marker + tables) + ``tile`` without its SOI and without
-    its own APP0 (JFIF) and APP14 (Adobe) segments, so libjpeg uses the colour space the prefix's marker names."""
-    n = len(tile)
-    if n < 4 or tile[0] != 0xFF or tile[1] != 0xD8:
-        raise ValueError("tile data does not start with a JPEG SOI marker")
-    i, start, parts = 2, 2, []
-    while i + 3 < n:
-        if tile[i] != 0xFF:
-            break  # not a marker: leave it to the decoder to complain
-        m = tile[i + 1]
-        if m == 0xFF:  # fill byte
-            i += 1
-            continue
-        if m == 0xDA or m == 0xD9:  # start of scan / end of image: header done
-            break
-        seg_end = i + 2 + ((tile[i + 2] << 8) | tile[i + 3])
-        if m == 0xE0 or m == 0xEE:
-            parts.append(tile[start:i])
-            start = seg_end
-        i = seg_end
-    if not parts:
-        return prefix + tile[2:]
-    parts.append(tile[start:])
-    return prefix + b"".join(parts)
-
-
-def _make_decoder(name: str):
-    """``decode(data, level) -> H x W x 3`` RGB for decoder ``name``."""
-    if name == "simplejpeg":
-        import simplejpeg
-
-        dec = simplejpeg.decode_jpeg
-
-        def decode(data: bytes, lv: TiffLevel) -> np.ndarray:
-            return dec(jpeg_stream(lv.prefix, data), colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
-
-        return decode
-    if name == "imagecodecs":
-        import imagecodecs
-
-        dec8 = imagecodecs.jpeg8_decode
-
-        def decode(data: bytes, lv: TiffLevel) -> np.ndarray:
-            return dec8(data, tables=lv.tables, colorspace=lv.colorspace, outcolorspace="RGB")
-
-        return decode
-    raise ValueError(f"unknown JPEG decoder {name!r} (choose from {available_decoders()})")
-
-
-def available_decoders() -> list[str]:
-    """Installed decoders, preferred first: ``simplejpeg`` (strict, like OpenSlide), ``imagecodecs``."""
-    out = []
-    for name in ("simplejpeg", "imagecodecs"):
-        try:
-            _make_decoder(name)
-            out.append(name)
-        except ImportError:
-            pass
-    return out
-
-
 class TiffTileReader:
     """Read regions of a tiled-JPEG TIFF pyramid directly from the stored tiles.
 
@@ -312,7 +180,7 @@ class TiffTileReader:
         Raises :class:`UnsupportedTiff` with the reason when any level is not readable directly.
         """
         path = os.fspath(path)
-        levels = _map_levels(path, [tuple(int(v) for v in d) for d in level_dimensions], tile_sizes)
+        levels = map_levels(path, [tuple(int(v) for v in d) for d in level_dimensions], tile_sizes)
         reader = cls(path, levels, **kwargs)
         for i in range(len(levels)):
             reader._check_level(i)
@@ -528,117 +396,6 @@ class TiffTileReader:
     def __repr__(self) -> str:
         lv = ", ".join(f"p{v.page}:{v.width}x{v.height}/{v.tile_w}x{v.tile_h}/{v.colorspace}" for v in self.levels)
         return f"TiffTileReader({os.path.basename(self.path)!r}, [{lv}], decoder={self.decoder!r})"
-
-
-# ---------------------------------------------------------------------------------------------- TIFF parsing
-
-
-def _tag(page, code: int, default=None):
-    try:
-        v = page.tags.valueof(code, default)
-    except Exception:  # noqa: BLE001
-        return default
-    return v
-
-
-def _page_problem(page) -> str | None:
-    """Why this tiled page cannot be read directly, or None."""
-    comp = int(_tag(page, 259, 1))
-    if comp != _COMPRESSION_JPEG:
-        return f"compression {comp} ({_COMPRESSION_NAMES.get(comp, 'unknown')}) is not JPEG"
-    photometric = _tag(page, 262)
-    if photometric is None or int(photometric) not in _PHOTOMETRIC_COLORSPACE:
-        return f"photometric {photometric} is not RGB (2) or YCbCr (6)"
-    spp = int(_tag(page, 277, 1))
-    if spp != 3:
-        return f"{spp} samples per pixel (need 3)"
-    bps = _tag(page, 258, 1)
-    bps = tuple(bps) if isinstance(bps, (tuple, list)) else (bps,)
-    if any(int(b) != 8 for b in bps):
-        return f"bits per sample {bps} (need 8)"
-    planar = int(_tag(page, 284, 1))
-    if planar != 1:
-        return f"planar configuration {planar} (need 1, contiguous)"
-    pred = int(_tag(page, 317, 1))
-    if pred != 1:
-        return f"predictor {pred}"
-    if _tag(page, 338) not in (None, (), 0):
-        return "extra samples (alpha)"
-    fmt = _tag(page, 339, 1)
-    fmt = tuple(fmt) if isinstance(fmt, (tuple, list)) else (fmt,)
-    if any(int(f) != 1 for f in fmt):
-        return f"sample format {fmt} (need unsigned integer)"
-    orient = int(_tag(page, 274, 1))
-    if orient != 1:
-        return f"orientation {orient} (need 1, top-left)"
-    fill = int(_tag(page, 266, 1))
-    if fill != 1:
-        return f"fill order {fill}"
-    if int(_tag(page, 32997, 1)) != 1 or int(_tag(page, 32998, 1)) != 1:
-        return "3-D (depth) tiles"
-    return None
-
-
-def _map_levels(path: str, dims: list[tuple[int, int]], tile_sizes) -> list[TiffLevel]:
-    import tifffile
-
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as e:  # noqa: BLE001
-        raise UnsupportedTiff(f"not a readable TIFF ({type(e).__name__}: {e})") from None
-    with tif:
-        for flag in ("is_ndpi", "is_philips", "is_scn", "is_bif", "is_qpi", "is_stk", "is_lsm"):
-            if getattr(tif, flag, False):
-                raise UnsupportedTiff(f"TIFF flavour {flag[3:]} stores levels in its own way")
-        pages = []
-        try:
-            for i, page in enumerate(tif.pages):
-                if int(_tag(page, 322, 0) or 0) and int(_tag(page, 323, 0) or 0):
-                    pages.append((i, page))
-        except Exception as e:  # noqa: BLE001
-            raise UnsupportedTiff(f"cannot parse TIFF directories ({type(e).__name__}: {e})") from None
-        used: set[int] = set()
-        levels: list[TiffLevel] = []
-        for li, (w, h) in enumerate(dims):
-            want_tile = tile_sizes[li] if tile_sizes else None
-            match = None
-            for i, page in pages:
-                if i in used or (int(_tag(page, 256)), int(_tag(page, 257))) != (w, h):
-                    continue
-                tsz = (int(_tag(page, 322)), int(_tag(page, 323)))
-                if want_tile is not None and tuple(want_tile) != tsz:
-                    continue
-                match = (i, page, tsz)
-                break
-            if match is None:
-                raise UnsupportedTiff(
-                    f"level {li} ({w}x{h} px): no tiled TIFF page of exactly that size"
-                    + (f" and tile size {want_tile[0]}x{want_tile[1]}" if want_tile else "")
-                )
-            i, page, (tw, th) = match
-            used.add(i)
-            why = _page_problem(page)
-            if why:
-                raise UnsupportedTiff(f"level {li} (TIFF page {i}): {why}")
-            offsets = np.asarray(_tag(page, 324, ()), np.int64).ravel()
-            counts = np.asarray(_tag(page, 325, ()), np.int64).ravel()
-            n_tiles = (-(-w // tw)) * (-(-h // th))
-            if offsets.size != n_tiles or counts.size != n_tiles:
-                raise UnsupportedTiff(
-                    f"level {li} (TIFF page {i}): {offsets.size} tile offsets / {counts.size} byte counts for {n_tiles} tiles"
-                )
-            if (offsets < 0).any() or (counts < 0).any():
-                raise UnsupportedTiff(f"level {li} (TIFF page {i}): negative tile offsets or byte counts")
-            tables = _tag(page, 347)
-            tables = bytes(tables) if tables else None
-            if tables is not None and not (tables[:2] == b"\xff\xd8" and tables[-2:] == b"\xff\xd9"):
-                raise UnsupportedTiff(f"level {li} (TIFF page {i}): JPEGTables is not an SOI ... EOI tables stream")
-            cs = _PHOTOMETRIC_COLORSPACE[int(_tag(page, 262))]
-            prefix = b"\xff\xd8" + _ADOBE[cs] + (tables[2:-2] if tables else b"")
-            offsets.flags.writeable = False
-            counts.flags.writeable = False
-            levels.append(TiffLevel(i, w, h, tw, th, offsets, counts, tables, cs, prefix))
-    return levels
 
 
 def open_tile_reader(

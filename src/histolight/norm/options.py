@@ -1,4 +1,4 @@
-"""Method table, option defaults and config validation for `histolight.norm`."""
+"""Method table (method -> family and flags), option defaults and config validation for `histolight.norm`."""
 
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ def option_spec(method: str) -> dict[str, tuple[Any, Callable]]:
 
 
 def check_method(method: Any) -> str:
+    """`method` if it names a method of `METHODS`, else ConfigError listing the allowed ones."""
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"normalizer 'method'={method!r} is not supported: allowed {['none', *METHODS]}")
     return method
