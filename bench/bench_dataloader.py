@@ -63,7 +63,7 @@ def main(argv=None) -> None:
         ds,
         tile_px=args.tile_px,
         tile_um=tile_um,
-        tiles_dir=args.tiles_dir,
+        tiles_root=args.tiles_dir,
         progress=False,
         extract_options={"qc": ["otsu"], "report": False},
     )
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
         "flip": True,
         "rot90": True,
         "color_jitter": {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02, "p": 0.5},
-        "stain_augment": None,
+        "stain": None,
         "jpeg": {"quality": [60, 95], "p": 0.3},
     }
     for streaming in (False, True):
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     x = torch.randint(0, 255, (args.batch_size, 3, args.tile_px, args.tile_px), dtype=torch.uint8, device=dev)
     y = torch.randint(0, len(lm), (args.batch_size,), device=dev)
-    from histolight.classify.augment import normalize_batch
+    from histolight.training.normalize import normalize_batch
 
     def step():
         with torch.autocast(dev.type, enabled=dev.type == "cuda"):

@@ -250,9 +250,7 @@ def test_annotation_splits_by_patient(tiny_demo, tiles):
     ann.loc["demo_001", "split"] = "val"  # demo_000 and demo_001 share patient p000
     bad = Dataset(tiny_demo / "slides", rois=tiny_demo / "rois", annotations=ann.reset_index(drop=True))
     with pytest.raises(ConfigError, match=r"patient 'p000' \(train: \['demo_000'\], val: \['demo_001'\]\)"):
-        split_patients(tiles, "annotations", dataset=bad)
-    leaky = split_patients(tiles, "annotations", dataset=bad, allow_leakage=True)  # the override: a warning only
-    assert set(leaky[tiles["slide"] == "demo_001"]) == {"val"}
+        split_patients(tiles, "annotations", dataset=bad)  # the override: tests/test_training.py
 
 
 def test_empty_split_and_missing_class_are_clear_errors(tiles):
@@ -418,9 +416,7 @@ def test_extracted_tfrecords_train_one_step_and_reload_predicts_identically(tile
     model_dir = save_model(tmp_path / "model", module.net, cfg)
     with pytest.raises(HistolightError, match="already holds a classifier model"):
         save_model(model_dir, module.net, cfg)
-    assert sorted(p.name for p in model_dir.iterdir()) == ["classifier_config.json", "weights.safetensors"]
-    conf = json.loads((model_dir / "classifier_config.json").read_text())
-    assert conf["format"] == "histolight-model" and conf["kind"] == "classifier"
+    conf = json.loads((model_dir / "classifier_config.json").read_text())  # the format: tests/test_training.py
     assert conf["labels"] == CLASSES and conf["geometry"]["tile_px"] == PX and conf["model"]["timm_name"] == "resnet18"
     src = work / "tiles" / "demo" / f"{PX}px_{UM}um"
     live = predict_tfrecords(LoadedModel(module.net, cfg, lm), src, batch_size=64, progress=False)

@@ -47,5 +47,5 @@ def test_ddp_two_cpu_processes_train_and_evaluate_each_tile_once(tiny_demo, tmp_
     assert m["val/n_tiles"] == n_val
     # each rank trains on half of the epoch's samples: ceil(n_train / 2) per rank, batches of 16 (ragged one dropped)
     assert m["train/steps"] == (-(-n_train // 2)) // 16
-    assert (run_dir / "model" / "model_config.json").exists()
+    assert (run_dir / "model" / "classifier_config.json").exists()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in p.stdout + p.stderr

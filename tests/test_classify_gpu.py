@@ -31,7 +31,7 @@ def test_gpu_amp_step_and_gpu_predictions_match_cpu(tiny_demo, tmp_path):
         ds,
         tile_px=32,
         tile_um=32,
-        tiles_dir=tmp_path / "tiles",
+        tiles_root=tmp_path / "tiles",
         progress=False,
         extract_options={"qc": ["otsu"], "report": False, "workers": 1},
     )

@@ -397,6 +397,11 @@ def test_augment_identity_seed_and_ranges(tiles):
     b = StainNormalizer("augment", seed=5).transform(tiles[0])
     c = StainNormalizer("augment", seed=6).transform(tiles[0])
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    macenko = StainNormalizer("macenko")  # augmentation belongs to method 'augment' only
+    with pytest.raises(ValueError, match="sample_params is only for method 'augment', not 'macenko'"):
+        macenko.sample_params(1)
+    with pytest.raises(ValueError, match="augment is only for method 'augment', not 'macenko'"):
+        macenko.augment(tiles[0], ident)
 
 
 def test_albumentations_transforms_pickle_and_seed(tiles):

@@ -1,5 +1,6 @@
 """Whole-slide segmentation: config schema, export format, data, losses, training (three modes), tiled and
-whole-slide inference, save/reload without network, ROI generation, qc.Segment, Hydra tasks.
+whole-slide inference, ROI generation, qc.Segment, Hydra tasks (splits, optimizers and model folders, shared with
+tile classifiers: tests/test_training.py).
 
 Everything runs on the tiny demo cohort (3 slides, 1024 x 768 px at 0.5 um/px -> 128 x 96 px at 4 um/px)
 with a small timm encoder, on CPU.
@@ -8,7 +9,6 @@ with a small timm encoder, on CPU.
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from histolight.errors import ConfigError, HistolightError, SlideError
+from histolight.errors import ConfigError, SlideError
 from tests.conftest import ROOT, tiny_demo_overrides
 
 CONF = ROOT / "conf"
@@ -176,21 +176,6 @@ def test_export_format_holes_and_cache(tiny_demo, tmp_path):
     assert ((b.mask > 0) == (ml.mask.any(0))).mean() > 0.99
 
 
-def test_split_by_patient(tiny_demo):
-    from histolight.dataset import Dataset
-    from histolight.segment import split_slides
-
-    ds = tiny_dataset(tiny_demo)
-    train, val = split_slides(ds, small_config("binary"))
-    assert train == ["demo_000", "demo_001"] and val == ["demo_002"]  # demo_000/001 share patient p000
-    # without a split column: a seeded patient-level split, patients never straddle train and val
-    ann = ds.annotations.drop(columns=["split"]).reset_index(drop=True)
-    ds2 = Dataset(tiny_demo / "slides", rois=tiny_demo / "rois", annotations=ann)
-    train, val = split_slides(ds2, small_config("binary", val_fraction=0.5))
-    assert train and val and not ({ds2.patient(n) for n in train} & {ds2.patient(n) for n in val})
-    assert sorted(train + val) == ds2.names
-
-
 def test_crops_pad_augment_identically_and_more_crops_than_slides():
     from torch.utils.data import DataLoader
 
@@ -313,51 +298,6 @@ def test_wandb_offline_run_and_lightning_artifacts(trained):
     assert list((out / "overlays").glob("*.png"))  # validation image | truth | prediction
 
 
-def test_lr_and_scheduler_are_used(tiny_demo, tmp_path):
-    from lightning.pytorch.callbacks import LearningRateMonitor
-    from lightning.pytorch.loggers import CSVLogger
-
-    from histolight.segment import train
-
-    cfg = small_config(
-        "binary",
-        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.0123},
-        scheduler={"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5},
-        crops_per_epoch=2,
-        batch_size=2,
-    )
-    logger = CSVLogger(tmp_path, name="csv")
-    seen = []
-
-    opts = []
-
-    class Spy(LearningRateMonitor):
-        def on_train_epoch_start(self, trainer, pl_module):
-            opts.append(trainer.optimizers[0])
-            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
-            super().on_train_epoch_start(trainer, pl_module)
-
-    train(
-        cfg,
-        tiny_dataset(tiny_demo),
-        tmp_path / "m",
-        epochs=3,
-        loggers=[logger],
-        callbacks=[Spy()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        n_overlays=0,
-    )
-    assert seen == pytest.approx([0.0123, 0.0123 * 0.5, 0.0123 * 0.25])
-    assert isinstance(opts[0], torch.optim.SGD)
-    import pandas as pd
-
-    df = pd.read_csv(next((tmp_path / "csv").rglob("metrics.csv")))
-    lr_col = [c for c in df.columns if c.startswith("lr-")][0]
-    assert df[lr_col].dropna().iloc[0] == pytest.approx(0.0123)
-    assert {"val/miou", "val/mdice", "val/iou_background", "val/dice_tissue"} <= set(df.columns)
-
-
 # ---------------------------------------------------------------------------------------------- inference
 
 
@@ -387,34 +327,6 @@ def test_tiled_inference_matches_single_pass_in_the_interior():
     # tiny and odd sizes keep their exact shape
     for h, w in ((17, 5), (33, 200), (200, 33)):
         assert model.run_tiled_inference(img[:h, :w]).shape == (4, h, w)
-
-
-def test_saved_model_reloads_identically_without_network(tmp_path, monkeypatch):
-    from histolight.segment import load_model_and_config, save_model
-    from histolight.segment.model import SegmentModel
-
-    torch.manual_seed(0)
-    model = SegmentModel(small_config("multilabel")).eval()
-    save_model(model, tmp_path / "m")
-    with pytest.raises(HistolightError, match="overwrite"):
-        save_model(model, tmp_path / "m")
-
-    def no_network(*a, **k):
-        raise AssertionError("network access while loading a model")
-
-    monkeypatch.setattr(socket, "socket", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    img = np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8)
-    for path in (tmp_path / "m", tmp_path / "m" / "weights.safetensors", tmp_path / "m" / "segment_config.json"):
-        m2, cfg2 = load_model_and_config(path)
-        assert cfg2.mode == "multilabel" and cfg2.labels == LABELS
-        assert np.array_equal(model.run_tiled_inference(img), m2.run_tiled_inference(img))
-    # a local encoder weights file is accepted (nothing can be downloaded)
-    torch.save(model.net.model.encoder.state_dict(), tmp_path / "enc.pth")
-    m3 = SegmentModel(small_config("multilabel", encoder_weights=str(tmp_path / "enc.pth")), load_pretrained=True)
-    for k, v in model.net.model.encoder.state_dict().items():
-        assert torch.equal(v, m3.net.model.encoder.state_dict()[k])
 
 
 def test_slide_inference_in_strips_matches_thumbnail_inference(tmp_path):

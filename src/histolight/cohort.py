@@ -364,7 +364,7 @@ def run_per_slide(
     shard_index: int = 0,
     num_shards: int = 1,
     summary_name: str | None = "slides.csv",
-    claims: bool = True,
+    claims: bool | str | os.PathLike = True,
     stale_after: float = 600.0,
     desc: str = "slides",
     unit: str = "items",
@@ -381,7 +381,9 @@ def run_per_slide(
         workers: processes running slides in parallel (1 = this process).
         shard_index, num_shards: this job's share of the cohort (see :func:`shard`).
         summary_name: CSV file name of the summary table in ``out_dir`` (None = not written).
-        claims: claim each slide while processing it, so concurrent runs into ``out_dir`` never collide.
+        claims: claim each slide while processing it, so concurrent runs never collide: ``True`` = claims in
+            ``<out_dir>/.claims``; a folder = in ``<folder>/.claims`` (the shared product folder, when the
+            summary goes elsewhere); ``False`` = no claims.
         stale_after: seconds after which another host's claim without a heartbeat is taken over.
         desc: label of the slide progress bar; ``unit``: what :func:`report_progress` counts (tiles, strips, ...).
     """
@@ -392,7 +394,8 @@ def run_per_slide(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    store = Claims(out / ".claims", stale_after) if (claims and out is not None) else None
+    claim_root = (out if claims is True else Path(claims)) if claims is not False else None
+    store = Claims(claim_root / ".claims", stale_after) if claim_root is not None else None
     rows: dict[str, dict] = {}
     bars = _Bars(desc, len(mine), progress, unit)
     try:
@@ -461,7 +464,9 @@ def _run_pool(names, fn, n_workers: int, ctx, store, rows, bars) -> None:
 
     def start() -> _Worker:
         parent, child = ctx.Pipe(duplex=True)
-        p = ctx.Process(target=_worker_main, args=(child, fn, os.getpid()), daemon=True, name="histolight-slide-worker")
+        # not a daemon: a slide function may start processes of its own (DataLoader workers); the parent-death
+        # watchdog and the shutdown below end the worker instead
+        p = ctx.Process(target=_worker_main, args=(child, fn, os.getpid()), daemon=False, name="histolight-slide-worker")
         p.start()
         child.close()
         return _Worker(p, parent)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from histolight.cohort import CohortResult, run_per_slide
+from histolight.compat.slideflow import SlideflowDataset
 from histolight.config.schema import check_cohort_name, default_cohort_name
 from histolight.errors import ConfigError, HistolightError, ROIError
 from histolight.roi import ROI, ROI_EXTENSIONS, read_rois
@@ -31,7 +32,7 @@ def _as_list(v) -> list:
     return list(v)
 
 
-class Dataset:
+class Dataset(SlideflowDataset):
     """Slides, ROIs and annotations of one cohort.
 
     Args:
@@ -234,27 +235,6 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}: {len(self)} slides from {[str(s) for s in self.slide_sources]}, rois={[str(d) for d in self.roi_dirs]})"
-
-    # ------------------------------------------------------------------ tiles
-    def extract_tiles(self, **kw):
-        """Extract tiles to TFRecords (see :func:`histolight.extract.extract_tiles` for the options)."""
-        from histolight.extract import extract_tiles
-
-        return extract_tiles(self, **kw)
-
-    def get_tile_dataframe(self, *args, **kw) -> pd.DataFrame:
-        """Tile table indexed by tile id (see :func:`histolight.extract.get_tile_dataframe`)."""
-        from histolight.extract import get_tile_dataframe
-
-        return get_tile_dataframe(self, *args, **kw)
-
-    # ------------------------------------------------------------------ segmentation
-    def generate_rois(self, model, dest=None, overwrite: bool = False, **kw) -> CohortResult:
-        """Write ROIs predicted by a segmentation model (path or SegmentModel) as CSV + GeoJSON per slide
-        (see :func:`histolight.segment.rois.generate_dataset_rois`)."""
-        from histolight.segment.rois import generate_dataset_rois
-
-        return generate_dataset_rois(self, model, dest=dest, overwrite=overwrite, **kw)
 
 
 #: the columns of :meth:`Dataset.info` after the runner's ``slide, status, reason, seconds`` (mpp in um/px, size in base px)

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from histolight.training.augment import build_augmentation
-from histolight.training.normalize import normalize_batch
 
 
 def to_chw_uint8(img: np.ndarray) -> torch.Tensor:
@@ -68,4 +67,4 @@ def build_transform(train: bool, augment: Mapping | None = None, normalizer: Any
     return TileTransform(A.Compose(ops) if ops else None)
 
 
-__all__ = ["TileTransform", "build_transform", "normalize_batch", "to_chw_uint8"]
+__all__ = ["TileTransform", "build_transform", "to_chw_uint8"]

@@ -11,7 +11,7 @@
 Decoding (JPEG/PNG) and augmentation run in the DataLoader workers. Each worker process opens its
 own file handles (readers are created lazily per process and never shared across a fork).
 Items are dicts: ``image`` (uint8 tensor 3 x H x W; mean/std normalization runs on the batch, on the
-device: :func:`histolight.classify.augment.normalize_batch`), ``label`` (int64, -1 when unlabelled),
+device: :func:`histolight.training.normalize.normalize_batch`), ``label`` (int64, -1 when unlabelled),
 ``index`` (position in the dataset), ``slide`` (slide number in the dataset's ``slides`` list).
 """
 

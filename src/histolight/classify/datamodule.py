@@ -57,7 +57,8 @@ class TileDataModule(L.LightningDataModule):
         shuffle_buffer: streaming shuffle buffer (tiles per worker).
         balance: ``none`` | ``tile`` | ``slide`` class balancing by weighted sampling.
         samples_per_epoch: training tiles per epoch (default: the number of training tiles).
-        augment: ``data.augment`` options; normalizer: StainNormalizer applied on the fly (or None).
+        augment: ``data.augment`` options (:mod:`histolight.training.augment`; None = no augmentation);
+            normalizer: StainNormalizer applied on the fly (or None).
             Items are uint8 tiles; the model normalizes batches (mean/std) on its device.
         seed: sampling seed. pin_memory, persistent_workers, prefetch_factor: DataLoader options.
         verify: check TFRecord CRCs on every read. max_open_files: open TFRecords per worker.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import multiprocessing
 import os
 import re
 from collections.abc import Sequence
@@ -228,10 +227,8 @@ def predict_slide(
     write ``<out>/parts/<name>.parquet`` and ``<out>/heatmaps/<name>.png``. Returns its summary row: the per-slide
     aggregate (``n_tiles``, mean ``prob_<class>``, ``pred``); status ``empty`` for a slide without tiles."""
     m = load_classifier(model, device)
-    # a slide worker is a daemon process, which may not start DataLoader workers of its own
-    nw = 0 if multiprocessing.current_process().daemon else num_workers
     pred = predict_tfrecords(
-        m, files[name], batch_size=batch_size, num_workers=nw, device=device, check_geometry=False, progress=False
+        m, files[name], batch_size=batch_size, num_workers=num_workers, device=device, check_geometry=False, progress=False
     )
     if pred.empty:
         return {"status": "empty", "n_tiles": 0}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` uint8 on the model's device -> ``(B, D)`` float32."""
-        from histolight.classify.augment import normalize_batch
+        from histolight.training.normalize import normalize_batch
 
         return self.net(normalize_batch(batch_uint8, self.mean, self.std)).float()
 
@@ -218,10 +217,8 @@ def bag_slide(
         return {"status": "empty", "tiles": 0, "dim": ext.dim}
     ext.net.to(device)
     ds = TileDataset(group, transform=ext.transform, tile_px=ext.tile_px)
-    # a slide worker is a daemon process, which may not start DataLoader workers of its own
-    nw = 0 if multiprocessing.current_process().daemon else num_workers
     feats = []
-    for b in DataLoader(ds, batch_size=batch_size, num_workers=nw, shuffle=False):
+    for b in DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False):
         feats.append(ext(b["image"].to(device)).cpu())
         report_progress(len(b["image"]), len(ds))
     bag = torch.cat(feats)

@@ -41,7 +41,10 @@ def _torch_load(path: Path) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f" (it holds a {m.group(1)} object)" if m else ""
+        if m is None:  # not a class reference: a damaged file or no pickle at all
+            reason = str(e).rpartition("WeightsUnpickler error:")[2].strip().split("\n")[0]
+            raise HistolightError(f"'{path}' is not a readable torch weights file ({reason or 'UnpicklingError'})") from None
+        what = f" (it holds a {m.group(1)} object)"
         raise HistolightError(
             f"'{path}' cannot be loaded safely{what}: it is a pickle that needs code execution, and histolight only "
             "reads plain tensors (torch.load(weights_only=True)). Re-save the weights from the trusted source with "

@@ -18,6 +18,9 @@ from typing import Any
 
 from histolight.errors import ConfigError
 
+#: names that expand to several methods; facades add theirs (``histolight.compat.slideflow``: ``qc='both'``)
+QC_ALIASES: dict[str, list[str]] = {}
+
 #: name -> factory or "module:attr"
 QC_REGISTRY: dict[str, Callable | str] = {
     "otsu": "histolight.qc.otsu:Otsu",
@@ -26,9 +29,6 @@ QC_REGISTRY: dict[str, Callable | str] = {
     "gaussian_v2": "histolight.qc.blur:GaussianV2",
     "segment": "histolight.qc.segment:Segment",
 }
-
-#: names expanding to several methods (Slideflow's ``qc='both'``)
-QC_ALIASES: dict[str, list[str]] = {"both": ["otsu", "blur"]}
 
 
 def register_qc(name: str, factory: Callable | str | None = None):
@@ -45,6 +45,14 @@ def register_qc(name: str, factory: Callable | str | None = None):
         return deco
     QC_REGISTRY[name] = factory
     return factory
+
+
+def register_qc_alias(name: str, methods: list[str]) -> None:
+    """Make ``name`` expand to the QC ``methods`` (each a registered name) in every QC spec."""
+    unknown = [m for m in methods if m not in QC_REGISTRY]
+    if unknown:
+        raise ConfigError(f"QC alias '{name}': unknown method(s) {unknown}; known: {sorted(QC_REGISTRY)}")
+    QC_ALIASES[name] = list(methods)
 
 
 def qc_names() -> list[str]:

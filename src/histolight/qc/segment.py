@@ -2,7 +2,7 @@
 
 >>> qc = Segment("outputs/<run>/")              # a model folder from task=train_seg
 >>> m = qc(slide)                               # QCMask at the model's mpp, True = drop
->>> rois = qc.generate_rois(slide)              # labelled polygons in base px, attached as slide.rois
+>>> rois = qc.generate_rois(slide)              # labelled polygons in base px
 
 What is dropped (``threshold_direction='less'``, the default: keep what the model segments):
 
@@ -123,12 +123,11 @@ class Segment:
     def generate_rois(
         self,
         slide,
-        apply: bool = True,
         min_area_mm2: float = 0.01,
         min_hole_mm2: float | None = None,
         simplify_tolerance: float | None = None,
     ):
-        """Labelled ROIs (base px) of ``slide`` from the model's prediction; attached as ``slide.rois`` unless ``apply=False``.
+        """Labelled ROIs (base px) of ``slide`` from the model's prediction (write them with ``write_rois``).
 
         See :func:`histolight.segment.rois.generate_rois` for the parameters.
         """
@@ -137,7 +136,6 @@ class Segment:
         return generate_rois(
             slide,
             self.model,
-            apply=apply,
             min_area_mm2=min_area_mm2,
             min_hole_mm2=min_hole_mm2,
             simplify_tolerance=simplify_tolerance,

@@ -28,6 +28,7 @@ _EXPORTS = {
     "SegmentLoss": "histolight.segment.losses",
     "SegmentModel": "histolight.segment.model",
     "SegmentNet": "histolight.segment.net",
+    "overlay": "histolight.segment.model",
     "train": "histolight.segment.training",
     "split_slides": "histolight.segment.training",
     "save_model": "histolight.segment.io",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import InitVar, asdict, dataclass, field
@@ -377,15 +376,6 @@ class SegmentConfig:
             d["optimizer"], d["scheduler"], d["scheduler_interval"] = legacy_optim(**old)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_json(self, path: str | os.PathLike, **extra) -> None:
-        from histolight.io.atomic import atomic_write_json
-
-        atomic_write_json(path, {**self.to_dict(), **extra})
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> SegmentConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def describe(self) -> str:
         return (

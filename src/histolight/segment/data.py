@@ -198,6 +198,7 @@ def export_cohort(
         names,
         fn,
         out_dir=report_dir,
+        claims=dest,
         workers=workers,
         summary_name=summary_name,
         desc=f"thumbs+masks @ {mpp:g} um/px",

@@ -63,11 +63,6 @@ def _config_for_loading(d: dict, where: str) -> SegmentConfig:
         raise ConfigError(f"invalid segmentation model config {where}: {e}") from None
 
 
-def read_model_meta(path: str | os.PathLike) -> dict:
-    """The full ``segment_config.json`` of a model folder (either layout: metrics, training config, ...)."""
-    return read_model_folder(path, KIND).meta
-
-
 def load_model_and_config(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a trained model: ``(SegmentModel in eval mode, SegmentConfig)``.
 
@@ -105,4 +100,4 @@ def load_model_and_config(path: str | os.PathLike, device: str | torch.device = 
     return model, cfg
 
 
-__all__ = ["KIND", "to_artifact", "save_model", "read_model_meta", "load_model_and_config"]
+__all__ = ["KIND", "to_artifact", "save_model", "load_model_and_config"]

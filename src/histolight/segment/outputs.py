@@ -122,7 +122,7 @@ def segment_slide(
             d = meta["downsample"]
             thumb = slide.read((0, 0), (W * d, H * d), m.config.mpp, out_size=(W, H))
             write_png(folder / f"{name}.overlay.png", blend(thumb, labels, m.config.n_classes))
-        found = generate_rois(slide, m, apply=False, labels_pred=labels, **(roi_kwargs or {})) if rois else None
+        found = generate_rois(slide, m, labels_pred=labels, **(roi_kwargs or {})) if rois else None
     if found is not None:
         write_slide_rois(found, folder / "rois", name, roi_formats)
     return {"file": str(folder / meta["file"]), "size": f"{W}x{H}", "n_rois": None if found is None else len(found)}

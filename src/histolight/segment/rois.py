@@ -145,7 +145,6 @@ def prediction_masks(pred: np.ndarray, cfg, output: str = "labels") -> dict[str,
 def generate_rois(
     slide,
     model,
-    apply: bool = True,
     min_area_mm2: float = 0.01,
     min_hole_mm2: float | None = None,
     simplify_tolerance: float | None = None,
@@ -153,8 +152,7 @@ def generate_rois(
 ) -> list[ROI]:
     """Segment ``slide`` with ``model`` (a :class:`SegmentModel`) and turn the prediction into ROIs.
 
-    Returns the ROIs (base px, labelled by class); unless ``apply=False`` they are also attached
-    to the slide as ``slide.rois``. ``labels_pred`` reuses an existing label prediction.
+    Returns the ROIs (base px, labelled by class). ``labels_pred`` reuses an existing label prediction.
     """
     cfg = model.config
     if labels_pred is None:
@@ -163,8 +161,6 @@ def generate_rois(
     rois = masks_to_rois(
         prediction_masks(labels_pred, cfg, "labels"), ds, slide.mpp, min_area_mm2, min_hole_mm2, simplify_tolerance
     )
-    if apply:
-        slide.rois = rois
     return rois
 
 
@@ -232,7 +228,7 @@ def slide_rois(
         return {"status": "skipped", "reason": "exists"}
     m = load_segment_model(model, device)
     with dataset.open(name) as slide:
-        rois = generate_rois(slide, m, apply=False, **(roi_kwargs or {}))
+        rois = generate_rois(slide, m, **(roi_kwargs or {}))
     files = write_slide_rois(rois, out, name, formats)
     return {
         "status": "done" if rois else "empty",

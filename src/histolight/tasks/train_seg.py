@@ -70,7 +70,8 @@ def run(cfg: DictConfig) -> dict:
         run_config=run_config,
         **opts,
     )
+    m = {k: float("nan") if metrics.get(k) is None else metrics[k] for k in ("val/miou", "val/mdice")}
     print(
-        f"Segmentation model: {out}  (val/miou {metrics.get('val/miou')}, val/mdice {metrics.get('val/mdice')}, {metrics.get('train_time_s')} s)"
+        f"Segmentation model: {out}  (val/miou {m['val/miou']:.4f}, val/mdice {m['val/mdice']:.4f}, {metrics['train_time_s']} s)"
     )
     return metrics

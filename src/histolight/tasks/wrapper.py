@@ -17,22 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from histolight.cohort import failure_exit_code
 from histolight.errors import HistolightError
 from histolight.utils.instantiate import finish_wandb
+from histolight.utils.wandb import is_multirun
 
 log = logging.getLogger("histolight")
 
 
 class SlidesFailedError(HistolightError):
     """A per-slide task finished with more failed slides than its policy allows."""
-
-
-def _is_multirun() -> bool:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:  # noqa: BLE001 - outside a Hydra app there is no multirun
-        return False
 
 
 def metric_value(metrics: dict | None, name: str | None) -> float | None:
@@ -84,7 +75,7 @@ def execute(cfg: DictConfig) -> float | None:
             line, code = slide_outcome(name, cfg, metrics)
             (log.error if code else log.info)(line)
             if code:
-                if _is_multirun():
+                if is_multirun():
                     raise SlidesFailedError(line)
                 finish_wandb(exit_code=code)
                 sys.exit(code)
@@ -93,7 +84,7 @@ def execute(cfg: DictConfig) -> float | None:
         code = code or 1
         if not isinstance(e, SlidesFailedError):
             log.error("task %s failed: %s", name, e)
-        if _is_multirun():
+        if is_multirun():
             raise
         finish_wandb(exit_code=code)
         sys.exit(code)

@@ -114,7 +114,7 @@ def validate_augment(aug: Mapping | bool | None, prefix: str = "data.augment") -
     Raises ``ValueError`` naming ``<prefix>.<key>``, the value and what is allowed.
     """
     if aug is None or aug is False:
-        return dict(OFF)
+        aug = OFF
     check(isinstance(aug, Mapping), prefix, aug, f"must be null/false or a mapping with keys {list(KEYS)}")
     aug = upgrade_augment(aug, prefix)
     unknown = [k for k in aug if k not in KEYS]

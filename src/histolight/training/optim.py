@@ -90,18 +90,23 @@ def as_factory(node: Any) -> Callable | None:
 
 
 def _fill(
-    factory: Callable, optimizer: torch.optim.Optimizer, max_epochs: int, total_steps: int, warmup: int, interval: str
+    factory: Callable,
+    optimizer: torch.optim.Optimizer,
+    max_epochs: int,
+    total_steps: Callable[[], int],
+    warmup: int,
+    interval: str,
 ) -> Callable:
     """``factory`` with run-dependent arguments it does not set (see the module docstring)."""
     target = factory.func if isinstance(factory, functools.partial) else factory
     given = set(factory.keywords) if isinstance(factory, functools.partial) else set()
     kw: dict = {}
     if target is torch.optim.lr_scheduler.CosineAnnealingLR and "T_max" not in given:
-        span = total_steps if interval == "step" else max_epochs
+        span = total_steps() if interval == "step" else max_epochs
         kw["T_max"] = max(1, span - warmup)
     if target is torch.optim.lr_scheduler.OneCycleLR:
         if "total_steps" not in given and "epochs" not in given:
-            kw["total_steps"] = max(1, total_steps)
+            kw["total_steps"] = max(1, total_steps())
         if "max_lr" not in given:
             kw["max_lr"] = [g["lr"] for g in optimizer.param_groups]
     return functools.partial(factory, **kw) if kw else factory
@@ -135,8 +140,11 @@ def configure_optimizers(
     if sched_f is None and warmup_epochs <= 0:
         return opt
     epochs = int(trainer.max_epochs) if trainer is not None and (trainer.max_epochs or -1) > 0 else int(max_epochs)
-    steps = int(trainer.estimated_stepping_batches) if trainer is not None else epochs
-    warm_n = warmup_epochs if interval == "epoch" else warmup_epochs * max(1, steps // max(1, epochs))
+
+    def steps() -> int:  # asked only when needed: it makes Lightning set up the training data early
+        return int(trainer.estimated_stepping_batches) if trainer is not None else epochs
+
+    warm_n = warmup_epochs if interval == "epoch" or not warmup_epochs else warmup_epochs * max(1, steps() // max(1, epochs))
     conf: dict = {"interval": interval}
     main = None
     if sched_f is not None:

@@ -71,11 +71,8 @@ def check_patient_leakage(
 
     def fmt(p: str) -> str:
         d = by_patient[p]
-        return (
-            f"patient '{p}' ("
-            + ", ".join(f"{sp}: {sorted(d[sp])}" for sp in SPLITS + tuple(sorted(set(d) - set(SPLITS))) if sp in d)
-            + ")"
-        )
+        order = [sp for sp in SPLITS if sp in d] + sorted(set(d) - set(SPLITS))
+        return f"patient '{p}' (" + ", ".join(f"{sp}: {sorted(d[sp])}" for sp in order) + ")"
 
     more = f" and {len(leaks) - 10} more" if len(leaks) > 10 else ""
     msg = (
