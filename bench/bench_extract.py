@@ -1,32 +1,37 @@
-"""Tile-extraction benchmark: a plain OpenSlide baseline vs histolight, timed in the same run on the same slides.
+"""Tile-extraction benchmark: a plain OpenSlide pipeline vs histolight, timed in the same run on the same slides.
 
-    python bench/bench_extract.py            # full run (3-9 min on the 2-core VM, depending on other load)
-    python bench/bench_extract.py --quick    # 1-2 min
+    python bench/bench_extract.py --quick    # ~2-4 min on the 2-core VM: 8192^2 synthetic slide, best of 2
+    python bench/bench_extract.py            # 16384^2 synthetic slide, best of 5 (5-12 min)
+    python bench/bench_extract.py --only A C overhead --reps 3
 
-What is timed (every case runs in its own fresh Python process, so peak RSS is per case):
+Cases (every timed run in its own fresh Python process, imports outside the clock; ratio = tiles/s against the
+``baseline`` of the same case; ``bench/_extract_cases.py`` has the code):
 
-- ``baseline``   plain pipeline, single process: ``openslide.OpenSlide.read_region`` at level 0 (tile footprint in
-                 base px) -> RGB -> ``cv2.resize`` (INTER_AREA) to ``tile_px`` -> JPEG encode (cv2, quality 95) ->
-                 ``histolight.io.tfrecord.TFRecordWriter``.
-- ``direct``     the same pipeline, reading through ``histolight.wsi.Slide`` (direct tile reader,
-                 :mod:`histolight.wsi.tiff_tiles`) instead of OpenSlide: isolates the read path.
-- ``extractor``  ``histolight.extract.extract_tiles`` with ``workers=1`` and ``workers=2``, with its filters set to
-                 keep every grid tile (``qc=[]``, ``roi_method='ignore'``, grayspace/whitespace fractions 1.0,
-                 ``report=False``) so it writes the same tiles as the baseline. Worker scaling (extraction
-                 parallelises over slides, spawned workers) uses a cohort of links to the largest synthetic slide:
-                 4 x 8192^2 (``--quick``) or 2 x 16384^2. Every case runs OpenCV single-threaded.
-- ``parallel control``: the same tile-decode loop in 1 and in 2 processes at once (no extractor): how much a
-                 second process can add on this machine at the time of the run (other load makes it < 2x).
+- **A** resampled: 256 px tiles at 0.5 um/px (``tile_um=128``) from a synthetic 0.25 um/px Aperio-style slide
+  (16384^2 base px, ``--quick`` 8192^2; JPEG q90 tiles of 256 px, made with ``histolight.demo`` and cached in
+  ``outputs/bench/extract/slides``), every grid tile. ``baseline`` = ``openslide.OpenSlide.read_region`` at level 0
+  -> RGB -> ``cv2.resize`` (INTER_AREA) -> JPEG q95 (cv2) -> ``histolight.io.tfrecord.TFRecordWriter``;
+  ``direct`` = the same pipeline reading through ``histolight.wsi.Slide``; ``extractor`` =
+  ``histolight.extract.extract_tiles(workers=1)`` with QC, ROI and pixel filters off and no report (same tiles).
+- **B** level-based: the same slide at ``tile_um='20x'`` (its nearest level, level 0, read as stored: 256 px tiles
+  aligned with the stored tiles, so histolight copies the slide's own JPEG tiles); ``baseline`` = ``read_region``
+  256^2 at level 0 -> JPEG q95 -> TFRecord (no resize).
+- **C** real small slide: ``../shared/data/slides/cmu_small_region.svs`` (2220 x 2967, 0.499 um/px, one level) with
+  the extractor's defaults (Otsu QC, grayspace filter, report images); ``baseline`` = the plain pipeline on exactly the
+  tiles the extractor keeps (257 base px -> 256 px). ``slide`` = one slide through the per-slide path of a cohort run
+  (open + ``extract_slide``: plan, QC, tiles, TFRecord + index, table, summary JSON, report images);
+  ``extractor`` = ``extract_tiles`` end to end on a 1-slide cohort (+ runner, cohort table, summary CSV, HTML report).
+- **D** two workers: a cohort of two links to the case-A slide, ``extract_tiles(workers=1)`` and ``workers=2``
+  (spawned workers, start-up included) against the baseline over the same cohort; with a **parallel control** (one
+  tile-decode loop in 1 and 2 processes at once: what a second process can add on the machine right now).
+- **overhead**: the per-slide fixed cost on C: the per-slide path minus the tiles' own work (the kept tiles read,
+  filtered, encoded, written), best of 5 in one process, and the fixed parts alone (open, plan = grid + ROI + QC,
+  report images, tile table + summary).
+- **readpath** (full runs, or ``--only readpath``): OpenSlide ``read_region`` vs the direct reader per stored tile and
+  per region, JPEG decoders, and the max abs pixel difference of the two read paths at every level.
 
-Headline case: 256 px tiles at 0.5 um/px (``tile_um=128``) from a synthetic 0.25 um/px Aperio-style slide
-(8192 x 8192 base px; generated once with ``histolight.demo.write_aperio_svs`` and cached under
-``outputs/bench/extract/slides``). Also the real CMU slide (0.499 um/px, so 128 um ~ 257 base px -> 256 px, ~1:1).
-Memory: peak RSS (``ru_maxrss``) of each case process and of its worker children, on two slide sizes.
-
-The read-path section times OpenSlide ``read_region`` against the direct reader per stored tile and per region,
-compares JPEG decoders, and checks that both give the same pixels (max abs difference printed).
-
-Tiles/s = tiles written / wall seconds of the case (slide open included, process start excluded).
+Tiles/s = tiles written / wall seconds (slide open included); tiles/CPU-s is less sensitive to other processes' load.
+Results also go to ``outputs/bench/extract/results[_quick].json``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,15 +46,21 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from _extract_cases import CASES  # noqa: E402
+
 DEFAULT_OUT = ROOT / "outputs" / "bench" / "extract"
 CMU = ROOT.parent / "shared" / "data" / "slides" / "cmu_small_region.svs"
-TILE_PX = 256
-TILE_UM = 128.0
-QUALITY = 95
+#: extractor options that keep every grid tile (the baseline's tiles)
+EVERY_TILE = dict(qc=[], roi_method="ignore", grayspace_fraction=1.0, whitespace_fraction=1.0, report=False)
+#: goals of issue #17 (ratio to the baseline; overhead in ms)
+GOALS = {"A": 3.0, "B": 1.3, "C": 1.0}
+OVERHEAD_GOAL_MS = 50
 
 
 # ---------------------------------------------------------------------------------------------- slides
@@ -103,271 +113,14 @@ def _warm(path: Path) -> None:
             pass
 
 
-# ---------------------------------------------------------------------------------------------- cases (child side)
-
-
-def _grid(width: int, height: int, extract_px: int):
-    xs = [x for x in range(0, width - extract_px + 1, extract_px)]
-    ys = [y for y in range(0, height - extract_px + 1, extract_px)]
-    return [(x, y) for y in ys for x in xs]
-
-
-def _preimport() -> None:
-    """Import everything any case uses, before its clock starts (a per-process cost, the same for every case)."""
-    import cv2
-    import numpy  # noqa: F401
-    import omegaconf  # noqa: F401
-    import openslide  # noqa: F401
-    import pandas  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
-    import tifffile  # noqa: F401
-
-    import histolight.io.tfrecord
-    import histolight.wsi.tiff_tiles as tt
-    from histolight.wsi import Slide  # noqa: F401
-
-    for name in tt.available_decoders():
-        tt._make_decoder(name)
-    import histolight.extract
-    import histolight.extract.report  # noqa: F401
-
-    cv2.setNumThreads(1)  # every case single-threaded OpenCV, as the extractor's worker processes are
-
-
-def _cpu() -> float:
-    """CPU seconds (user + system) of this process and its waited-for children so far."""
-    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
-
-
-def _rss() -> dict:
-    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ch = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"rss_mb": round(me, 1), "rss_children_mb": round(ch, 1)}
-
-
-def case_pipeline(slides: list[str], outdir: str, reader: str) -> dict:
-    """Plain single-process pipeline over every full grid tile of each slide."""
-    import cv2
-    import numpy as np
-    import openslide
-
-    from histolight.io.tfrecord import TFRecordWriter
+def kept_tiles(slide: Path, options: dict) -> list[tuple[int, int]]:
+    """Top-left corners (base px) of the tiles the extractor keeps on ``slide`` with ``options`` (an untimed run)."""
+    from histolight.extract import extract_slide, make_config
     from histolight.wsi import Slide
 
-    cv2.setNumThreads(1)
-    _preimport()
-    c0, t0 = _cpu(), time.perf_counter()
-    n = 0
-    for path in slides:
-        name = Path(path).stem
-        if reader == "openslide":
-            osr = openslide.OpenSlide(path)
-            mpp = float(osr.properties["openslide.mpp-x"])
-            width, height = osr.dimensions
-
-            def read(x, y, e, osr=osr):
-                return np.asarray(osr.read_region((x, y), 0, (e, e)).convert("RGB"))
-        else:
-            slide = Slide(path)
-            assert slide.tile_reader is not None, slide.tile_reader_note
-            mpp = slide.mpp
-            width, height = slide.dimensions
-
-            def read(x, y, e, slide=slide):
-                return slide.read_region((x, y), 0, (e, e))
-
-        ext = round(TILE_UM / mpp)
-        with TFRecordWriter(Path(outdir) / f"{name}.tfrecords", slide=name) as w:
-            for x, y in _grid(width, height, ext):
-                img = cv2.resize(read(x, y, ext), (TILE_PX, TILE_PX), interpolation=cv2.INTER_AREA)
-                ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, QUALITY])
-                w.write_tile(buf.tobytes(), x + ext // 2, y + ext // 2)
-                n += 1
-    dt, cpu = time.perf_counter() - t0, _cpu() - c0
-    return {
-        "tiles": n,
-        "seconds": round(dt, 3),
-        "tiles_per_s": round(n / dt, 1),
-        "cpu_s": round(cpu, 3),
-        "tiles_per_cpu_s": round(n / cpu, 1),
-        **_rss(),
-    }
-
-
-def case_extractor(slides: list[str], outdir: str, workers: int) -> dict:
-    from histolight.dataset import Dataset
-    from histolight.extract import extract_tiles
-
-    _preimport()
-    ds = Dataset(slides=slides)
-    c0, t0 = _cpu(), time.perf_counter()
-    res = extract_tiles(
-        ds,
-        tile_px=TILE_PX,
-        tile_um=TILE_UM,
-        outdir=outdir,
-        workers=workers,
-        qc=[],
-        roi_method="ignore",
-        grayspace_fraction=1.0,
-        whitespace_fraction=1.0,
-        report=False,
-        overwrite=True,
-        progress=False,
-        quality=QUALITY,
-    )
-    dt, cpu = time.perf_counter() - t0, _cpu() - c0
-    s = res.summary
-    bad = s[s["status"] != "done"]
-    if len(bad):
-        raise RuntimeError(f"extractor failed: {bad[['slide', 'status', 'reason']].to_dict('records')}")
-    n = int(s["kept"].sum())
-    return {
-        "tiles": n,
-        "grid_tiles": int(s["grid_tiles"].sum()),
-        "seconds": round(dt, 3),
-        "tiles_per_s": round(n / dt, 1),
-        "cpu_s": round(cpu, 3),
-        "tiles_per_cpu_s": round(n / cpu, 1),
-        **_rss(),
-    }
-
-
-def case_readpath(slide_path: str, quick: bool) -> dict:
-    """Per stored tile and per region: OpenSlide read_region vs the direct reader (+ decoders); same pixels?"""
-    import numpy as np
-    import openslide
-
-    from histolight.wsi import Slide
-    from histolight.wsi.tiff_tiles import TiffTileReader, available_decoders
-
-    osr = openslide.OpenSlide(slide_path)
-    s = Slide(slide_path)
-    r = s.tile_reader
-    assert r is not None, s.tile_reader_note
-    lv = r.levels[0]
-    tw, th = lv.tile_w, lv.tile_h
-    W, H = s.dimensions
-    rng = np.random.default_rng(0)
-    n_tiles = lv.tiles_across * lv.tiles_down
-    tiles = rng.choice(n_tiles, size=min(n_tiles, 40 if quick else 120), replace=False)
-    out: dict = {"tile": f"{tw}x{th}", "decoders": {}}
-    ext = round(TILE_UM / s.mpp)
-
-    def timeit(fn, items, reps=1):
-        fn(items[0])
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            for it in items:
-                fn(it)
-        return (time.perf_counter() - t0) / (reps * len(items)) * 1e6  # us per item
-
-    def os_read(loc, level, size):
-        return np.asarray(osr.read_region(loc, level, size).convert("RGB"))
-
-    # per stored tile (full tiles only, level 0): OpenSlide (its own cache: distinct tiles each time) vs decode
-    full = [int(t) for t in tiles if (t % lv.tiles_across + 1) * tw <= W and (t // lv.tiles_across + 1) * th <= H]
-    locs = [((t % lv.tiles_across) * tw, (t // lv.tiles_across) * th) for t in full]
-    out["tile_openslide_us"] = round(timeit(lambda p: os_read(p, 0, (tw, th)), locs), 1)
-    rd = TiffTileReader.from_openslide(osr, slide_path, decoder=r.decoder, cache_bytes=0, verify=False)
-    out["tile_direct_us"] = round(timeit(lambda t: rd.read_tile(0, t % lv.tiles_across, t // lv.tiles_across), full), 1)
-    rd.close()
-    # decoders alone, on the tile bytes in memory (the same stream rewriting each needs)
-    import cv2
-
-    from histolight.wsi.tiff_tiles import _make_decoder, jpeg_stream
-
-    raw = {}
-    with open(slide_path, "rb") as fh:
-        for t in full:
-            fh.seek(int(lv.offsets[t]))
-            raw[t] = fh.read(int(lv.counts[t]))
-    for dec in available_decoders():
-        fn = _make_decoder(dec)
-        out["decoders"][dec] = round(timeit(lambda t, fn=fn: fn(raw[t], lv), full), 1)
-    flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
-
-    def cv2_decode(t):  # reference only: OpenCV's libjpeg-turbo on the rewritten stream (tables + Adobe marker)
-        buf = np.frombuffer(jpeg_stream(lv.prefix, raw[t]), np.uint8)
-        return cv2.imdecode(buf, flag) if flag is not None else cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
-
-    out["decoders"]["cv2.imdecode"] = round(timeit(cv2_decode, full), 1)
-    out["cv2_max_abs_diff"] = max(
-        int(np.abs(cv2_decode(t).astype(np.int16) - r.read_tile(0, t % lv.tiles_across, t // lv.tiles_across)).max())
-        for t in full[:20]
-    )
-    # regions: extraction footprint (ext x ext base px) on the tile grid (aligned when ext is a tile multiple)
-    # and at random offsets; OpenSlide vs direct (fresh cache per pass, like a first visit)
-    maxdiff = 0
-    for name, pts in (
-        ("grid", _grid(W, H, ext)[: (60 if quick else 200)]),
-        ("random", [(int(rng.integers(0, W - ext)), int(rng.integers(0, H - ext))) for _ in range(60 if quick else 200)]),
-    ):
-        out[f"region_{name}_openslide_us"] = round(timeit(lambda p: os_read(p, 0, (ext, ext)), pts), 1)
-        r.cache.clear()
-        out[f"region_{name}_direct_us"] = round(timeit(lambda p: s.read_region(p, 0, (ext, ext)), pts), 1)
-        for p in pts[:40]:
-            maxdiff = max(
-                maxdiff, int(np.abs(os_read(p, 0, (ext, ext)).astype(np.int16) - s.read_region(p, 0, (ext, ext))).max())
-            )
-    # every level: aligned, unaligned, edge and out-of-bounds regions through Slide (fast) vs OpenSlide
-    plain = Slide(slide_path, fast=False)
-    n_cmp = 0
-    for level in range(s.level_count):
-        lw, lh = s.level_dimensions[level]
-        ds = s.level_downsamples[level]
-        boxes = [(0, 0, min(lw, 1024), min(lh, 1024)), (tw, th, tw, th), (lw - 100, lh - 80, 200, 160), (-50, -30, 120, 90)]
-        boxes += [
-            (int(rng.integers(-64, lw)), int(rng.integers(-64, lh)), int(rng.integers(1, 700)), int(rng.integers(1, 700)))
-            for _ in range(10 if quick else 40)
-        ]
-        for x, y, w, h in boxes:
-            loc = (round(x * ds), round(y * ds))
-            a = s.read_region(loc, level, (w, h))
-            b = plain.read_region(loc, level, (w, h))
-            maxdiff = max(maxdiff, int(np.abs(a.astype(np.int16) - b).max()))
-            n_cmp += 1
-    out["max_abs_diff"] = maxdiff
-    out["regions_compared"] = n_cmp + 80
-    out["extract_px"] = ext
-    out.update(_rss())
-    return out
-
-
-def _decode_loop(args) -> float:
-    """CPU-bound control: decode ``n`` stored tiles (no cache) of ``slide_path``; returns loop seconds."""
-    slide_path, n = args
-    from histolight.wsi import Slide
-
-    s = Slide(slide_path)
-    r = s.tile_reader
-    r.cache_bytes = 0
-    r.close()
-    lv = r.levels[0]
-    order = sorted(range(len(lv.counts)), key=lambda i: -int(lv.counts[i]))[:100]  # tissue tiles
-    t0 = time.perf_counter()
-    for k in range(n):
-        t = order[k % len(order)]
-        r.read_tile(0, t % lv.tiles_across, t // lv.tiles_across)
-    return time.perf_counter() - t0
-
-
-def case_parallel_control(slide_path: str, n: int = 600) -> dict:
-    """How much a second process can add on this machine right now: the same decode loop in 1 and 2 spawned
-    processes at once (aggregate tiles/s); independent of the extractor."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    out = {}
-    for p in (1, 2):
-        with ctx.Pool(p) as pool:
-            pool.map(_decode_loop, [(slide_path, 5)] * p)  # start-up and imports outside the clock
-            t0 = time.perf_counter()
-            pool.map(_decode_loop, [(slide_path, n)] * p)
-            out[f"procs_{p}_tiles_per_s"] = round(p * n / (time.perf_counter() - t0), 1)
-    out["ratio"] = round(out["procs_2_tiles_per_s"] / out["procs_1_tiles_per_s"], 2)
-    return out
+    with tempfile.TemporaryDirectory() as d, Slide(slide) as s:
+        t = extract_slide(s, make_config(tile_px=256, **options), d).table
+    return [(int(x), int(y)) for x, y in zip(t.x, t.y)]
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -375,8 +128,7 @@ def case_parallel_control(slide_path: str, n: int = 600) -> dict:
 
 def run_case(spec: dict) -> dict:
     """Run one case in a fresh interpreter; returns its JSON result."""
-    cmd = [sys.executable, __file__, "--_case", json.dumps(spec)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, __file__, "--_case", json.dumps(spec)], capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"case {spec} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -397,9 +149,8 @@ def run_rounds(specs: dict, reps: int, tmp: Path) -> dict:
             shutil.rmtree(d, ignore_errors=True)
             runs[key].append(res)
             print(
-                f"  [{r + 1}/{reps}] {key}: {res['tiles']} tiles, {res['seconds']:.2f} s, "
-                f"{res['tiles_per_s']:.1f} tiles/s, peak RSS {res['rss_mb']:.0f} MB "
-                f"(children {res['rss_children_mb']:.0f} MB)",
+                f"  [{r + 1}/{reps}] {key}: {res['tiles']} tiles, {res['seconds']:.3f} s, {res['tiles_per_s']:.1f} tiles/s, "
+                f"peak RSS {res['rss_mb']:.0f} MB (workers {res['rss_children_mb']:.0f} MB)",
                 flush=True,
             )
     out = {}
@@ -419,171 +170,160 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _child(spec: dict) -> dict:
-    kind = spec.pop("kind")
-    if kind == "pipeline":
-        return case_pipeline(**spec)
-    if kind == "extractor":
-        return case_extractor(**spec)
-    if kind == "readpath":
-        return case_readpath(**spec)
-    if kind == "parallel":
-        return case_parallel_control(**spec)
-    raise ValueError(kind)
-
-
-def _extractor_available() -> str | None:
-    try:
-        from histolight.extract import extract_tiles  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _fmt_row(cells, widths):
     return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller slides / samples (~1-2 min)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="cache of generated slides + JSON results")
-    ap.add_argument("--reps", type=int, default=None, help="runs per case, best kept (default 5, --quick 2)")
-    ap.add_argument("--no-extractor", action="store_true", help="skip histolight.extract timings")
-    ap.add_argument(
-        "--only",
-        choices=("throughput", "scaling", "readpath"),
-        action="append",
-        help="run only these sections (repeatable; default all)",
-    )
-    args = ap.parse_args(argv)
-    parts = set(args.only or ("throughput", "scaling", "readpath"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sizes = [4096, 8192] if args.quick else [8192, 16384]
-    headline = 8192
-    reps = args.reps or (2 if args.quick else 5)
-    load0 = _loadavg()
-    print(
-        f"bench_extract: {TILE_PX} px tiles at {TILE_UM / TILE_PX:g} um/px (tile_um={TILE_UM:g}); "
-        f"{os.cpu_count()} CPUs; quick={args.quick}; best of {reps} interleaved runs; load average {load0}",
-        flush=True,
-    )
-    slides = {f"synth {s}^2 @0.25": ensure_slide(out, s) for s in sizes}
-    head = f"synth {headline}^2 @0.25"
-    if CMU.exists():
-        slides["CMU real @0.499"] = CMU
-    else:
-        print(f"  (real slide {CMU} not found: skipped)")
-    for p in slides.values():
-        _warm(p)
-    ext_err = "disabled (--no-extractor)" if args.no_extractor else _extractor_available()
-    results: dict = {"quick": args.quick, "reps": reps, "cpus": os.cpu_count(), "load_start": load0}
-    tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    try:
-        # single-process throughput, every slide
-        specs = {}
-        for label, path in slides.items() if "throughput" in parts else ():
-            specs[(label, "baseline")] = {"kind": "pipeline", "slides": [str(path)], "reader": "openslide"}
-            specs[(label, "direct")] = {"kind": "pipeline", "slides": [str(path)], "reader": "direct"}
-            if ext_err is None:
-                specs[(label, "extractor w=1")] = {"kind": "extractor", "slides": [str(path)], "workers": 1}
-        # worker scaling: a cohort of links to one synthetic slide (extraction parallelises over slides); enough
-        # tiles per slide that starting the spawned workers (~1 s each) does not dominate
-        n_cohort, big = (4, sizes[-1]) if args.quick else (2, sizes[-1])
-        cohort_label = f"cohort {n_cohort}x{big}^2"
-        cohort = tmp / "cohort"
-        cohort.mkdir()
-        members = []
-        for i in range(n_cohort):
-            os.symlink(slides[f"synth {big}^2 @0.25"], cohort / f"s{i}.svs")
-            members.append(str(cohort / f"s{i}.svs"))
-        if "scaling" in parts:
-            specs[(cohort_label, "baseline")] = {"kind": "pipeline", "slides": members, "reader": "openslide"}
-        if ext_err is None and "scaling" in parts:
-            for w in (1, 2):
-                specs[(cohort_label, f"extractor w={w}")] = {"kind": "extractor", "slides": members, "workers": w}
-        print(f"\n== throughput: {len(specs)} cases x {reps} runs", flush=True)
-        best = run_rounds({f"{a} | {b}": v for (a, b), v in specs.items()}, reps, tmp)
-        results["cases"] = best
-        if "scaling" in parts:
-            ctl = [run_case({"kind": "parallel", "slide_path": str(slides[head])}) for _ in range(2)]
-            results["parallel_control"] = ctl
-            print(f"  parallel control: {ctl}", flush=True)
-        print("\n== read path (level 0)", flush=True)
-        rp = {}
-        for label, path in slides.items() if "readpath" in parts else ():
-            if label.startswith("synth") and label != head:
-                continue
-            rp[label] = run_case({"kind": "readpath", "slide_path": str(path), "quick": args.quick})
-            print(f"  {label}: {rp[label]}", flush=True)
-        results["read_path"] = rp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    results["load_end"] = _loadavg()
+def build_specs(parts: set, synth: Path, cohort: list[str], cmu: Path | None) -> dict:
+    """``"<case> | <pipeline>" -> case spec`` of the throughput cases in ``parts``."""
+    s = str(synth)
+    specs = {}
+    if "A" in parts:
+        specs["A | baseline"] = {"kind": "pipeline", "slides": [s], "reader": "openslide", "tile_um": 128}
+        specs["A | direct"] = {"kind": "pipeline", "slides": [s], "reader": "direct", "tile_um": 128}
+        specs["A | extractor"] = {"kind": "extractor", "slides": [s], "workers": 1, "options": {"tile_um": 128, **EVERY_TILE}}
+    if "B" in parts:
+        specs["B | baseline"] = {"kind": "pipeline", "slides": [s], "reader": "openslide", "tile_um": "20x"}
+        specs["B | extractor"] = {"kind": "extractor", "slides": [s], "workers": 1, "options": {"tile_um": "20x", **EVERY_TILE}}
+    if "C" in parts and cmu is not None:
+        tiles = {str(cmu): kept_tiles(cmu, {"tile_um": 128})}
+        specs["C | baseline"] = {"kind": "pipeline", "slides": [str(cmu)], "reader": "openslide", "tile_um": 128, "tiles": tiles}
+        specs["C | slide"] = {"kind": "slide", "slide_path": str(cmu), "options": {"tile_um": 128}}
+        specs["C | extractor"] = {"kind": "extractor", "slides": [str(cmu)], "workers": 1, "options": {"tile_um": 128}}
+    if "D" in parts:
+        specs["D | baseline"] = {"kind": "pipeline", "slides": cohort, "reader": "openslide", "tile_um": 128}
+        for w in (1, 2):
+            specs[f"D | extractor w={w}"] = {
+                "kind": "extractor",
+                "slides": cohort,
+                "workers": w,
+                "options": {"tile_um": 128, **EVERY_TILE},
+            }
+    return specs
 
-    # ------------------------------------------------------------------ report
-    print("\n" + "=" * 104)
+
+def report(results: dict, reps: int) -> None:
+    best = results["cases"]
+    print("\n" + "=" * 110)
     print(
-        f"Extraction throughput: {TILE_PX} px tiles @ {TILE_UM / TILE_PX:g} um/px (tile_um {TILE_UM:g}), JPEG q{QUALITY}, "
-        f"TFRecord. Best of {reps} (by tiles/s); ratio = vs baseline on the same slide(s).\n"
-        "tiles/CPU-s = tiles per CPU second of the case's process and its workers (less sensitive to other load; "
-        "not a measure of parallel speed-up)."
+        f"Extraction throughput, best of {reps} interleaved runs (tiles/s; ratio = vs the baseline of the same case). "
+        "tiles/CPU-s counts the CPU seconds of the case's process and its workers."
     )
-    hdr = "slide(s) pipeline tiles sec tiles/s ratio tiles/CPU-s ratio peak_RSS_MB workers_MB runs_(tiles/s)".split()
-    widths = [18, 14, 6, 6, 8, 6, 11, 6, 11, 10, 24]
-    print(_fmt_row([h.replace("_", " ") for h in hdr], widths))
-    labels = list(dict.fromkeys(k.split(" | ")[0] for k in best))
-    for label in labels:
-        base = best[f"{label} | baseline"]
-        for key, r in ((k, v) for k, v in best.items() if k.split(" | ")[0] == label):
-            cells = [label, key.split(" | ")[1], r["tiles"], f"{r['seconds']:.2f}", f"{r['tiles_per_s']:.1f}"]
-            cells += [f"{r['tiles_per_s'] / base['tiles_per_s']:.2f}x", f"{r['tiles_per_cpu_s']:.1f}"]
-            cells += [f"{r['tiles_per_cpu_s'] / base['tiles_per_cpu_s']:.2f}x", f"{r['rss_mb']:.0f}"]
-            cells += [f"{r['rss_children_mb']:.0f}", " ".join(f"{v:.0f}" for v in r["runs"])]
-            print(_fmt_row(cells, widths))
-    if ext_err is not None:
-        print(f"\n[extractor] NOT TIMED: {ext_err}")
-    else:
-        w1, w2 = best.get(f"{cohort_label} | extractor w=1"), best.get(f"{cohort_label} | extractor w=2")
-        if w1 and w2:
-            print(
-                f"\nSecond worker ({cohort_label}): {w2['tiles_per_s'] / w1['tiles_per_s']:.2f}x the throughput of one "
-                f"({w1['tiles_per_s']:.0f} -> {w2['tiles_per_s']:.0f} tiles/s; spawned workers, start-up included)"
-            )
+    hdr = [
+        "case",
+        "pipeline",
+        "tiles",
+        "sec",
+        "tiles/s",
+        "ratio",
+        "tiles/CPU-s",
+        "ratio",
+        "RSS MB",
+        "workers MB",
+        "runs (tiles/s)",
+    ]
+    widths = [5, 14, 6, 7, 8, 6, 11, 6, 7, 10, 22]
+    print(_fmt_row(hdr, widths))
+    for case in dict.fromkeys(k.split(" | ")[0] for k in best):
+        base = best.get(f"{case} | baseline")
+        for key, r in ((k, v) for k, v in best.items() if k.split(" | ")[0] == case):
+            ratio = f"{r['tiles_per_s'] / base['tiles_per_s']:.2f}x" if base else "-"
+            cpu_ratio = f"{r['tiles_per_cpu_s'] / base['tiles_per_cpu_s']:.2f}x" if base else "-"
+            cells = [case, key.split(" | ")[1], r["tiles"], f"{r['seconds']:.3f}", f"{r['tiles_per_s']:.1f}", ratio]
+            cells += [f"{r['tiles_per_cpu_s']:.1f}", cpu_ratio, f"{r['rss_mb']:.0f}", f"{r['rss_children_mb']:.0f}"]
+            print(_fmt_row([*cells, " ".join(f"{v:.0f}" for v in r["runs"])], widths))
     for c in results.get("parallel_control", []):
         print(
-            f"Parallel control (same tile-decode loop, 1 vs 2 processes at once, no extractor): "
-            f"{c['procs_1_tiles_per_s']:.0f} -> {c['procs_2_tiles_per_s']:.0f} tiles/s = {c['ratio']:.2f}x "
-            "(what a second process can add on this machine now)"
+            f"D parallel control (one tile-decode loop, 1 vs 2 processes at once): {c['procs_1_tiles_per_s']:.0f} -> "
+            f"{c['procs_2_tiles_per_s']:.0f} tiles/s = {c['ratio']:.2f}x (what a second process can add right now)"
         )
-    synth = [lb for lb in labels if lb.startswith("synth ")]
-    if len(synth) >= 2:
-        a, b = synth[0], synth[-1]
+    ov = results.get("overhead")
+    if ov:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in ov["parts_ms"].items())
         print(
-            f"\nPeak RSS as the slide grows ({a.split()[1]} -> {b.split()[1]} base px, "
-            f"{best[a + ' | baseline']['tiles']} -> {best[b + ' | baseline']['tiles']} tiles):"
+            f"\nPer-slide overhead (CMU, {ov['tiles']} tiles kept): per-slide path {1e3 * ov['seconds']:.1f} ms - tiles' own "
+            f"work {1e3 * ov['tiles_seconds']:.1f} ms = {ov['overhead_ms']:.1f} ms wall ({ov['overhead_cpu_ms']:.1f} ms CPU); "
+            f"fixed parts alone (ms): {parts}"
         )
-        for key in best:
-            if key.startswith(a + " | "):
-                kind = key.split(" | ")[1]
-                print(f"  {kind:>14}: {best[key]['rss_mb']:.0f} MB -> {best[b + ' | ' + kind]['rss_mb']:.0f} MB")
-    print("\nRead path, level 0 (us per call; OpenSlide read_region vs direct tile reader, same slide):")
-    for label, r in results["read_path"].items():
         print(
-            f"  {label}: stored tile {r['tile']}: OpenSlide {r['tile_openslide_us']:.0f} us, direct (pread+decode) "
-            f"{r['tile_direct_us']:.0f} us ({r['tile_openslide_us'] / r['tile_direct_us']:.1f}x); decode only: "
+            f"C in one warm process (each slide of a cohort): plain pipeline {1e3 * ov['plain_seconds']:.1f} ms, per-slide "
+            f"path {1e3 * ov['seconds']:.1f} ms: {ov['warm_ratio']:.2f}x plain ({ov['warm_cpu_ratio']:.2f}x in CPU time)"
+        )
+    print("\nGoals (issue #17):")
+    for case, goal in GOALS.items():
+        for key in (k for k in best if k.startswith(f"{case} | ") and not k.endswith(("baseline", "direct"))):
+            r = best[key]["tiles_per_s"] / best[f"{case} | baseline"]["tiles_per_s"]
+            print(f"  {key:24s} {r:5.2f}x plain (goal >= {goal}x): {'met' if r >= goal else 'NOT met'}")
+    if ov:
+        r = ov["warm_ratio"]
+        print(f"  C | slide, warm process  {r:5.2f}x plain (goal >= {GOALS['C']}x): {'met' if r >= GOALS['C'] else 'NOT met'}")
+        print(f"  per-slide overhead       {ov['overhead_ms']:5.1f} ms (goal <= {OVERHEAD_GOAL_MS} ms)")
+    for label, r in results.get("read_path", {}).items():
+        print(
+            f"\nRead path {label}: stored tile {r['tile']}: OpenSlide {r['tile_openslide_us']:.0f} us, direct "
+            f"{r['tile_direct_us']:.0f} us, stored JPEG bytes {r['tile_stored_jpeg_us']:.0f} us; decode only: "
             + ", ".join(f"{k} {v:.0f} us" for k, v in r["decoders"].items())
-            + f" (cv2 max abs diff {r['cv2_max_abs_diff']})"
         )
         for name in ("grid", "random"):
             o, d = r[f"region_{name}_openslide_us"], r[f"region_{name}_direct_us"]
             print(f"    {r['extract_px']}^2 region ({name}): OpenSlide {o:.0f} us, direct {d:.0f} us ({o / d:.1f}x)")
-        print(
-            f"    pixels: max |direct - OpenSlide| = {r['max_abs_diff']} over {r['regions_compared']} regions "
-            "(every level; aligned, unaligned, edge, out-of-bounds)"
-        )
-    print(f"\nload average: start {load0}, end {results['load_end']} (other processes on this machine skew timings)")
+        print(f"    max |direct - OpenSlide| = {r['max_abs_diff']} over {r['regions_compared']} regions (every level)")
+    print(f"\nload average: start {results['load_start']}, end {results['load_end']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8192^2 synthetic slide, best of 2 (~2-4 min)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="cache of generated slides + JSON results")
+    ap.add_argument("--reps", type=int, default=None, help="runs per case, best kept (default 5, --quick 2)")
+    ap.add_argument(
+        "--only", nargs="+", choices=("A", "B", "C", "D", "overhead", "readpath"), help="sections to run (default: all)"
+    )
+    args = ap.parse_args(argv)
+    parts = set(args.only or ("A", "B", "C", "D", "overhead") + (() if args.quick else ("readpath",)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = 8192 if args.quick else 16384
+    reps = args.reps or (2 if args.quick else 5)
+    load0 = _loadavg()
+    print(
+        f"bench_extract: 256 px tiles; {os.cpu_count()} CPUs; quick={args.quick}; best of {reps}; load average {load0}",
+        flush=True,
+    )
+    synth = ensure_slide(out, size)
+    cmu = CMU if CMU.exists() else None
+    if cmu is None:
+        print(f"  (real slide {CMU} not found: case C and the overhead skipped)")
+    for p in (synth, cmu):
+        if p is not None:
+            _warm(p)
+    results: dict = {"quick": args.quick, "reps": reps, "cpus": os.cpu_count(), "load_start": load0, "synthetic": str(synth)}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        cohort = []
+        for i in range(2):
+            os.symlink(synth, tmp / f"s{i}.svs")
+            cohort.append(str(tmp / f"s{i}.svs"))
+        specs = build_specs(parts, synth, cohort, cmu)
+        print(f"\n== throughput: {len(specs)} cases x {reps} runs", flush=True)
+        results["cases"] = run_rounds(specs, reps, tmp)
+        if "D" in parts:
+            results["parallel_control"] = [run_case({"kind": "parallel", "slide_path": str(synth)}) for _ in range(2)]
+        if "overhead" in parts and cmu is not None:
+            d = tmp / "overhead"
+            results["overhead"] = run_case(
+                {"kind": "overhead", "slide_path": str(cmu), "outdir": str(d), "options": {"tile_um": 128}}
+            )
+        if "readpath" in parts:
+            results["read_path"] = {
+                label: run_case({"kind": "readpath", "slide_path": str(p), "quick": args.quick})
+                for label, p in ((f"synth {size}^2", synth), ("CMU", cmu))
+                if p is not None
+            }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["load_end"] = _loadavg()
+    report(results, reps)
     (out / ("results_quick.json" if args.quick else "results.json")).write_text(json.dumps(results, indent=1))
     return 0
 
@@ -593,6 +333,7 @@ if __name__ == "__main__":
         _make_slide(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--_case":
-        print(json.dumps(_child(json.loads(sys.argv[2]))))
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(CASES[spec.pop("kind")](**spec)))
         sys.exit(0)
     sys.exit(main())

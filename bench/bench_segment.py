@@ -1,25 +1,29 @@
-"""Whole-slide segmentation inference benchmark: tiled + blended inference vs a plain single forward pass of
-the same image, timed in the same run (the overhead of tiling and blending).
+"""Segmentation inference benchmark: tiled + blended inference vs a plain single forward pass of the same image,
+timed in the same run (the overhead of tiling and blending), and whole-slide inference streamed in strips.
 
-    python bench/bench_segment.py                      # CPU, random-init demo architecture (~1-3 min on 2 cores)
+    python bench/bench_segment.py                      # CPU, random-init demo architecture, 1024 x 1024 (1 MP)
+    python bench/bench_segment.py --quick              # 768 x 1024, 2 repeats, no run_slide_inference case
     python bench/bench_segment.py --model outputs/<run>  # a trained model folder
     python bench/bench_segment.py --device cuda        # on a GPU (falls back with a message if none)
-    python bench/bench_segment.py --quick              # smaller image, fewer repeats
-    python bench/bench_segment.py --tiles 128,256,512 --batch 16
+    python bench/bench_segment.py --tiles 128,256,512 --batch 16 --height 1536 --width 2048
 
 What is timed (one warm-up call each, then ``--repeat`` rounds with the cases interleaved; the best time of each;
 megapixels = H x W / 1e6 of the input):
 
-- ``single``  ``SegmentModel.run_forward``: one forward pass over the whole image padded to a multiple of 32
-              (the baseline; needs memory for the whole image's activations, which tiling avoids).
-- ``tiled_T`` ``SegmentModel.run_tiled_inference`` with tiles of ``T`` px (``--tiles``; ``--overlap`` of a tile,
-              ``--batch`` tiles per pass), blended with a raised-cosine window; output exactly H x W.
-- ``slide_T`` ``SegmentModel.run_slide_inference`` on an in-memory slide (``VirtualSlide``) whose thumbnail at the
-              model's mpp is the same image: strips read with ``slide.read`` (includes the resampling reads).
+- ``single``   ``SegmentModel.run_forward``: one forward pass over the whole image padded to a multiple of 32
+               (the baseline; needs memory for the whole image's activations, which tiling bounds).
+- ``tiled_T``  ``SegmentModel.run_tiled_inference`` with ``tile_px=T`` (``--tiles``), ``--overlap``, ``--batch``:
+               the tile layout of :func:`histolight.segment.inference.plan_tiles` (as few tiles as ``batch * T^2``
+               px per pass allows, neighbours sharing ``overlap * T`` px), blended; output exactly H x W.
+- ``stream_T`` :func:`histolight.segment.inference.iter_tiled_logits` reading the rows of an in-memory slide
+               (``VirtualSlide`` whose thumbnail at the model's mpp is the same image, ``slide.read`` per tile row):
+               the same tiles as ``tiled_T``, streamed (what whole-slide inference costs with the same code).
+- ``slide_T``  (not with ``--quick``) ``SegmentModel.run_slide_inference`` on that slide as the model implements
+               it (strips of rows with a halo, each tiled on its own).
 
-Reported: MP/s of each, throughput relative to ``single`` (1.0 = no overhead; overlapping tiles send about
-``1/(1-overlap)^2`` times the pixels through the network, and small tiles use the CPU less well), the mean
-difference to the single pass in the interior, and peak RSS. ``--json`` writes the numbers.
+Reported: MP/s of each, time relative to ``single`` (1.00 = no overhead), the layout's pixels relative to one pass,
+the seam error (mean |tiled - single| probability in the interior, ``T // 4`` px from the border, as before issue
+#17; and its max), and peak RSS. ``--json`` writes the numbers.
 """
 
 from __future__ import annotations
@@ -89,14 +93,14 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="trained model folder (default: random-init demo architecture)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--height", type=int, default=1536)
-    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--tiles", default=None, help="comma-separated tile sizes to time (default: the model's size and 512)")
     ap.add_argument("--overlap", type=float, default=None, help="tile overlap fraction (default: the model's)")
     ap.add_argument("--batch", type=int, default=None, help="tiles per forward pass (default: the model's)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--quick", action="store_true", help="1024 x 768 image, 2 repeats")
+    ap.add_argument("--quick", action="store_true", help="768 x 1024 image, 2 repeats, no run_slide_inference case")
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args(argv)
 
@@ -104,6 +108,7 @@ def main(argv=None) -> dict:
     import torch
 
     from histolight.segment import SegmentConfig, load_model_and_config
+    from histolight.segment.inference import iter_tiled_logits, plan_tiles
     from histolight.segment.model import SegmentModel
     from histolight.wsi import VirtualSlide
 
@@ -149,33 +154,58 @@ def main(argv=None) -> dict:
     )
     # the same image as a slide (at half the model's mpp, so strips are resampled like a real read)
     slide = VirtualSlide(np.ascontiguousarray(np.repeat(np.repeat(img, 2, 0), 2, 1)), mpp=cfg.mpp / 2, downsamples=(1, 2, 8))
+
+    def stream(t: int) -> np.ndarray:
+        """Whole-slide inference with the tiled code: tile rows read from the slide, outputs streamed."""
+        W, H = slide.size_at_mpp(cfg.mpp)
+        ds = cfg.mpp / slide.mpp
+        out = np.zeros((cfg.n_out, H, W), np.float32)
+
+        def read_rows(r0: int, r1: int):
+            return model._prepare(slide.read((0.0, r0 * ds), (W * ds, (r1 - r0) * ds), cfg.mpp, out_size=(W, r1 - r0)))
+
+        for y0, logits in iter_tiled_logits(model.net, read_rows, H, W, t, overlap, batch):
+            out[:, y0 : y0 + logits.shape[1]] = model.activation(logits).cpu().numpy()
+        return out
+
     cases = {"single": lambda: model.run_forward(img)}
     for t in tiles:
         cases[f"tiled_{t}"] = lambda t=t: model.run_tiled_inference(img, tile_px=t, overlap=overlap, batch_size=batch)
-    cases[f"slide_{tiles[0]}"] = lambda: model.run_slide_inference(slide, tile_px=tiles[0], overlap=overlap, batch_size=batch)
+    cases[f"stream_{tiles[0]}"] = lambda: stream(tiles[0])
+    if not a.quick:
+        cases[f"slide_{tiles[0]}"] = lambda: model.run_slide_inference(slide, tile_px=tiles[0], overlap=overlap, batch_size=batch)
     with torch.inference_mode():
         times = _time_interleaved(cases, a.repeat, sync)
         p1 = model.run_forward(img)
         p2 = {t: model.run_tiled_inference(img, tile_px=t, overlap=overlap, batch_size=batch) for t in tiles}
     res["seconds"] = times
     res["mp_per_s"] = {k: mp / v for k, v in times.items()}
-    res["throughput_vs_single"] = {k: times["single"] / v for k, v in times.items()}
-    res["tiled_vs_single_mean_abs_diff"] = {
-        t: float(np.abs(p1 - p2[t])[..., t // 4 : -(t // 4), t // 4 : -(t // 4)].mean()) for t in tiles
+    res["time_vs_single"] = {k: v / times["single"] for k, v in times.items()}
+    res["layout"] = {
+        t: {"tiles": lay.n_tiles, "tile_hw": [lay.th, lay.tw], "pixels_vs_single": lay.cost}
+        for t in tiles
+        for lay in [plan_tiles(a.height, a.width, t, overlap, batch)]
     }
+    res["seam_error_mean"] = {t: float(np.abs(p1 - p2[t])[..., t // 4 : -(t // 4), t // 4 : -(t // 4)].mean()) for t in tiles}
+    res["seam_error_max"] = {t: float(np.abs(p1 - p2[t]).max()) for t in tiles}
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     for k in cases:
-        what = {"single": "one pass, padded"}.get(
-            k, "tiles + blending" if k.startswith("tiled") else "slide.read strips + tiles + blending"
-        )
+        what = {"single": "one pass, padded"}.get(k.split("_")[0], "")
+        if k.startswith("tiled_"):
+            lay = res["layout"][int(k.split("_")[1])]
+            what = f"{lay['tiles']} tiles of {lay['tile_hw'][0]} x {lay['tile_hw'][1]}, {lay['pixels_vs_single']:.3f}x the pixels"
+        elif k.startswith("stream_"):
+            what = "the same tiles, rows read from a slide and streamed"
+        elif k.startswith("slide_"):
+            what = "run_slide_inference: strips with a halo, each tiled"
         print(
-            f"  {k:12s} {res['mp_per_s'][k]:7.3f} MP/s  ({times[k]:6.2f} s)  {res['throughput_vs_single'][k]:5.2f} x single   ({what})"
+            f"  {k:12s} {res['mp_per_s'][k]:7.3f} MP/s  ({times[k]:6.2f} s)  {res['time_vs_single'][k]:5.2f}x the time of single  ({what})"
         )
     print(
-        "  mean |tiled - single| probability in the interior: "
-        + ", ".join(f"tile {t}: {v:.4f}" for t, v in res["tiled_vs_single_mean_abs_diff"].items())
+        "  seam error, mean |tiled - single| probability in the interior (max anywhere): "
+        + ", ".join(f"tile {t}: {res['seam_error_mean'][t]:.5f} ({res['seam_error_max'][t]:.3f})" for t in tiles)
         + f"; peak RSS {res['peak_rss_mb']:.0f} MB"
     )
     if a.json:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from histolight.claims import Claims
 from histolight.cohort import (
     EXIT_SLIDES_FAILED,
-    Claims,
     PerSlideOptions,
     SkipSlide,
     failure_exit_code,
@@ -64,6 +64,40 @@ def _once(name: str, out: str, sleep: float) -> dict:
     time.sleep(sleep)
     final.write_text("ok")
     return {}
+
+
+def _cannot_load(why: str):
+    raise RuntimeError(why)
+
+
+class _LoadsOnlyHere:
+    """A per-slide function that pickles, but cannot be loaded in a worker process (as a notebook's own would)."""
+
+    def __call__(self, name: str) -> dict:
+        return {"pid": os.getpid()}
+
+    def __reduce__(self):
+        return _cannot_load, ("not loadable in a worker",)
+
+
+def _refuse_if(marker: str):
+    if Path(marker).exists():
+        raise RuntimeError("no more workers")
+    return _KillsItsWorker(marker)
+
+
+class _KillsItsWorker:
+    """Kills the worker it runs in; once it has, it cannot be loaded in a new worker (a machine out of resources)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self, name: str) -> dict:
+        Path(self.marker).touch()
+        os._exit(1)
+
+    def __reduce__(self):
+        return _refuse_if, (self.marker,)
 
 
 def _status(res) -> dict:
@@ -114,6 +148,29 @@ def test_shards_partition_the_cohort():
 def test_unpicklable_function_runs_serially(tmp_path):
     res = run_per_slide(["a", "b"], lambda n: {"x": 1}, out_dir=tmp_path, workers=2, progress=False)
     assert set(res.table["status"]) == {"done"}
+
+
+# ------------------------------------------------------------------ workers that cannot start
+
+
+def test_workers_that_cannot_start_fall_back_to_this_process(tmp_path, caplog):
+    """Every worker fails at start-up: one warning saying why, and the slides run here (not 'worker died')."""
+    res = run_per_slide(["a", "b", "c"], _LoadsOnlyHere(), out_dir=tmp_path, workers=2, progress=False)
+    assert set(res.table["status"]) == {"done"} and set(res.table["pid"]) == {os.getpid()}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "running 3 slide(s) in this process" in warnings[0] and "not loadable in a worker" in warnings[0]
+    assert "died" not in caplog.text
+
+
+def test_slides_fail_when_no_new_worker_can_start(tmp_path):
+    """Workers ran, then died, and their replacements cannot start: the slides left fail with that reason."""
+    res = run_per_slide(list("abcd"), _KillsItsWorker(str(tmp_path / "marker")), workers=2, progress=False, claims=False)
+    assert set(res.table["status"]) == {"failed"} and failure_exit_code(res.counts["failed"], 4) == EXIT_SLIDES_FAILED
+    reasons = res.failed
+    assert "exit code 1) while processing this slide" in reasons["a"]
+    left = [r for r in reasons.values() if r.startswith("not processed: no new worker process could start")]
+    assert left and all("no more workers" in r for r in left), reasons
 
 
 # ------------------------------------------------------------------ workers that die
@@ -213,6 +270,11 @@ def test_claim_is_exclusive_and_dead_claims_are_taken_over(tmp_path):
     assert c.acquire("y") is None
     c.close()
     assert Path(c.path("x")).name.endswith(".claim") and "/" not in c.path("../../etc").name
+    # a run that finishes removes the empty claims folder; a concurrent run still claiming slides recreates it
+    done, busy = Claims(tmp_path / "shared"), Claims(tmp_path / "shared")
+    done.close()
+    assert busy.acquire("z") is None
+    busy.close()
 
 
 @pytest.mark.slow

@@ -105,6 +105,13 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
             with open_dict(cfg):
                 cfg.model = _compose(["model=seg_unet"]).model
             assert config_from_hydra(cfg).size == cfg.data.size
+        elif option == "bags":
+            from histolight.config import from_config
+            from histolight.mil.config import BagDataConfig
+
+            with open_dict(cfg):
+                cfg.data.bags = str(tmp_path)
+            assert from_config(BagDataConfig, cfg.data, "data").bags == str(tmp_path)
         else:
             from histolight.classify.config import TileDataConfig
             from histolight.config import from_config
@@ -117,6 +124,19 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         assert (n is None) == (option == "none")
     # resolve everything except fields that need a live Hydra run
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False) if group != "dataset" or option != "folder" else None
+    from histolight.tasks.wrapper import check_top_level
+
+    check_top_level(cfg)  # every option composes into known top-level keys only
+
+
+def test_known_top_level_keys_are_the_config_groups_and_config_yaml_keys():
+    from histolight.tasks.wrapper import known_top_level_keys
+
+    known = known_top_level_keys()
+    doc = OmegaConf.load(CONF / "config.yaml")
+    groups = {str(next(iter(d))).removeprefix("optional ") for d in doc.defaults if not isinstance(d, str)}
+    assert groups - {"local"} <= set(known) and set(doc) - {"defaults"} <= set(known)
+    assert {"ckpt_path", "resume", "seed", "trainer", "task"} <= set(known) and "bogus" not in known
 
 
 def test_unknown_task_is_a_clear_error():
@@ -185,6 +205,8 @@ def test_run_info_on_tiny_demo_and_config_errors(tmp_path, tiny_demo):
     assert "Traceback" not in r.stderr
     r = _run(["task=nope"], tmp_path)
     assert r.returncode != 0 and "nope" in r.stderr
+    r = _run(["task=info", "+sed=1", *tiny_demo_overrides(tiny_demo)], tmp_path)  # an unknown top-level key
+    assert r.returncode == 1 and "unknown top-level key 'sed'. Did you mean 'seed'?" in r.stderr + r.stdout
 
 
 def test_multirun_dirs_are_unique(tmp_path, tiny_demo):

@@ -81,6 +81,32 @@ def test_ensure_demo_skips_when_complete_and_regenerates_on_change(tmp_path):
         DemoConfig(n_slides=0)
 
 
+def test_regenerating_keeps_edited_files_and_removes_only_generated_ones(tmp_path, caplog):
+    small = dict(width=600, height=512, workers=1)
+    ensure_demo(tmp_path, DemoConfig(n_slides=3, **small))
+    edited = tmp_path / "rois" / "demo_001.csv"
+    edited.write_text(edited.read_text() + "user_roi,1,1,tumor\n")
+    stale_edited = tmp_path / "qc" / "demo_002.json"
+    stale_edited.write_text('{"mine": true}')
+    added = tmp_path / "rois" / "notes.txt"
+    added.write_text("mine")
+    mask0 = (tmp_path / "masks" / "demo_000.png").read_bytes()
+    with caplog.at_level(logging.WARNING):
+        ensure_demo(tmp_path, DemoConfig(n_slides=2, **{**small, "width": 640}))
+    assert "user_roi" in edited.read_text()  # kept, not regenerated
+    assert stale_edited.read_text() == '{"mine": true}' and added.read_text() == "mine"
+    assert "rois/demo_001.csv" in caplog.text and "qc/demo_002.json" in caplog.text
+    # the generated files of the dropped slide are gone; the others are regenerated
+    assert not (tmp_path / "slides" / "demo_002.svs").exists() and not (tmp_path / "rois" / "demo_002.csv").exists()
+    assert (tmp_path / "masks" / "demo_000.png").read_bytes() != mask0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["width"] == 640 and "rois/demo_001.csv" not in manifest["files"]
+    assert "slides/demo_001.svs" in manifest["files"]
+    # the edited file stays the user's in later generations too
+    ensure_demo(tmp_path, DemoConfig(n_slides=3, **small))
+    assert "user_roi" in edited.read_text() and (tmp_path / "slides" / "demo_002.svs").exists()
+
+
 def test_annotations_split_by_patient(tiny_demo):
     df = pd.read_csv(tiny_demo / "annotations.csv")
     assert list(df.columns) == ["patient", "slide", "label", "split"]

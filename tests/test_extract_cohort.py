@@ -159,7 +159,7 @@ def test_cohorts_sharing_a_tiles_root_do_not_touch_each_other(tiny_demo, tmp_pat
 def test_a_slide_held_or_finished_by_another_run_is_never_deleted(demo_ds, tmp_path):
     import time
 
-    from histolight.cohort import Claims
+    from histolight.claims import Claims
     from histolight.extract.runner import ExtractJob, extract_one, make_config
 
     d = tile_folder(tmp_path, demo_ds.name, 64, 64)
@@ -219,6 +219,36 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(demo_ds, tmp_path, m
     check_records(res, demo_ds)
     for name, g in res.tiles.groupby("slide"):  # loose tiles: one file per record, named by tile id
         assert sorted(p.stem for p in (d / "tiles" / name).iterdir()) == sorted(g.index)
+
+
+def test_report_summary_and_tile_table_are_replaced_as_one_set(demo_ds, tmp_path, monkeypatch):
+    import errno
+
+    from histolight.extract import report
+
+    first = extract_tiles(demo_ds, outdir=tmp_path, qc=None, slides=["demo_000", "demo_001"], **FAST)
+    products = (first.table_path, first.summary_path, first.report_path)
+    old = [p.read_bytes() for p in products]
+    real = report.atomic_write_text
+
+    def disk_full(path, text, **kw):  # the second write of the set (the report, after the summary CSV) fails
+        if "report.html" in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text, **kw)
+
+    monkeypatch.setattr(report, "atomic_write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)  # a third slide: every product changes
+    assert [p.read_bytes() for p in products] == old  # the earlier set, whole
+    assert sorted(pd.read_csv(first.summary_path).slide) == ["demo_000", "demo_001"]
+    assert not [f for f in _listing(first.tile_dir) if ".set-" in f]  # no temp left behind
+    monkeypatch.setattr(report, "atomic_write_text", real)
+    again = extract_tiles(demo_ds, outdir=tmp_path, qc=None, **FAST)
+    assert sorted(pd.read_csv(again.summary_path).slide) == ["demo_000", "demo_001", "demo_002"]
+    assert "demo_002" in again.report_path.read_text() and set(pd.read_parquet(again.table_path).slide) >= {"demo_002"}
+    # without a report, an earlier run's report (describing another set) does not stay beside the new summary
+    extract_tiles(demo_ds, outdir=tmp_path, qc=None, report=False, **FAST)
+    assert not again.report_path.exists()
 
 
 def test_killed_run_is_resumed(demo_ds, tiny_demo, tmp_path):

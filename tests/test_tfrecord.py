@@ -34,6 +34,7 @@ from histolight.io import (
     index_path_for,
     iter_records,
     load_index,
+    save_index,
 )
 
 
@@ -250,9 +251,18 @@ def test_truncated_and_corrupt_files_raise_with_offset(tmp_path):
     p.write_bytes(data[: int(arr[2, 0]) + 5])
     with pytest.raises(TFRecordError, match=rf"offset {arr[2, 0]}.*truncated record header"):
         list(TFRecordReader(p, write_index=False))
-    # the stale index is rejected; the rebuild scan reports the truncation
-    with pytest.raises(TFRecordError, match="truncated"):
+    # the index written before the truncation is kept: the records before the cut read, the lost ones are named
+    r = TFRecordReader(p, write_index=False)
+    assert len(r) == 5 and r.read(1) == expected[1]
+    for i in (2, 4):
+        with pytest.raises(TFRecordError, match=rf"record {i} at byte offset {arr[i, 0]}: truncated file") as ei:
+            r.read(i)
+        assert ei.value.record == i and ei.value.offset == arr[i, 0]
+    # without that index, the rebuild scan reports the truncation (and the record)
+    os.unlink(index_path_for(p))
+    with pytest.raises(TFRecordError, match=rf"record 2 at byte offset {arr[2, 0]}: truncated"):
         len(TFRecordReader(p, write_index=False))
+    save_index(index_path_for(p), arr, None)
 
     # flipped payload byte (last byte of the slide name): CRC error when verifying, readable when not
     bad = bytearray(data)
@@ -261,7 +271,7 @@ def test_truncated_and_corrupt_files_raise_with_offset(tmp_path):
     _set_mtimes(p, index_path_for(p), 1_000_000, 2_000_000)
     with pytest.raises(TFRecordError, match=rf"offset {arr[1, 0]}: data checksum mismatch"):
         list(iter_records(p))
-    with pytest.raises(TFRecordError, match=rf"offset {arr[1, 0]}: record 1: data checksum"):
+    with pytest.raises(TFRecordError, match=rf"record 1 at byte offset {arr[1, 0]}: data checksum"):
         TFRecordReader(p).read(1)
     assert TFRecordReader(p, verify=False).read(2) == expected[2]
     assert [r["slide"] for r in iter_records(p, verify=False)][1] == b"slide@"

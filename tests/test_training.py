@@ -558,3 +558,33 @@ def test_trainer_config_drops_gpu_options_on_cpu():
 
     t = trainer_config(OmegaConf.create({"accelerator": "cpu", "precision": "16-mixed", "sync_batchnorm": True}))
     assert t.precision == "32-true" and t.sync_batchnorm is False
+
+
+def test_validating_an_optimizer_config_imports_only_known_packages(tmp_path, monkeypatch):
+    """A config read from someone's model folder must not make histolight import a module it names."""
+    import sys
+
+    from histolight.training.optim import check_partial
+
+    (tmp_path / "evil_optim_mod.py").write_text(
+        "import pathlib; pathlib.Path(__file__).with_name('ran').write_text('x')\nclass O: pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert check_partial("optimizer", {"_target_": "evil_optim_mod.O", "_partial_": True}) is not None
+    assert "evil_optim_mod" not in sys.modules and not (tmp_path / "ran").exists()
+    with pytest.raises(ValueError, match="cannot be imported"):
+        check_partial("optimizer", {"_target_": "torch.optim.AdamWW", "_partial_": True})
+    with pytest.raises(ValueError, match="dotted class path"):
+        check_partial("optimizer", {"_target_": "os.system('x')", "_partial_": True})
+
+
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_stratified_kfold_puts_every_stratum_in_every_fold(k):
+    from histolight.training.splits import kfold_split
+
+    patients = {f"p{i}": f"p{i}" for i in range(20)}
+    strata = {p: ("a" if i % 2 else "b") for i, p in enumerate(patients)}
+    for fold in range(k):
+        split = kfold_split(patients, k=k, fold=fold, strata=strata)
+        val = [p for p, s in split.items() if s == "val"]
+        assert {strata[p] for p in val} == {"a", "b"}, (k, fold, val)

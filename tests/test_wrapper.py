@@ -1,5 +1,6 @@
 """The task wrapper: returns the swept metric, always closes the W&B run, reports user errors cleanly."""
 
+import re
 import sys
 import types
 
@@ -87,3 +88,83 @@ def test_failed_slides_set_exit_status_two_unless_allowed(fake_tasks, caplog):
     cfg.task.max_failed = 0.1
     with pytest.raises(SystemExit):
         execute(cfg)
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("bogus", 1, r"unknown top-level key 'bogus'\. Known keys: callbacks, data, .*, trainer, .*ckpt_path, resume"),
+        ("ckpt_pth", "x", r"unknown top-level key 'ckpt_pth'\. Did you mean 'ckpt_path'\?"),
+        ("max_epochs", 3, r"unknown top-level key 'max_epochs'\. Did you mean 'trainer\.max_epochs'\?"),
+        ("resume", "auto", r"resume='auto' is invalid for task=fake_ok: it applies to train_seg and train_tiles"),
+    ],
+)
+def test_unknown_top_level_keys_are_errors_with_a_did_you_mean(fake_tasks, caplog, key, value, message):
+    cfg = _cfg("fake_ok", None, fake_tasks)
+    cfg.trainer = {"max_epochs": 5}
+    cfg[key] = value
+    with pytest.raises(SystemExit) as e:
+        execute(cfg)
+    assert e.value.code == 1 and re.search(message, caplog.text), caplog.text
+
+
+def _raiser(exc):
+    def task(cfg):
+        raise exc
+
+    return task
+
+
+@pytest.mark.parametrize(
+    "exc,message",
+    [
+        (ImportError("libtorch_cpu.so: failed to map segment from shared object"), "the likely cause is memory"),
+        (OSError(12, "Cannot allocate memory"), "the likely cause is memory"),
+        (OSError(28, "No space left on device", "/x/report.html"), "no space left on the disk writing '/x/report.html'"),
+    ],
+)
+def test_memory_and_disk_failures_are_one_clear_line(fake_tasks, monkeypatch, caplog, exc, message):
+    monkeypatch.setattr(sys.modules["histolight_fake_tasks"], "env", _raiser(exc), raising=False)
+    monkeypatch.setitem(TASKS, "fake_env", "histolight_fake_tasks:env")
+    with pytest.raises(SystemExit) as e:
+        execute(_cfg("fake_env", None, fake_tasks))
+    assert e.value.code == 1 and message in caplog.text and "crashed" not in caplog.text
+
+
+def test_memory_error_while_importing_names_memory(fake_tasks, monkeypatch, caplog):
+    (fake_tasks / "histolight_big_module.py").write_text("raise MemoryError()\n")
+    monkeypatch.syspath_prepend(str(fake_tasks))
+
+    def task(cfg):
+        import histolight_big_module  # noqa: F401
+
+    monkeypatch.setattr(sys.modules["histolight_fake_tasks"], "imp", task, raising=False)
+    monkeypatch.setitem(TASKS, "fake_imp", "histolight_fake_tasks:imp")
+    with pytest.raises(SystemExit):
+        execute(_cfg("fake_imp", None, fake_tasks))
+    assert "out of memory while loading libraries (MemoryError" in caplog.text
+    # a MemoryError outside imports is a crash with its traceback, not a guess
+    monkeypatch.setattr(sys.modules["histolight_fake_tasks"], "oom", _raiser(MemoryError()), raising=False)
+    monkeypatch.setitem(TASKS, "fake_oom", "histolight_fake_tasks:oom")
+    with pytest.raises(MemoryError):
+        execute(_cfg("fake_oom", None, fake_tasks))
+
+
+@pytest.mark.slow  # a run.py subprocess under a 4 GiB address-space limit (~5 s)
+def test_segment_under_a_memory_limit_says_memory(tiny_demo, tmp_path):
+    import resource
+    import subprocess
+
+    from tests.conftest import ROOT, tiny_demo_overrides
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    cmd = [sys.executable, str(ROOT / "run.py"), "task=segment", f"task.model={tmp_path}", "logger=none"]
+    cmd += [f"hydra.run.dir={tmp_path / 'run'}", *tiny_demo_overrides(tiny_demo)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    out = p.stdout + p.stderr
+    if p.returncode == 0:
+        pytest.skip("torch loads under 4 GiB of address space here")
+    assert p.returncode == 1 and "the likely cause is memory: the address-space limit is 4.0 GiB (ulimit -v)" in out, out
+    assert "Traceback" not in out

@@ -13,7 +13,8 @@ What it guarantees, whatever ``fn`` does:
   traceback is logged at ERROR level; ``KeyboardInterrupt`` stops the run. One slide never stops the batch.
 - **Workers** (``workers > 1``): each slide runs in a spawned worker process. A worker that dies (killed, out
   of memory, a segfault in a decoder) fails only the slide it held; a fresh worker takes over the rest.
-  Workers exit within a second when this process dies, so a killed run leaves no orphans.
+  Workers exit within a second when this process dies, so a killed run leaves no orphans. Where workers cannot
+  run (an unguarded script, see :func:`run_per_slide`), the slides run in this process after one warning.
 - **Claims**: while a slide is being processed its claim file ``<out_dir>/.claims/<slide>.claim`` is locked
   (``flock``) and names the owner (host, pid, start time). A second run into the same folder skips slides
   another live run holds; claims of dead runs are taken over (the kernel drops a dead process's lock; a claim
@@ -28,16 +29,9 @@ The task wrapper turns ``n_failed`` into the process exit status (see :func:`fai
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import multiprocessing as mp
 import os
 import pickle
-import re
-import socket
-import sys
-import threading
 import time
 import traceback
 from collections import deque
@@ -49,8 +43,10 @@ from typing import Any
 
 import pandas as pd
 
+from histolight.claims import Claims
 from histolight.config.schema import check, is_pos_int
 from histolight.errors import HistolightError
+from histolight.utils.procs import describe_exit, exit_with_parent, start_context, worker_payload
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +79,9 @@ class PerSlideOptions:
     def __post_init__(self):
         check(is_pos_int(self.workers), "workers", self.workers, "must be an integer >= 1")
         check(isinstance(self.allow_failures, bool), "allow_failures", self.allow_failures, "must be true or false")
-        check(
-            self.max_failed is None
-            or (
-                isinstance(self.max_failed, (int, float)) and not isinstance(self.max_failed, bool) and 0 <= self.max_failed <= 1
-            ),
-            "max_failed",
-            self.max_failed,
-            "must be null or a fraction of slides between 0 and 1 (e.g. 0.05)",
-        )
+        m = self.max_failed
+        ok = m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1)
+        check(ok, "max_failed", m, "must be null or a fraction of slides between 0 and 1 (e.g. 0.05)")
 
 
 def failure_exit_code(n_failed: int, n_slides: int, allow_failures: bool = False, max_failed: float | None = None) -> int:
@@ -116,16 +106,12 @@ class CohortResult:
 
     @property
     def counts(self) -> dict[str, int]:
-        st = self.table["status"] if len(self.table) else pd.Series(dtype=object)
-        return {s: int((st == s).sum()) for s in STATUSES}
+        return {s: int((self.table["status"] == s).sum()) for s in STATUSES}
 
     @property
     def failed(self) -> dict[str, str]:
         """``{slide: reason}`` of the failed slides."""
-        t = self.table
-        if not len(t):
-            return {}
-        bad = t[t["status"] == "failed"]
+        bad = self.table[self.table["status"] == "failed"]
         return dict(zip(bad["slide"], bad["reason"].fillna("")))
 
     def metrics(self) -> dict[str, Any]:
@@ -183,125 +169,26 @@ def _call(fn: Callable[[str], dict | None], name: str) -> dict:
     return row
 
 
-# ---------------------------------------------------------------------------------------------- claims
-
-
-def _claim_file_name(name: str) -> str:
-    """A safe file name for slide ``name`` (any characters; never a path): sanitized stem + hash."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:80] or "slide"
-    return f"{stem}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}.claim"
-
-
-class Claims:
-    """Per-slide claim files under ``root``, locked with ``flock`` while held (see the module docstring)."""
-
-    def __init__(self, root: str | os.PathLike, stale_after: float = 600.0):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.stale_after = float(stale_after)
-        self.host = socket.gethostname()
-        self.held: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, name="histolight-claims", daemon=True)
-        self._beat.start()
-
-    def path(self, name: str) -> Path:
-        return self.root / _claim_file_name(name)
-
-    def acquire(self, name: str) -> str | None:
-        """Take the claim of ``name``; None on success, else why not (who holds it)."""
-        import fcntl
-
-        path = self.path(name)
-        for _ in range(5):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = _read_owner(fd)
-                os.close(fd)
-                return f"being processed by another run ({_describe(owner)})"
-            try:
-                same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if not same_file:  # the holder released and removed it between our open and lock: try again
-                os.close(fd)
-                continue
-            owner = _read_owner(fd)
-            if owner and owner.get("host") != self.host and time.time() - os.fstat(fd).st_mtime < self.stale_after:
-                os.close(fd)  # another machine's run (its lock may not be visible here): honour a fresh heartbeat
-                return f"being processed by another run ({_describe(owner)})"
-            if owner:
-                log.info("%s: taking over the stale claim of %s", name, _describe(owner))
-            me = {"host": self.host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
-            with self._lock:
-                self.held[name] = fd
-            return None
-        return "its claim file keeps changing (another run is cycling through it); try again"
-
-    def release(self, name: str) -> None:
-        """Drop the claim: remove the file (while still locked) and unlock."""
-        with self._lock:
-            fd = self.held.pop(name, None)
-        if fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(name))
-        os.close(fd)
-
-    def close(self) -> None:
-        """Release every claim still held and remove the claims folder if no other run uses it."""
-        self._stop.set()
-        for name in list(self.held):
-            self.release(name)
-        with contextlib.suppress(OSError):
-            self.root.rmdir()  # only succeeds when empty
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(min(60.0, self.stale_after / 4)):
-            with self._lock:
-                names = list(self.held)
-            for name in names:
-                with contextlib.suppress(OSError):
-                    os.utime(self.path(name))
-
-
-def _read_owner(fd: int) -> dict | None:
-    try:
-        data = os.pread(fd, 4096, 0)
-        return json.loads(data) if data.strip() else None
-    except (OSError, ValueError):
-        return None
-
-
-def _describe(owner: dict | None) -> str:
-    if not owner:
-        return "owner unknown"
-    return f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}"
-
-
 # ---------------------------------------------------------------------------------------------- workers
 
 
-def _worker_main(conn, fn, parent_pid: int) -> None:
-    """A slide worker: receive slide names, send back ``("progress", ...)`` and ``("result", name, row)``."""
+def _worker_main(conn, payload: bytes, parent_pid: int) -> None:
+    """A slide worker: load the pickled per-slide function, say ``("ready",)`` (or ``("startup_error", why)``), then
+    receive slide names and send back ``("progress", ...)`` and ``("result", name, row)``."""
     global _PROGRESS
 
-    def watch_parent():  # exit promptly when the parent is gone, even in the middle of a slide
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(3)
-            time.sleep(0.25)
-
-    threading.Thread(target=watch_parent, name="histolight-parent-watch", daemon=True).start()
+    exit_with_parent(parent_pid)  # promptly, even in the middle of a slide
     with contextlib.suppress(Exception):
         import cv2
 
         cv2.setNumThreads(1)  # one slide per process: no oversubscription
+    try:
+        fn = pickle.loads(payload)
+    except Exception as e:  # noqa: BLE001 - whatever stops the function from loading here is a start-up failure
+        why = f"the per-slide function cannot be loaded in a worker process ({type(e).__name__}: {e})"
+        conn.send(("startup_error", f"{why}; define it in a module that worker processes can import"))
+        return
+    conn.send(("ready",))
     _PROGRESS = lambda name, n, total: conn.send(("progress", name, n, total))  # noqa: E731
     while True:
         try:
@@ -313,36 +200,17 @@ def _worker_main(conn, fn, parent_pid: int) -> None:
         conn.send(("result", name, _call(fn, name)))
 
 
-def _start_method() -> str | None:
-    """``spawn`` (fresh interpreters: safe after OpenSlide/OpenCV started threads here, which ``fork`` is not);
-    ``HISTOLIGHT_MP_START`` overrides. None when spawning cannot work (a main script read from stdin)."""
-    env = os.environ.get("HISTOLIGHT_MP_START")
-    if env:
-        return env
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file is not None and not os.path.exists(main_file):
-        return None
-    return "spawn"
-
-
 @dataclass
 class _Worker:
     process: Any
     conn: Any
     slide: str | None = None
+    ready: bool = False
+    error: str | None = None  # why it could not start, as it reported
 
 
-def _describe_death(code: int | None) -> str:
-    if code is not None and code < 0:
-        import signal
-
-        try:
-            sig = signal.Signals(-code).name
-        except ValueError:
-            sig = f"signal {-code}"
-        hint = " (SIGKILL: often the out-of-memory killer)" if sig == "SIGKILL" else ""
-        return f"the worker process was killed by {sig}{hint} while processing this slide; rerun to retry it"
-    return f"the worker process died (exit code {code}) while processing this slide; rerun to retry it"
+def _row(name: str, status: str, reason: str) -> dict:
+    return {"slide": name, "status": status, "reason": reason, "seconds": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -378,7 +246,14 @@ def run_per_slide(
             ``status`` (``done``/``empty``/``skipped``) and ``reason`` override the default ``done``. With
             ``workers > 1`` it must be picklable (a module-level function or a ``functools.partial`` of one).
         out_dir: folder for the summary and (with ``claims``) the ``.claims/`` folder; None = neither.
-        workers: processes running slides in parallel (1 = this process).
+        workers: processes running slides in parallel (1 = this process). Workers are spawned, and a spawned
+            process first re-runs the main script's top level, so **a script must start the run under**
+            ``if __name__ == "__main__":``. Without the guard (or from a script read from stdin, or with a ``fn``
+            that cannot be pickled) the slides run in this process, after one warning that says why and how to
+            fix it. Notebooks, the REPL and ``python -c`` need no guard, but a ``fn`` defined there cannot be
+            loaded by workers (define it in a module). A worker that ends before it is ready is a start-up
+            failure, not a slide's: when none could start, the slides run in this process (with the warning);
+            when workers ran but no new one can start, the slides left fail with that reason.
         shard_index, num_shards: this job's share of the cohort (see :func:`shard`).
         summary_name: CSV file name of the summary table in ``out_dir`` (None = not written).
         claims: claim each slide while processing it, so concurrent runs never collide: ``True`` = claims in
@@ -400,19 +275,16 @@ def run_per_slide(
     bars = _Bars(desc, len(mine), progress, unit)
     try:
         n_workers = max(1, min(int(workers), len(mine)))
-        method = _start_method() if n_workers > 1 else None
-        if n_workers > 1 and method is None:
-            log.warning("cannot start worker processes from a script read from stdin; running the slides in this process")
-        if n_workers > 1 and method is not None:
-            try:
-                pickle.dumps(fn)
-            except Exception as e:  # noqa: BLE001 - any pickling failure means: run serially
-                log.warning("the per-slide function cannot be sent to worker processes (%s); running in this process", e)
-                method = None
-        if n_workers > 1 and method is not None:
-            _run_pool(mine, fn, n_workers, mp.get_context(method), store, rows, bars)
-        else:
-            _run_serial(mine, fn, store, rows, bars)
+        todo = mine
+        if n_workers > 1:
+            why, payload = worker_payload(fn)
+            if why is None:
+                todo, why = _run_pool(mine, payload, n_workers, store, rows, bars)
+            if todo:
+                log.warning(
+                    "workers=%d: running %d slide(s) in this process, not in worker processes: %s.", workers, len(todo), why
+                )
+        _run_serial(todo, fn, store, rows, bars)
     finally:
         bars.close()
         if store is not None:
@@ -423,8 +295,7 @@ def run_per_slide(
         from histolight.io.atomic import atomic_write_text
 
         atomic_write_text(summary, table.to_csv(index=False))
-    res = CohortResult(table, summary, time.time() - t0)
-    return res
+    return CohortResult(table, summary, time.time() - t0)
 
 
 def _record(rows: dict, name: str, row: dict, bars: _Bars) -> None:
@@ -447,7 +318,7 @@ def _run_serial(names, fn, store, rows, bars) -> None:
         for name in names:
             why = store.acquire(name) if store is not None else None
             if why is not None:
-                _record(rows, name, {"slide": name, "status": "skipped", "reason": why, "seconds": 0.0}, bars)
+                _record(rows, name, _row(name, "skipped", why), bars)
                 continue
             try:
                 _record(rows, name, _call(fn, name), bars)
@@ -458,28 +329,41 @@ def _run_serial(names, fn, store, rows, bars) -> None:
         _PROGRESS = prev
 
 
-def _run_pool(names, fn, n_workers: int, ctx, store, rows, bars) -> None:
+def _run_pool(names, payload: bytes, n_workers: int, store, rows, bars) -> tuple[list[str], str | None]:
+    """Run ``names`` in worker processes. Returns ``(slides, why)``: the slides for this process to run when no
+    worker could start at all. Once workers did start here, slides left when none can be started are failed."""
+    ctx = start_context()
     pending = deque(names)
     pool: list[_Worker] = []
+    failed_starts: list[str] = []  # why workers could not start
+    started = False  # a worker got ready: workers can run here
 
-    def start() -> _Worker:
+    def start() -> None:
         parent, child = ctx.Pipe(duplex=True)
         # not a daemon: a slide function may start processes of its own (DataLoader workers); the parent-death
         # watchdog and the shutdown below end the worker instead
-        p = ctx.Process(target=_worker_main, args=(child, fn, os.getpid()), daemon=False, name="histolight-slide-worker")
-        p.start()
+        p = ctx.Process(target=_worker_main, args=(child, payload, os.getpid()), daemon=False, name="histolight-slide-worker")
+        try:
+            p.start()
+            pool.append(_Worker(p, parent))
+        except OSError as e:  # out of processes or memory
+            failed_starts.append(f"it could not be started ({e})")
         child.close()
-        return _Worker(p, parent)
 
     def assign(w: _Worker) -> None:
         while pending:
             name = pending.popleft()
             why = store.acquire(name) if store is not None else None
             if why is not None:
-                _record(rows, name, {"slide": name, "status": "skipped", "reason": why, "seconds": 0.0}, bars)
+                _record(rows, name, _row(name, "skipped", why), bars)
                 continue
-            w.slide = name
-            w.conn.send(name)
+            try:
+                w.conn.send(name)
+                w.slide = name
+            except OSError:  # the worker has just ended (handled by the loop): the slide waits for another one
+                pending.appendleft(name)
+                if store is not None:
+                    store.release(name)
             return
 
     def finish(w: _Worker, name: str, row: dict) -> None:
@@ -488,45 +372,56 @@ def _run_pool(names, fn, n_workers: int, ctx, store, rows, bars) -> None:
             store.release(name)
         _record(rows, name, row, bars)
 
+    def read(w: _Worker) -> None:
+        nonlocal started
+        with contextlib.suppress(EOFError, OSError):  # a dead worker is handled through its sentinel
+            while w.conn.poll():
+                msg = w.conn.recv()
+                if msg[0] == "ready":
+                    w.ready = started = True
+                elif msg[0] == "startup_error":
+                    w.error = msg[1]
+                elif msg[0] == "progress":
+                    bars.units(*msg[1:])
+                else:
+                    finish(w, msg[1], msg[2])
+
     try:
         for _ in range(n_workers):
-            pool.append(start())
-        for w in pool:
-            assign(w)
-        while any(w.slide is not None for w in pool):
-            busy = [w for w in pool if w.slide is not None]
-            ready = mp_wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.5)
-            for w in busy:
-                if w.conn in ready or w.conn.poll():
-                    try:
-                        while w.slide is not None and w.conn.poll():
-                            msg = w.conn.recv()
-                            if msg[0] == "progress":
-                                bars.units(*msg[1:])
-                            else:
-                                finish(w, msg[1], msg[2])
-                    except (EOFError, OSError):
-                        pass  # the worker died: handled through its sentinel below
-                    if w.slide is None:
-                        assign(w)
-                        continue
-                if w.slide is not None and not w.process.is_alive():
-                    w.process.join()
-                    name = w.slide
+            start()
+        while pool and (pending or any(w.slide is not None for w in pool)):
+            mp_wait([w.conn for w in pool] + [w.process.sentinel for w in pool], timeout=0.5)
+            for w in list(pool):
+                read(w)
+                if w.ready and w.slide is None:
+                    assign(w)
+                if w.process.is_alive():
+                    continue
+                w.process.join()
+                read(w)  # what it sent just before it ended
+                pool.remove(w)
+                w.conn.close()
+                code = w.process.exitcode
+                if w.slide is not None:
                     finish(
-                        w,
-                        name,
-                        {"slide": name, "status": "failed", "reason": _describe_death(w.process.exitcode), "seconds": 0.0},
+                        w, w.slide, _row(w.slide, "failed", describe_exit(code, "while processing this slide; rerun to retry it"))
                     )
-                    if pending:
-                        log.warning("a slide worker died; starting a new one for the %d remaining slide(s)", len(pending))
-                        i = pool.index(w)
-                        w.conn.close()
-                        pool[i] = start()
-                        assign(pool[i])
+                if not w.ready:
+                    failed_starts.append(w.error or describe_exit(code, "before it was ready"))
+                elif pending:
+                    log.warning("a slide worker died; starting a new one for the %d remaining slide(s)", len(pending))
+                    start()
+        if pending and not started:
+            return list(pending), f"no worker process could start: {failed_starts[0]}"
+        for name in pending:
+            reason = f"not processed: no new worker process could start ({failed_starts[-1]}); rerun to retry it"
+            _record(rows, name, _row(name, "failed", reason), bars)
+        if failed_starts:
+            log.warning("%d slide worker process(es) failed to start: %s", len(failed_starts), failed_starts[0])
+        return [], None
     finally:
         for w in pool:
-            with contextlib.suppress(OSError, BrokenPipeError):
+            with contextlib.suppress(OSError):
                 w.conn.send(None)
         deadline = time.time() + 5
         for w in pool:
@@ -586,7 +481,6 @@ __all__ = [
     "SkipSlide",
     "PerSlideOptions",
     "CohortResult",
-    "Claims",
     "run_per_slide",
     "report_progress",
     "failure_exit_code",

@@ -19,9 +19,15 @@ from histolight.compat.slideflow import SlideflowDataset
 from histolight.config.schema import check_cohort_name, default_cohort_name
 from histolight.errors import ConfigError, HistolightError, ROIError
 from histolight.roi import ROI, ROI_EXTENSIONS, read_rois
+from histolight.utils.filesets import is_recorded_set, read_record, record_path
 from histolight.wsi import SLIDE_EXTENSIONS, Slide, slide_name
 
 log = logging.getLogger(__name__)
+
+
+def roi_files(folder: str | os.PathLike, name: str) -> list[Path]:
+    """The ROI files of slide ``name`` in ``folder``, in lookup order (:data:`ROI_EXTENSIONS`)."""
+    return [p for p in (Path(folder) / f"{name}{ext}" for ext in ROI_EXTENSIONS) if p.is_file()]
 
 
 def _as_list(v) -> list:
@@ -160,12 +166,22 @@ class Dataset(SlideflowDataset):
 
     # ------------------------------------------------------------------ ROIs
     def roi_path(self, name: str) -> Path | None:
-        """The ROI file of ``name`` (``.geojson``, ``.json`` then ``.csv`` in each ROI folder), or None."""
+        """The ROI file of ``name`` in the first ROI folder holding one, or None.
+
+        One slide's ROIs in two formats in one folder are ambiguous (which one did the user edit?): a
+        :class:`ROIError` names both, unless they are one unchanged set written by histolight (recorded in
+        ``<folder>/.generated/<slide>.json``, :mod:`histolight.utils.filesets`; then ``.geojson``, ``.json``,
+        ``.csv`` in that order)."""
         for d in self.roi_dirs:
-            for ext in ROI_EXTENSIONS:
-                p = d / f"{name}{ext}"
-                if p.exists():
-                    return p
+            found = roi_files(d, name)
+            if len(found) > 1 and not is_recorded_set(read_record(record_path(d, name)), found, d):
+                raise ROIError(
+                    f"slide '{name}' has {len(found)} ROI files in '{d}': {' and '.join(p.name for p in found)} (not one "
+                    f"set written by histolight, or edited since); keep the one to use and move the other(s) out of "
+                    "the folder"
+                )
+            if found:
+                return found[0]
         return None
 
     def has_rois(self, name: str) -> bool:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from histolight.classify.data import check_on_corrupt
 from histolight.classify.labels import LABEL_SOURCES
 from histolight.classify.splits import BALANCE_METHODS
 from histolight.config.schema import check, check_labels, is_pos_int
@@ -98,7 +99,8 @@ class TileDataConfig:
     pin_memory: bool = False
     persistent_workers: bool = True
     prefetch_factor: int | None = None
-    verify_crc: bool = False
+    verify: bool = True
+    on_corrupt: str = "fail"
 
     def __post_init__(self):
         from histolight.units import parse_tile_um
@@ -180,8 +182,9 @@ class TileDataConfig:
             "must be null (= number of training tiles) or an integer >= 1",
         )
         self.augment = validate_augment(self.augment, prefix="augment")
-        for k in ("normalize", "allow_patient_leakage", "pin_memory", "persistent_workers", "verify_crc"):
+        for k in ("normalize", "allow_patient_leakage", "pin_memory", "persistent_workers", "verify"):
             _bool(k, getattr(self, k))
+        check_on_corrupt(self.on_corrupt)
         check_mean_std(self.mean, self.std, prefix="data")
         check(
             self.prefetch_factor is None or is_pos_int(self.prefetch_factor),
@@ -189,12 +192,6 @@ class TileDataConfig:
             self.prefetch_factor,
             "must be null or an integer >= 1",
         )
-
-    @property
-    def tile_dir_name(self) -> str:
-        from histolight.units import tile_dir_name
-
-        return tile_dir_name(self.tile_px, self.tile_um)
 
 
 @dataclass
@@ -212,6 +209,7 @@ class TimmModelConfig:
     scheduler_interval: str = "epoch"
     warmup_epochs: int = 0
     model_kwargs: dict = field(default_factory=dict)
+    trust_checkpoint: bool = False
 
     def __post_init__(self):
         from histolight.classify.module import check_timm_name
@@ -221,6 +219,7 @@ class TimmModelConfig:
         except ConfigError as e:
             raise ValueError(str(e).replace("model.name", "name")) from None
         _bool("pretrained", self.pretrained)
+        _bool("trust_checkpoint", self.trust_checkpoint)
         check(
             self.checkpoint_path is None or isinstance(self.checkpoint_path, str),
             "checkpoint_path",

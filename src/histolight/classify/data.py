@@ -13,6 +13,12 @@ own file handles (readers are created lazily per process and never shared across
 Items are dicts: ``image`` (uint8 tensor 3 x H x W; mean/std normalization runs on the batch, on the
 device: :func:`histolight.training.normalize.normalize_batch`), ``label`` (int64, -1 when unlabelled),
 ``index`` (position in the dataset), ``slide`` (slide number in the dataset's ``slides`` list).
+
+Integrity: every read checks the record's CRCs (``verify=True``, the default) and decodes strictly
+(:func:`histolight.io.images.decode_image`). A tile that fails either is a :class:`CorruptTile` (tile id, TFRecord,
+record number, byte offset, reason); ``on_corrupt='fail'`` (default) raises :class:`CorruptTileError` with it,
+``on_corrupt='skip'`` logs it and leaves the tile out: the map-style item is then ``{"corrupt": CorruptTile,
+"index": i}`` and :func:`collate_tiles` (the ``collate_fn`` to use) lists those under the batch's ``corrupt`` key.
 """
 
 from __future__ import annotations
@@ -22,17 +28,66 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset, default_collate, get_worker_info
 
+from histolight.config.schema import check
 from histolight.errors import HistolightError
-from histolight.io.tfrecord import TFRecordReader, decode_image
+from histolight.io.tfrecord import ImageDecodeError, TFRecordError, TFRecordReader, decode_image
 from histolight.io.tilestore import TFRECORD_EXTENSIONS, find_tfrecords, index_tfrecords, tfrecord_slide_name
 
 log = logging.getLogger(__name__)
+
+#: what a tile dataset does with a tile whose record or image is damaged
+ON_CORRUPT = ("fail", "skip")
+
+
+class CorruptTile(NamedTuple):
+    """A tile that could not be read or decoded: id (``slide-x-y``), TFRecord path, record number (0-based), byte
+    offset of the record in the file (None when unknown) and the reason."""
+
+    tile_id: str
+    tfrecord: str
+    record: int
+    offset: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        at = "" if self.offset is None else f", byte offset {self.offset}"
+        return f"tile {self.tile_id} ('{self.tfrecord}' record {self.record}{at}): {self.reason}"
+
+
+class CorruptTileError(HistolightError):
+    """A tile could not be read or decoded and the policy is ``on_corrupt='fail'``; the message names the tile,
+    its TFRecord, record number and byte offset."""
+
+
+def check_on_corrupt(value: str, key: str = "on_corrupt") -> str:
+    """``value`` when it is a policy of :data:`ON_CORRUPT`, else ``ValueError`` naming ``key``."""
+    check(value in ON_CORRUPT, key, value, "must be fail (stop at the first corrupt tile) or skip (leave it out, counted)")
+    return value
+
+
+def describe_corrupt(bad: Sequence[CorruptTile]) -> str | None:
+    """One line for a per-slide summary: how many tiles were skipped and the first one (None when none were)."""
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 1} more, each in the log)" if len(bad) > 1 else ""
+    return f"{len(bad)} corrupt tile(s) skipped: {bad[0]}{more}"
+
+
+def collate_tiles(items: list[dict]) -> dict:
+    """``collate_fn`` for the tile datasets: the readable items batched (``image``, ``label``, ``index``, ``slide``;
+    absent when no item of the batch was readable) and ``corrupt``: the :class:`CorruptTile` of each skipped item."""
+    good = [it for it in items if "corrupt" not in it]
+    batch = default_collate(good) if good else {}
+    batch["corrupt"] = [it["corrupt"] for it in items if "corrupt" in it]
+    return batch
+
 
 # ------------------------------------------------------------------------------------------ readers
 
@@ -40,7 +95,7 @@ log = logging.getLogger(__name__)
 class _ReaderPool:
     """Per-process LRU of open :class:`TFRecordReader` s (at most ``max_open`` file handles)."""
 
-    def __init__(self, paths: Sequence[str], verify: bool = False, max_open: int = 128):
+    def __init__(self, paths: Sequence[str], verify: bool = True, max_open: int = 128):
         self.paths = list(paths)
         self.verify = verify
         self.max_open = max(1, int(max_open))
@@ -72,8 +127,12 @@ class _ReaderPool:
         rec = self.get(f).read(int(record))
         img = rec.get("image_raw")
         if not isinstance(img, (bytes, bytearray)):
-            raise HistolightError(f"record {record} of '{self.paths[f]}' has no 'image_raw' bytes feature")
+            raise TFRecordError(self.paths[f], "record has no 'image_raw' bytes feature", self.offset(f, record), record)
         return img
+
+    def offset(self, f: int, record: int) -> int:
+        """Byte offset of ``record`` in file ``f`` (from its index)."""
+        return int(self.get(f).index[int(record), 0])
 
     def close(self) -> None:
         for r in self._open.values():
@@ -108,6 +167,7 @@ class _TileArrays:
         transform: Callable | None,
         tile_px: int | None,
         verify: bool,
+        on_corrupt: str,
         max_open: int,
     ):
         for c in ("tfrecord", "record", "slide"):
@@ -126,10 +186,40 @@ class _TileArrays:
         self.tile_ids = np.asarray(table.index.astype(str))
         self.transform = transform
         self.tile_px = tile_px
+        self.on_corrupt = check_on_corrupt(on_corrupt)
         self._pool = _ReaderPool(self.files, verify=verify, max_open=max_open)
 
+    def _corrupt(self, i: int, e: TFRecordError | ImageDecodeError) -> dict:
+        """Tile ``i`` is corrupt: raise (``fail``) or log it and return its ``{"corrupt", "index"}`` item (``skip``)."""
+        f, r = int(self.file_idx[i]), int(self.record_idx[i])
+        if isinstance(e, TFRecordError):
+            offset, reason = e.offset, e.reason
+        else:
+            offset, reason = self._pool.offset(f, r), str(e)
+        bad = CorruptTile(str(self.tile_ids[i]), self.files[f], r, offset, reason)
+        if self.on_corrupt == "fail":
+            raise CorruptTileError(
+                f"corrupt {bad}. Re-extract the slide's tiles, or set on_corrupt=skip to leave corrupt tiles out "
+                "(counted per slide)"
+            )
+        log.warning("skipped corrupt %s", bad)
+        return {"corrupt": bad, "index": int(i)}
+
+    def _read(self, i: int) -> bytes | dict:
+        """Encoded image of tile ``i``, or its corrupt item (see :meth:`_corrupt`)."""
+        f, r = int(self.file_idx[i]), int(self.record_idx[i])
+        try:
+            return self._pool.image_bytes(f, r)
+        except TFRecordError as e:
+            if e.record != r:  # the file as a whole (its index, its compression) is unusable: not this tile's fault
+                raise
+            return self._corrupt(i, e)
+
     def _item(self, i: int, data: bytes) -> dict:
-        img = load_tile(data, self.tile_px)
+        try:
+            img = load_tile(data, self.tile_px)
+        except ImageDecodeError as e:
+            return self._corrupt(i, e)
         x = self.transform(img) if self.transform is not None else default_transform(img)
         return {"image": x, "label": int(self.labels[i]), "index": int(i), "slide": int(self.slide_idx[i])}
 
@@ -144,7 +234,10 @@ class TileDataset(_TileArrays, Dataset):
         slides: slide list defining ``item['slide']`` numbers (default: sorted slides of the table).
         transform: ``H x W x 3 uint8 -> 3 x H x W tensor`` (run in the worker; default: uint8 CHW).
         tile_px: resize decoded tiles to this size when they differ.
-        verify: check record CRCs on every read.
+        verify: check record CRCs on every read (``False``: faster, damaged records are then caught only when their
+            image fails to decode).
+        on_corrupt: ``fail`` (raise :class:`CorruptTileError`) or ``skip`` (item ``{"corrupt": CorruptTile,
+            "index": i}``; batch with :func:`collate_tiles`).
         max_open: open file handles per worker.
     """
 
@@ -155,17 +248,19 @@ class TileDataset(_TileArrays, Dataset):
         slides: Sequence[str] | None = None,
         transform: Callable | None = None,
         tile_px: int | None = None,
-        verify: bool = False,
+        verify: bool = True,
         max_open: int = 128,
+        on_corrupt: str = "fail",
     ):
-        self._init_arrays(table, labels, slides, transform, tile_px, verify, max_open)
+        self._init_arrays(table, labels, slides, transform, tile_px, verify, on_corrupt, max_open)
 
     def __len__(self) -> int:
         return len(self.record_idx)
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
-        return self._item(i, self._pool.image_bytes(int(self.file_idx[i]), int(self.record_idx[i])))
+        data = self._read(i)
+        return data if isinstance(data, dict) else self._item(i, data)
 
     def raw(self, i: int) -> bytes:
         """Encoded image bytes of tile ``i`` (no decoding)."""
@@ -192,7 +287,8 @@ class StreamingTileDataset(_TileArrays, IterableDataset):
     sampling weight (its tile count without ``weights``), and its next record in file order is read
     (a rejection step with probability ``w / max w`` of that file applies per-tile weights). A file
     that runs out starts over (at a new random offset), so the stream never starves. Tiles then pass
-    through a ``shuffle_buffer``-sized buffer before decoding.
+    through a ``shuffle_buffer``-sized buffer before decoding. With ``on_corrupt='skip'`` a corrupt tile is logged,
+    never drawn again and replaced by the next draw (a shard whose tiles are all corrupt is an error).
 
     Args: see :class:`TileDataset`, plus
         weights: per-tile sampling weights (class / slide balancing) or None.
@@ -209,7 +305,7 @@ class StreamingTileDataset(_TileArrays, IterableDataset):
         slides: Sequence[str] | None = None,
         transform: Callable | None = None,
         tile_px: int | None = None,
-        verify: bool = False,
+        verify: bool = True,
         max_open: int = 128,
         weights: np.ndarray | None = None,
         samples_per_epoch: int | None = None,
@@ -217,8 +313,9 @@ class StreamingTileDataset(_TileArrays, IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        on_corrupt: str = "fail",
     ):
-        self._init_arrays(table, labels, slides, transform, tile_px, verify, max_open)
+        self._init_arrays(table, labels, slides, transform, tile_px, verify, on_corrupt, max_open)
         n = len(self.record_idx)
         if n == 0:
             raise HistolightError("streaming dataset has no tiles")
@@ -288,6 +385,13 @@ class StreamingTileDataset(_TileArrays, IterableDataset):
         buf_size = max(1, min(self.shuffle_buffer, len(pos), n_out))
         yielded = 0
         draws = iter(())
+        bad: set[int] = set()  # corrupt tiles met so far (skip policy): never drawn again
+
+        def skip(i: int) -> None:
+            bad.add(i)
+            if len(bad) >= len(pos):
+                raise CorruptTileError(f"streaming shard {shard} of {n_shards}: all its {len(pos)} tiles are corrupt")
+
         while yielded < n_out:
             try:
                 k = next(draws)
@@ -301,14 +405,24 @@ class StreamingTileDataset(_TileArrays, IterableDataset):
                 if accept[k] is None or rng.random() < accept[k][j]:
                     break
             i = int(g[j])
-            buf.append((i, self._pool.image_bytes(int(self.file_idx[i]), int(self.record_idx[i]))))
+            if i in bad:
+                continue
+            data = self._read(i)
+            if isinstance(data, dict):
+                skip(i)
+                continue
+            buf.append((i, data))
             if len(buf) < buf_size:
                 continue
             r = int(rng.integers(len(buf)))
             i_out, d_out = buf[r]
             buf[r] = buf[-1]
             buf.pop()
-            yield self._item(i_out, d_out)
+            item = self._item(i_out, d_out)
+            if "corrupt" in item:
+                skip(i_out)
+                continue
+            yield item
             yielded += 1
         # the loop always exits with the quota met; the buffer is discarded
 
@@ -356,6 +470,12 @@ class EvalDistributedSampler(DistributedSampler):
 
 
 __all__ = [
+    "ON_CORRUPT",
+    "CorruptTile",
+    "CorruptTileError",
+    "check_on_corrupt",
+    "describe_corrupt",
+    "collate_tiles",
     "TFRECORD_EXTENSIONS",
     "find_tfrecords",
     "index_tfrecords",

@@ -26,6 +26,7 @@ from histolight.classify.data import (
     StreamingTileDataset,
     TileDataset,
     WeightedDistributedSampler,
+    collate_tiles,
 )
 from histolight.classify.labels import LabelMap
 from histolight.classify.splits import balance_weights, check_splits
@@ -61,7 +62,9 @@ class TileDataModule(L.LightningDataModule):
             normalizer: StainNormalizer applied on the fly (or None).
             Items are uint8 tiles; the model normalizes batches (mean/std) on its device.
         seed: sampling seed. pin_memory, persistent_workers, prefetch_factor: DataLoader options.
-        verify: check TFRecord CRCs on every read. max_open_files: open TFRecords per worker.
+        verify: check TFRecord CRCs on every read (default). on_corrupt: ``fail`` (default: a damaged record or
+            image stops training with an error naming tile, file, record and byte offset) or ``skip`` (logged and
+            left out of its batch). max_open_files: open TFRecords per worker.
     """
 
     def __init__(
@@ -83,7 +86,8 @@ class TileDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         prefetch_factor: int | None = None,
-        verify: bool = False,
+        verify: bool = True,
+        on_corrupt: str = "fail",
         max_open_files: int = 128,
         required_splits: Sequence[str] = ("train", "val"),
     ):
@@ -111,6 +115,7 @@ class TileDataModule(L.LightningDataModule):
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.prefetch_factor = prefetch_factor if self.num_workers > 0 else None
         self.verify = verify
+        self.on_corrupt = on_corrupt
         self.max_open_files = max_open_files
         self._datasets: dict[str, Any] = {}
 
@@ -154,6 +159,7 @@ class TileDataModule(L.LightningDataModule):
             transform=tf,
             tile_px=self.tile_px,
             verify=self.verify,
+            on_corrupt=self.on_corrupt,
             max_open=self.max_open_files,
         )
         if train and self.streaming:
@@ -175,7 +181,12 @@ class TileDataModule(L.LightningDataModule):
         return ds
 
     def _loader_kw(self) -> dict:
-        kw: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)
+        kw: dict = dict(
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_tiles,
+        )
         if self.prefetch_factor:
             kw["prefetch_factor"] = self.prefetch_factor
         return kw

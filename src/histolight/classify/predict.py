@@ -5,6 +5,10 @@
 >>> slides = aggregate_slides(df, m.classes)                          # one row per slide
 >>> write_heatmaps(df, m.classes, "heatmaps/")                        # <slide>.png, one cell per tile
 >>> res, pred = predict_slides("outputs/.../model", tiles, "out/")   # the same per slide, on the cohort runner
+
+Integrity: every tile's record CRCs are checked (``verify=True``) and its image decoded strictly; a corrupt tile is
+left out and counted (``on_corrupt='skip'``, the default here: ``n_corrupt`` and the first one in the slide's summary
+``reason``, each one in the log) or stops the slide (``'fail'``). See :mod:`histolight.classify.data`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from histolight.classify.artifacts import LoadedModel, load_model
-from histolight.classify.data import TileDataset
+from histolight.classify.data import CorruptTile, TileDataset, check_on_corrupt, collate_tiles, describe_corrupt
 from histolight.classify.labels import LabelMap
 from histolight.cohort import CohortResult, report_progress, run_per_slide
 from histolight.errors import ConfigError, HistolightError
@@ -70,20 +74,80 @@ def check_tile_geometry(tfrecords: Sequence[str], tile_px: int, tile_um: Any) ->
 _MODELS: dict[tuple, LoadedModel] = {}
 
 
-def load_classifier(model: LoadedModel | str | os.PathLike, device: str = "cpu") -> LoadedModel:
+def load_classifier(model: LoadedModel | str | os.PathLike, device: str = "cpu", trust_checkpoint: bool = False) -> LoadedModel:
     """``model`` itself, or the classifier at path ``model`` on ``device``, loaded once per process (the last one is
-    cached, keyed by resolved path, device and modification time): slide workers load it once, not per slide."""
+    cached, keyed by resolved path, device, modification time and ``trust_checkpoint``): slide workers load it once,
+    not per slide. ``trust_checkpoint``: the opt-in for a legacy pickle (:func:`~histolight.classify.load_model`)."""
     if isinstance(model, LoadedModel):
         return model
     p = Path(model).expanduser().resolve()
-    key = (str(p), str(device), p.stat().st_mtime_ns if p.exists() else None)
+    key = (str(p), str(device), p.stat().st_mtime_ns if p.exists() else None, trust_checkpoint)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = load_model(p, device=device)
+        _MODELS[key] = load_model(p, device=device, trust_checkpoint=trust_checkpoint)
     return _MODELS[key]
 
 
 @torch.no_grad()
+def predict_tiles(
+    model: LoadedModel | str | os.PathLike,
+    tfrecords: Any,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | None = None,
+    slides: Sequence[str] | None = None,
+    check_geometry: bool = True,
+    amp: bool | None = None,
+    progress: bool = True,
+    verify: bool = True,
+    on_corrupt: str = "skip",
+) -> tuple[pd.DataFrame, list[CorruptTile]]:
+    """:func:`predict_tfrecords`, also returning the corrupt tiles it left out (``on_corrupt='skip'``)."""
+    check_on_corrupt(on_corrupt)
+    dev = torch.device(resolve_device(device))
+    m = load_classifier(model, str(dev))
+    files = find_tfrecords(tfrecords)
+    if not files:
+        raise HistolightError(f"no TFRecords found in {tfrecords!r}")
+    if check_geometry:
+        check_tile_geometry(files, m.tile_px, m.tile_um)
+    table = index_tfrecords(files, slides=slides)
+    cols = prob_columns(m.classes)
+    if table.empty:
+        return pd.DataFrame(columns=["slide", "loc_x", "loc_y", *cols, "pred"]).rename_axis("tile_id"), []
+    table = table.sort_values(["slide", "record"], kind="stable")
+    ds = TileDataset(table, transform=m.transform(), tile_px=m.tile_px, verify=verify, on_corrupt=on_corrupt)
+    net = m.net.to(dev).eval()
+    amp = (dev.type == "cuda") if amp is None else amp
+    loader = DataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, shuffle=False, pin_memory=dev.type == "cuda", collate_fn=collate_tiles
+    )
+    probs = np.zeros((len(ds), len(m.classes)), np.float32)
+    done = np.zeros(len(ds), bool)
+    bad: list[CorruptTile] = []
+    it = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(loader, desc="predict", unit="batch", leave=False)
+    for batch in it:
+        bad.extend(batch["corrupt"])
+        if "image" in batch:
+            x = m.preprocess(batch["image"].to(dev, non_blocking=True))
+            with torch.autocast(dev.type, enabled=amp):
+                logits = net(x)
+            idx = batch["index"].numpy()
+            probs[idx] = logits.float().softmax(1).cpu().numpy()
+            done[idx] = True
+        report_progress(len(batch["corrupt"]) + (len(batch["index"]) if "image" in batch else 0), len(ds))
+    out = table[["slide", "loc_x", "loc_y"]].copy()
+    for j, c in enumerate(cols):
+        out[c] = probs[:, j]
+    out["pred"] = np.asarray(m.classes, dtype=object)[probs.argmax(1)]
+    return out[done], bad
+
+
 def predict_tfrecords(
     model: LoadedModel | str | os.PathLike,
     tfrecords: Any,
@@ -95,45 +159,33 @@ def predict_tfrecords(
     check_geometry: bool = True,
     amp: bool | None = None,
     progress: bool = True,
+    verify: bool = True,
+    on_corrupt: str = "skip",
 ) -> pd.DataFrame:
     """Per-tile class probabilities for every record of ``tfrecords`` (folder / glob / files).
 
     Returns a DataFrame indexed by tile id with ``slide, loc_x, loc_y, prob_<class>...`` and ``pred``
     (the most probable class). Inside a cohort run, each batch advances the slide's progress (``report_progress``).
+    ``verify``: check every record's CRCs; ``on_corrupt``: ``skip`` (corrupt tiles are left out and logged;
+    :func:`predict_tiles` also returns them) or ``fail`` (the first one raises
+    :class:`~histolight.classify.data.CorruptTileError`).
     """
-    dev = torch.device(resolve_device(device))
-    m = load_classifier(model, str(dev))
-    files = find_tfrecords(tfrecords)
-    if not files:
-        raise HistolightError(f"no TFRecords found in {tfrecords!r}")
-    if check_geometry:
-        check_tile_geometry(files, m.tile_px, m.tile_um)
-    table = index_tfrecords(files, slides=slides)
-    cols = prob_columns(m.classes)
-    if table.empty:
-        return pd.DataFrame(columns=["slide", "loc_x", "loc_y", *cols, "pred"]).rename_axis("tile_id")
-    table = table.sort_values(["slide", "record"], kind="stable")
-    ds = TileDataset(table, transform=m.transform(), tile_px=m.tile_px)
-    net = m.net.to(dev).eval()
-    amp = (dev.type == "cuda") if amp is None else amp
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False, pin_memory=dev.type == "cuda")
-    probs = np.zeros((len(ds), len(m.classes)), np.float32)
-    it = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(loader, desc="predict", unit="batch", leave=False)
-    for batch in it:
-        x = m.preprocess(batch["image"].to(dev, non_blocking=True))
-        with torch.autocast(dev.type, enabled=amp):
-            logits = net(x)
-        probs[batch["index"].numpy()] = logits.float().softmax(1).cpu().numpy()
-        report_progress(len(x), len(ds))
-    out = table[["slide", "loc_x", "loc_y"]].copy()
-    for j, c in enumerate(cols):
-        out[c] = probs[:, j]
-    out["pred"] = np.asarray(m.classes, dtype=object)[probs.argmax(1)]
-    return out
+    pred, bad = predict_tiles(
+        model,
+        tfrecords,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        slides=slides,
+        check_geometry=check_geometry,
+        amp=amp,
+        progress=progress,
+        verify=verify,
+        on_corrupt=on_corrupt,
+    )
+    if bad:
+        log.warning("%s", describe_corrupt(bad))
+    return pred
 
 
 def aggregate_slides(pred: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
@@ -222,23 +274,37 @@ def predict_slide(
     device: str = "cpu",
     heatmaps: bool = True,
     heatmap_scale: int = 4,
+    verify: bool = True,
+    on_corrupt: str = "skip",
+    trust_checkpoint: bool = False,
 ) -> dict:
     """Per-slide function of :func:`predict_slides`: predict the tiles of slide ``name`` (TFRecords ``files[name]``),
     write ``<out>/parts/<name>.parquet`` and ``<out>/heatmaps/<name>.png``. Returns its summary row: the per-slide
-    aggregate (``n_tiles``, mean ``prob_<class>``, ``pred``); status ``empty`` for a slide without tiles."""
-    m = load_classifier(model, device)
-    pred = predict_tfrecords(
-        m, files[name], batch_size=batch_size, num_workers=num_workers, device=device, check_geometry=False, progress=False
+    aggregate (``n_tiles``, ``n_corrupt``, mean ``prob_<class>``, ``pred``; the first corrupt tile as ``reason``);
+    status ``empty`` for a slide without readable tiles."""
+    m = load_classifier(model, device, trust_checkpoint)
+    pred, bad = predict_tiles(
+        m,
+        files[name],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        check_geometry=False,
+        progress=False,
+        verify=verify,
+        on_corrupt=on_corrupt,
     )
+    corrupt = {"n_corrupt": len(bad), "reason": describe_corrupt(bad)}
     if pred.empty:
-        return {"status": "empty", "n_tiles": 0}
+        return {"status": "empty", "n_tiles": 0, **corrupt}
     for sub in ("parts", "heatmaps") if heatmaps else ("parts",):
         Path(out, sub).mkdir(parents=True, exist_ok=True)
     write_parquet(pred.reset_index(), Path(out, "parts", f"{name}.parquet"))
     if heatmaps:
         write_png(Path(out, "heatmaps", f"{name}.png"), heatmap_image(pred, m.classes, heatmap_scale))
     agg = aggregate_slides(pred, m.classes).iloc[0]
-    return {"n_tiles": int(agg["n_tiles"]), **{c: float(agg[c]) for c in prob_columns(m.classes)}, "pred": agg["pred"]}
+    probs = {c: float(agg[c]) for c in prob_columns(m.classes)}
+    return {"n_tiles": int(agg["n_tiles"]), "n_corrupt": len(bad), **probs, "pred": agg["pred"], "reason": corrupt["reason"]}
 
 
 def predict_slides(
@@ -254,19 +320,27 @@ def predict_slides(
     heatmap_scale: int = 4,
     workers: int = 1,
     progress: bool = True,
+    verify: bool = True,
+    on_corrupt: str = "skip",
+    trust_checkpoint: bool = False,
 ) -> tuple[CohortResult, pd.DataFrame]:
     """Predict every slide of ``tfrecords`` (folder / glob / files) on the cohort runner
     (:func:`histolight.cohort.run_per_slide`), one slide per call, so one corrupt TFRecord fails only its slide.
 
-    Writes into ``out``: ``slides.csv`` (the run's summary: ``slide, status, reason, seconds, n_tiles,
+    Writes into ``out``: ``slides.csv`` (the run's summary: ``slide, status, reason, seconds, n_tiles, n_corrupt,
     prob_<class>..., pred``), ``predictions.parquet`` (every tile of the predicted slides: ``tile_id, slide, loc_x,
     loc_y, prob_<class>..., pred``), ``slides.parquet`` (the aggregates of the predicted slides) and, with
     ``heatmaps``, ``heatmaps/<slide>.png`` + ``legend.json``.
 
+    ``verify``: check every tile's record CRCs; ``on_corrupt``: ``skip`` (a corrupt tile is left out, counted in
+    ``n_corrupt``, the first one in ``reason``) or ``fail`` (it fails its slide). ``trust_checkpoint``: the opt-in
+    for a legacy model pickle (:func:`~histolight.classify.load_model`).
+
     Returns: ``(result, predictions)``, predictions indexed by tile id.
     """
+    check_on_corrupt(on_corrupt)
     device = resolve_device(device)
-    m = load_classifier(model, device)  # a bad model fails the run here, not every slide
+    m = load_classifier(model, device, trust_checkpoint)  # a bad model fails the run here, not every slide
     paths = find_tfrecords(tfrecords)
     if not paths:
         raise HistolightError(f"no TFRecords found in {tfrecords!r}; run task=extract first or set task.tfrecords")
@@ -289,6 +363,9 @@ def predict_slides(
         device=device,
         heatmaps=heatmaps,
         heatmap_scale=heatmap_scale,
+        verify=verify,
+        on_corrupt=on_corrupt,
+        trust_checkpoint=trust_checkpoint,
     )
     res = run_per_slide(names, fn, out_dir=out, workers=workers, summary_name="slides.csv", desc="predict", progress=progress)
     parts = [out / "parts" / f"{n}.parquet" for n, st in zip(res.table["slide"], res.table["status"]) if st == "done"]
@@ -332,6 +409,7 @@ def evaluate_slides(
 
 __all__ = [
     "predict_tfrecords",
+    "predict_tiles",
     "aggregate_slides",
     "evaluate_predictions",
     "evaluate_slides",

@@ -47,6 +47,8 @@ def train(
     monitor: str = "val/bal_acc",
     monitor_mode: str = "max",
     run_config: dict | None = None,
+    ckpt_path: str | os.PathLike | None = None,
+    resume: str | None = None,
 ) -> dict[str, Any]:
     """Train a tile classifier and save it as a model folder.
 
@@ -64,6 +66,10 @@ def train(
             ``overwrite`` (checked before any work).
         slide_metrics: ``auto`` (on for ``label_source=slide``), True or False: slide-level AUROC / accuracy.
         run_config: the resolved run config, logged to the loggers.
+        ckpt_path, resume: continue training from this Lightning checkpoint, or (``resume='auto'``) from the
+            ``last.ckpt`` of the trainer's checkpoint folder when there is one (:mod:`histolight.training.trainer`).
+            Without either, a checkpoint folder holding another run's checkpoints is refused (deleted with
+            ``overwrite``) before any work.
 
     Returns: ``val/...`` and ``test/...`` metrics (``acc``, ``bal_acc``, ``auroc``, ``loss``, ``n_tiles``, ...),
     ``train/n_tiles``, ``train/steps``, ``epochs``, ``seconds`` and ``model_dir``.
@@ -79,7 +85,15 @@ def train(
     from histolight.io.atomic import atomic_write_json
     from histolight.io.tables import nan_to_none, write_parquet
     from histolight.training.artifacts import check_overwrite
-    from histolight.training.trainer import chosen_checkpoint, default_trainer, log_hyperparams, restore_weights
+    from histolight.training.trainer import (
+        check_checkpoint_folder,
+        chosen_checkpoint,
+        default_trainer,
+        fit,
+        log_hyperparams,
+        restore_weights,
+        resume_checkpoint,
+    )
 
     if ckpt not in CKPT_CHOICES:
         raise ConfigError(f"ckpt={ckpt!r} is invalid: must be one of {list(CKPT_CHOICES)}")
@@ -87,6 +101,10 @@ def train(
     out = Path(dest)
     model_dir = Path(model_dir) if model_dir else out / "model"
     check_overwrite(model_dir, "classifier", overwrite)
+    if trainer is None:
+        trainer = default_trainer(out, epochs, monitor, monitor_mode)
+    resume_from = resume_checkpoint(trainer, ckpt_path, resume)
+    check_checkpoint_folder(trainer, resume_from, overwrite)
     if normalizer is not None and not hasattr(normalizer, "transform"):
         from histolight.norm import build_normalizer
 
@@ -143,7 +161,8 @@ def train(
         pin_memory=data.pin_memory,
         persistent_workers=data.persistent_workers,
         prefetch_factor=data.prefetch_factor,
-        verify=data.verify_crc,
+        verify=data.verify,
+        on_corrupt=data.on_corrupt,
     )
     log.info("tiles per split and class:\n%s", dm.summary().to_string())
 
@@ -171,6 +190,7 @@ def train(
         label_map.names,
         pretrained=model.pretrained,
         checkpoint_path=model.checkpoint_path,
+        trust_checkpoint=model.trust_checkpoint,
         drop_rate=model.drop_rate,
         freeze=model.freeze,
         label_smoothing=model.label_smoothing,
@@ -184,11 +204,9 @@ def train(
         mean=mean,
         std=std,
     )
-    if trainer is None:
-        trainer = default_trainer(out, epochs, monitor, monitor_mode)
     hp = {"data": asdict(data), "model": asdict(model), "seed": seed, "classes": label_map.names, "tiles": dm.summary().to_dict()}
     log_hyperparams(trainer, {**hp, **({"run": run_config} if run_config else {})})
-    trainer.fit(module, datamodule=dm)
+    fit(trainer, module, dm, resume_from)
 
     # ---- evaluate the chosen checkpoint's weights on val / test
     chosen = chosen_checkpoint(trainer, ckpt)

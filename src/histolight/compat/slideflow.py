@@ -42,3 +42,12 @@ class SlideflowDataset:
         from histolight.segment.rois import generate_dataset_rois
 
         return generate_dataset_rois(self, model, dest=dest, overwrite=overwrite, **kwargs)
+
+    def generate_feature_bags(self, extractor, outdir, **options):
+        """Feature bags of this dataset's slides into ``outdir`` (Slideflow's name; see
+        :func:`histolight.features.extract_features`): ``extractor`` is a built extractor, a registry name or a list
+        of them (one pass over the tiles, ``outdir`` a list then). Tiles come from ``tfrecords=`` when given, else
+        straight from the slides (``tile_px``, ``tile_um``, ``extract={qc: ...}``). Returns the ``CohortResult``."""
+        from histolight.features import extract_features
+
+        return extract_features(extractor, options.pop("tfrecords", None), outdir, dataset=self, **options)

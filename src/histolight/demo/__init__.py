@@ -16,12 +16,18 @@ written next to the slides::
     <root>/masks/<slide>.png             exact class mask at level 0 (0=background, 1..3 = CLASSES)
     <root>/qc/<slide>.json               pen and blur polygons (base px) and their areas
     <root>/annotations.csv               patient,slide,label,split
-    <root>/manifest.json                 generator parameters; written last (its presence = complete)
+    <root>/manifest.json                 generator parameters and the digest of every generated file; written
+                                         last (``config`` set = complete)
+
+Regenerating with other parameters keeps files the user edited or added and removes only generated files that
+are no longer part of the cohort (:mod:`histolight.demo.manifest`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
 import json
 import logging
 import math
@@ -37,8 +43,19 @@ import shapely.affinity
 import shapely.ops
 from shapely.geometry import MultiPoint, MultiPolygon, Polygon
 
-from histolight.io.atomic import atomic_write, atomic_write_json, atomic_write_text
-from histolight.roi import ROI, rasterize_rois, write_csv_rois, write_geojson_rois
+from histolight.demo.manifest import (
+    COHORT_FILES,
+    MANIFEST,
+    mark_incomplete,
+    place,
+    previous_record,
+    remove_stale,
+    slide_files,
+    warn_kept,
+)
+from histolight.io.atomic import atomic_write, atomic_write_json
+from histolight.io.tables import json_default
+from histolight.roi import ROI, rasterize_rois, rois_to_csv, rois_to_geojson
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +262,47 @@ def _add_blur(img: np.ndarray, tissue: Polygon, rng: np.random.Generator, frac: 
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def aperio_svs_bytes(
+    image: np.ndarray, mpp: float, tile: int = 256, quality: int = 90, min_level_px: int = 192, name: str = "demo"
+) -> bytes:
+    """``image`` (H x W x 3 uint8) as an Aperio-style JPEG-tiled pyramid (downsample 4 per level), in memory.
+
+    The description carries ``MPP`` and ``AppMag`` so OpenSlide reports ``openslide.mpp-x``.
+    """
+    import tifffile
+
+    h, w = image.shape[:2]
+    mag = round(10.0 / mpp)
+    levels = [image]
+    while min(levels[-1].shape[:2]) // 4 >= min_level_px or len(levels) < 3:
+        lv = levels[-1]
+        nxt = cv2.resize(lv, (max(1, lv.shape[1] // 4), max(1, lv.shape[0] // 4)), interpolation=cv2.INTER_AREA)
+        levels.append(nxt)
+        if min(nxt.shape[:2]) < 16:
+            break
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf, bigtiff=image.nbytes > 2**31) as tif:
+        for k, lv in enumerate(levels):
+            lh, lw = lv.shape[:2]
+            desc = (
+                f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
+                f"JPEG/RGB Q={quality}"
+                + ("" if k == 0 else f" -> {lw}x{lh}")
+                + f"|AppMag = {mag}|MPP = {mpp:.4f}|Filename = {name}"
+            )
+            tif.write(
+                lv,
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                photometric="rgb",
+                description=desc,
+                metadata=None,
+                subfiletype=0 if k == 0 else 1,
+            )
+    return buf.getvalue()
+
+
 def write_aperio_svs(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -254,53 +312,19 @@ def write_aperio_svs(
     min_level_px: int = 192,
     name: str | None = None,
 ) -> None:
-    """Write ``image`` (H x W x 3 uint8) as an Aperio-style JPEG-tiled pyramid (downsample 4 per level).
+    """Write ``image`` as an Aperio-style pyramid (:func:`aperio_svs_bytes`), atomically."""
+    data = aperio_svs_bytes(image, mpp, tile, quality, min_level_px, name or Path(path).stem)
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
 
-    The description carries ``MPP`` and ``AppMag`` so OpenSlide reports ``openslide.mpp-x``.
-    Written atomically.
-    """
-    import tifffile
 
-    h, w = image.shape[:2]
-    mag = round(10.0 / mpp)
-    name = name or Path(path).stem
-    levels = [image]
-    while min(levels[-1].shape[:2]) // 4 >= min_level_px or len(levels) < 3:
-        lv = levels[-1]
-        nxt = cv2.resize(lv, (max(1, lv.shape[1] // 4), max(1, lv.shape[0] // 4)), interpolation=cv2.INTER_AREA)
-        levels.append(nxt)
-        if min(nxt.shape[:2]) < 16:
-            break
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as tif:
-            for k, lv in enumerate(levels):
-                lh, lw = lv.shape[:2]
-                desc = (
-                    f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
-                    f"JPEG/RGB Q={quality}"
-                    + ("" if k == 0 else f" -> {lw}x{lh}")
-                    + f"|AppMag = {mag}|MPP = {mpp:.4f}|Filename = {name}"
-                )
-                tif.write(
-                    lv,
-                    tile=(tile, tile),
-                    compression="jpeg",
-                    compressionargs={"level": quality},
-                    photometric="rgb",
-                    description=desc,
-                    metadata=None,
-                    subfiletype=0 if k == 0 else 1,
-                )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, default=json_default) + "\n").encode()
 
 
 def _make_slide(args) -> dict:
-    cfg, index, root = args
-    root = Path(root)
+    """Slide ``index``'s files (``files``: relative path -> bytes, :func:`slide_files`) and its summary."""
+    cfg, index = args
     rng = np.random.default_rng([cfg.seed, index])
     name = f"demo_{index:03d}"
     rois = _layout(cfg, rng, index)
@@ -317,16 +341,18 @@ def _make_slide(args) -> dict:
         qc["blur_tissue_fraction"] = float(region.intersection(tissue).area / tissue.area)
     else:
         qc["blur_tissue_fraction"] = 0.0
-    write_aperio_svs(root / "slides" / f"{name}.svs", img, cfg.mpp, cfg.tile, cfg.quality, name=name)
-    write_csv_rois(rois, root / "rois" / f"{name}.csv")
-    write_geojson_rois(rois, root / "rois_qupath" / f"{name}.geojson")
     ok, png = cv2.imencode(".png", labels)
-    with atomic_write(root / "masks" / f"{name}.png", "wb") as fh:
-        fh.write(png.tobytes())
     areas = {c: float(sum(r.area for r in rois if r.label == c)) for c in CLASSES}
     qc["class_area_px"] = areas
-    atomic_write_json(root / "qc" / f"{name}.json", qc)
-    return {"slide": name, "class_area_px": areas, "label": max(areas, key=areas.get), "n_rois": len(rois)}
+    svs, csv, geojson, mask, qc_file = slide_files(name)
+    files = {
+        svs: aperio_svs_bytes(img, cfg.mpp, cfg.tile, cfg.quality, name=name),
+        csv: rois_to_csv(rois).encode(),
+        geojson: json.dumps(rois_to_geojson(rois), default=json_default).encode(),
+        mask: png.tobytes(),
+        qc_file: _json_bytes(qc),
+    }
+    return {"slide": name, "class_area_px": areas, "label": max(areas, key=areas.get), "n_rois": len(rois), "files": files}
 
 
 def _split_of(patient_idx: int, n_patients: int) -> str:
@@ -339,32 +365,52 @@ def _split_of(patient_idx: int, n_patients: int) -> str:
     return "train"
 
 
+def _slides(cfg: DemoConfig):
+    """The slides' files and summaries, in order (worker processes when ``cfg.workers`` > 1)."""
+    jobs = [(cfg, i) for i in range(cfg.n_slides)]
+    workers = max(1, min(cfg.workers, cfg.n_slides, os.cpu_count() or 1))
+    if workers == 1:
+        yield from map(_make_slide, jobs)
+        return
+    with ProcessPoolExecutor(workers) as ex:
+        yield from ex.map(_make_slide, jobs)
+
+
 def generate_demo(root: str | os.PathLike, cfg: DemoConfig | None = None, **overrides) -> Path:
     """Generate the demo cohort into ``root`` (see module docstring). Returns ``root``.
 
     Deterministic for a given :class:`DemoConfig`. Patients: slides 0-1 and 2-3 share a patient,
-    so patient-level splits are exercised.
+    so patient-level splits are exercised. Over an earlier cohort, files the user edited or added are kept (with a
+    warning) and generated files that are no longer part of the cohort are removed (:mod:`histolight.demo.manifest`).
     """
     cfg = cfg or DemoConfig(**overrides)
     root = Path(root)
-    for sub in ("slides", "rois", "rois_qupath", "masks", "qc"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(cfg, i, str(root)) for i in range(cfg.n_slides)]
-    workers = max(1, min(cfg.workers, cfg.n_slides, os.cpu_count() or 1))
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
-            results = list(ex.map(_make_slide, jobs))
-    else:
-        results = [_make_slide(j) for j in jobs]
+    root.mkdir(parents=True, exist_ok=True)
+    known = previous_record(root)
+    writing: dict[str, str] = {}
+    kept: list[str] = []
+
+    def put(blobs: dict[str, bytes]) -> None:
+        writing.update({rel: hashlib.sha1(data).hexdigest() for rel, data in blobs.items()})
+        mark_incomplete(root, known, writing)  # recorded before written: an interruption leaves nothing unknown
+        kept.extend(rel for rel, data in blobs.items() if not place(root, rel, data, writing[rel], known))
+
+    results = []
+    for r in _slides(cfg):
+        put(r.pop("files"))
+        results.append(r)
     # patients: 0,1 -> p000; 2,3 -> p001; then one slide per patient
     pidx = [min(i // 2, 1) if i < 4 else i - 2 for i in range(cfg.n_slides)]
     n_pat = max(pidx) + 1
     lines = ["patient,slide,label,split"]
     for r, p in zip(results, pidx):
         lines.append(f"p{p:03d},{r['slide']},{r['label']},{_split_of(p, n_pat)}")
-    atomic_write_text(root / "annotations.csv", "\n".join(lines) + "\n")
-    atomic_write_json(root / "masks" / "labels.json", {"0": "background", **{str(i + 1): c for i, c in enumerate(CLASSES)}})
-    atomic_write_json(root / "manifest.json", {"config": cfg.key(), "slides": results})
+    labels = {"0": "background", **{str(i + 1): c for i, c in enumerate(CLASSES)}}
+    put(dict(zip(COHORT_FILES, ["\n".join(lines).encode() + b"\n", _json_bytes(labels)])))
+    kept += remove_stale(root, known, set(writing))
+    files = {rel: d for rel, d in sorted(writing.items()) if rel not in kept}
+    atomic_write_json(root / MANIFEST, {"config": cfg.key(), "slides": results, "files": files})
+    warn_kept(root, kept)
     return root
 
 
@@ -379,8 +425,8 @@ def ensure_demo(root: str | os.PathLike, cfg: DemoConfig | None = None, **overri
 
     def complete() -> bool:
         try:
-            return json.loads((root / "manifest.json").read_text())["config"] == cfg.key()
-        except (OSError, ValueError, KeyError):
+            return json.loads((root / MANIFEST).read_text())["config"] == cfg.key()
+        except (OSError, ValueError, KeyError, TypeError):
             return False
 
     if complete():
@@ -389,9 +435,8 @@ def ensure_demo(root: str | os.PathLike, cfg: DemoConfig | None = None, **overri
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not complete():
             log.info("Generating the demo cohort (%d slides) in %s ...", cfg.n_slides, root)
-            (root / "manifest.json").unlink(missing_ok=True)
             generate_demo(root, cfg)
     return root
 
 
-__all__ = ["CLASSES", "DemoConfig", "generate_demo", "ensure_demo", "write_aperio_svs"]
+__all__ = ["CLASSES", "DemoConfig", "generate_demo", "ensure_demo", "aperio_svs_bytes", "write_aperio_svs"]

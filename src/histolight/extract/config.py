@@ -59,6 +59,8 @@ class ExtractConfig(PerSlideOptions):
     as ``"10x"``), a stride of ``tile_px / stride_div``. Filters in order: ROI (``roi_method``,
     ``roi_filter_method``), slide-level QC masks (``qc``; a tile is dropped when more than
     ``filter_threshold`` of its footprint is masked), then per-tile grayspace and whitespace.
+    ``quality`` is the JPEG quality of encoded tiles; tiles copied from the slide's stored JPEG tiles (magnification
+    mode on the stored tile grid, see :mod:`histolight.extract.slide`) keep the slide's own encoding.
     Run options shared by every per-slide task (``workers``, ``allow_failures``, ``max_failed``) come from
     :class:`histolight.cohort.PerSlideOptions`.
     """

@@ -135,7 +135,36 @@ class TileGrid:
         first = plans[0]
         span = max(p.x + p.w for p in plans) - first.x
         strip = slide.read_planned(replace(first, w=span, out_w=span, out_h=first.h))
-        return [resize_area(np.ascontiguousarray(strip[:, p.x - first.x : p.x - first.x + p.w]), p.out_size) for p in plans]
+        # tiles that are not resized are views into the strip (callers copy what they keep)
+        return [resize_area(strip[:, p.x - first.x : p.x - first.x + p.w], p.out_size) for p in plans]
+
+    def stored_jpegs(self, slide, idx: list[int]) -> list[bytes | None]:
+        """Per tile of ``idx``: the slide's own JPEG bytes when the tile is exactly one stored JPEG tile read without
+        resizing (:meth:`~histolight.wsi.slide.BaseSlide.stored_jpeg`: decodes to the pixels of :meth:`read_tile`),
+        else None."""
+        return [slide.stored_jpeg(self.read_plan(slide, i)) for i in idx]
+
+    def stored_jpeg_problem(self, slide) -> tuple[str | None, bool]:
+        """``(why, some)``: why tiles of this grid cannot all be copied from the slide's stored JPEG tiles (None when
+        they can), and whether some of them still can (a grid only partly aligned to the stored tiles)."""
+        if self.mag is None:
+            return "tiles are resampled to tile_um (a magnification such as tile_um='20x' reads a level as stored)", False
+        size = slide.stored_tile_size(self.level)
+        if size is None:
+            note = getattr(slide, "tile_reader_note", None)
+            return "the slide is not read from stored JPEG tiles" + (f" ({note})" if note else ""), False
+        if size != (self.tile_px, self.tile_px):
+            return f"tile_px={self.tile_px} but the slide stores {size[0]}x{size[1]} px tiles at level {self.level}", False
+        ds = self.level_ds
+        ax = np.floor(np.unique(self.x) / ds + 1e-6).astype(np.int64) % size[0] == 0
+        ay = np.floor(np.unique(self.y) / ds + 1e-6).astype(np.int64) % size[1] == 0
+        if ax.all() and ay.all():
+            return None, True
+        why = (
+            f"the grid is not aligned to the stored tiles at level {self.level} (downsample {ds:g}, step "
+            f"{self.stride_px / ds:g} level px; stride_div=1 at an integer downsample aligns it)"
+        )
+        return why, bool(ax.any() and ay.any())
 
     def runs(self, idx: np.ndarray, max_px: int = 4096) -> list[list[int]]:
         """Group tile indices (row-major) into runs read at once: same row, touching or overlapping,

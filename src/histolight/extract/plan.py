@@ -204,7 +204,7 @@ def tile_table(plan: SlidePlan, idx: np.ndarray, name: str) -> pd.DataFrame:
     roi_frac = plan.assign.fraction[idx] if plan.assign is not None else np.zeros(len(idx))
     df = pd.DataFrame(
         {
-            "tile_id": [f"{name}-{x}-{y}" for x, y in zip(lx.tolist(), ly.tolist())],
+            "tile_id": pd.Series([f"{name}-{x}-{y}" for x, y in zip(lx.tolist(), ly.tolist())], dtype=object),
             "slide": pd.Series([name] * len(idx), dtype=object),
             "loc_x": lx.astype(np.int64),
             "loc_y": ly.astype(np.int64),

@@ -42,10 +42,11 @@ def _roi_color(label: str | None) -> tuple[int, int, int]:
 
 
 def _tint(img: np.ndarray, mask: np.ndarray, color, alpha: float) -> None:
+    """Blend ``color`` into ``img`` (in place) where ``mask``: ``img * (1 - alpha) + color * alpha``, truncated."""
     if mask is None or not mask.any():
         return
-    c = np.asarray(color, np.float32)
-    img[mask] = (img[mask].astype(np.float32) * (1 - alpha) + c * alpha).astype(np.uint8)
+    lut = (np.arange(256, dtype=np.float32)[:, None] * (1 - alpha) + np.asarray(color, np.float32) * alpha).astype(np.uint8)
+    cv2.copyTo(cv2.LUT(img, lut.reshape(256, 1, 3)), mask.view(np.uint8), img)
 
 
 def _save_jpg(img: np.ndarray, path: Path, quality: int = 85) -> None:
@@ -55,9 +56,10 @@ def _save_jpg(img: np.ndarray, path: Path, quality: int = 85) -> None:
 
 
 def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(QC + ROI overlay, tile map) RGB images of the slide thumbnail (long side :data:`THUMB_PX`)."""
+    """(QC + ROI overlay, tile map) RGB images of the slide thumbnail (long side :data:`THUMB_PX`; the slide's overview,
+    which reuses the picture its QC read)."""
     if thumb is None:
-        thumb = slide.thumbnail(max_size=THUMB_PX)
+        thumb = slide.overview(max_size=THUMB_PX)
     th, tw = thumb.shape[:2]
     W, H = slide.dimensions
     sx, sy = tw / W, th / H
@@ -86,7 +88,7 @@ def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.nda
                 pts = np.round(np.asarray(ring.coords)[:, :2] * [sx, sy]).astype(np.int32)
                 cv2.polylines(ov, [pts], True, col, lw, lineType=cv2.LINE_AA)
     # tile map: states on a dimmed thumbnail
-    tm = (thumb.astype(np.float32) * 0.55 + 255 * 0.45).astype(np.uint8)
+    tm = cv2.LUT(thumb, (np.arange(256, dtype=np.float32) * 0.55 + 255 * 0.45).astype(np.uint8))
     g = plan.grid
     if len(g):
         layer = np.zeros((th, tw), np.int8) - 1

@@ -10,7 +10,8 @@ workers, the cohort tile table, summary and report.
 Outputs go to ``<outdir>/<dataset.name>/<tile_px>px_<tile_um>um/`` (:func:`histolight.io.tilestore.tile_folder`;
 ``dry_run`` writes the same under ``.../dry_run/`` without TFRecords), so cohorts sharing a tiles root never touch
 each other's files: per-slide files (:mod:`histolight.extract.layout`), ``tiles.parquet`` (cohort tile table),
-``summary.csv``, ``report.html`` and, while slides are being extracted, their claims in ``.claims/``. With
+``summary.csv``, ``report.html`` (the three replaced together: a failed write keeps the previous set whole) and,
+while slides are being extracted, their claims in ``.claims/``. With
 ``num_shards > 1`` the cohort files carry a ``.shard-<i>-of-<n>`` suffix; a final run with ``num_shards=1`` skips
 the finished slides and writes the merged cohort files.
 
@@ -23,11 +24,13 @@ removed only under the slide's claim, after the completeness check, and only whe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,6 +305,12 @@ def extract_tiles(
 
     Returns an :class:`ExtractionResult`. Bad slides are recorded (status ``failed``/``skipped``) and logged; they
     never stop the run. Finished slides are skipped (``already extracted``) unless ``overwrite=True``.
+
+    ``workers`` (default 2) extracts that many slides at a time in spawned worker processes, and a spawned process
+    first re-runs the top level of your main script: **in a script, call extract_tiles under**
+    ``if __name__ == "__main__":``. Without the guard (or from a script read from stdin) every slide is extracted
+    in this process instead, after one warning that says why and how to fix it. Notebooks and the REPL need no
+    guard. The rule and what happens when workers cannot start: :func:`histolight.cohort.run_per_slide`.
     """
     t0 = time.time()
     given = {k: v for k, v in (("tile_px", tile_px), ("tile_um", tile_um), ("outdir", outdir)) if v is not None}
@@ -339,8 +348,25 @@ def extract_tiles(
     return res
 
 
+@contextlib.contextmanager
+def written_together(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """Temp paths (beside ``paths``) to write one run's products to; once the block succeeds all are renamed onto
+    ``paths`` together, so a failure while writing (disk full, a crash) leaves the previous set whole and never
+    pairs an old file with a new one. The temps are removed in any case."""
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    temps = [p.with_name(f".{p.name}.set-{token}") for p in paths]
+    try:
+        yield temps
+        for tmp, p in zip(temps, paths):
+            os.replace(tmp, p)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
 def _write_cohort(res: ExtractionResult) -> None:
-    """``tiles.parquet`` (tables of this run's finished slides), ``summary.csv`` and ``report.html`` in the tile folder."""
+    """``tiles.parquet`` (tables of this run's finished slides), ``summary.csv`` and ``report.html`` in the tile
+    folder, replaced as one set (:func:`written_together`; without a report, an earlier run's is removed)."""
     cfg = res.config
     d = res.tile_dir
     suffix = f".shard-{cfg.shard_index}-of-{cfg.num_shards}" if cfg.num_shards > 1 else ""
@@ -350,24 +376,28 @@ def _write_cohort(res: ExtractionResult) -> None:
         if (status in ("done", "empty") or is_complete(d, name)) and p.is_file():
             frames.append(pd.read_parquet(p))
     table = pd.concat(frames, ignore_index=True) if frames else _empty_table()
-    res.table_path = d / f"tiles{suffix}.parquet"
-    write_parquet(table, res.table_path)
-    res.summary_path = d / f"summary{suffix}.csv"
+    res.table_path, res.summary_path = d / f"tiles{suffix}.parquet", d / f"summary{suffix}.csv"
+    report = d / f"report{suffix}.html"
+    products = [res.table_path, res.summary_path] + ([report] if cfg.report else [])
+    with written_together(products) as (table_tmp, summary_tmp, *report_tmp):
+        write_parquet(table, table_tmp)
+        if cfg.report:
+            from histolight.extract.report import write_report
+
+            title = (
+                f"Tile extraction {cfg.tile_dir}"
+                + (" (dry run)" if cfg.dry_run else "")
+                + (f", shard {cfg.shard_index + 1} of {cfg.num_shards}" if cfg.num_shards > 1 else "")
+            )
+            write_report(res.summary, meta_dir(d), report_tmp[0], summary_tmp, title=title, settings=cfg.settings())
+        else:
+            from histolight.io.atomic import atomic_write_text
+
+            atomic_write_text(summary_tmp, res.summary.to_csv(index=False))
     if cfg.report:
-        from histolight.extract.report import write_report
-
-        title = (
-            f"Tile extraction {cfg.tile_dir}"
-            + (" (dry run)" if cfg.dry_run else "")
-            + (f", shard {cfg.shard_index + 1} of {cfg.num_shards}" if cfg.num_shards > 1 else "")
-        )
-        res.report_path = write_report(
-            res.summary, meta_dir(d), d / f"report{suffix}.html", res.summary_path, title=title, settings=cfg.settings()
-        )
+        res.report_path = report
     else:
-        from histolight.io.atomic import atomic_write_text
-
-        atomic_write_text(res.summary_path, res.summary.to_csv(index=False))
+        report.unlink(missing_ok=True)  # it described an earlier set
 
 
 def _log_outcome(res: ExtractionResult) -> None:

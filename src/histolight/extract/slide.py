@@ -1,7 +1,13 @@
 """Extraction of one slide: its plan (grid, ROIs, QC) -> per-tile pixel filters -> TFRecord + tile table + summary.
 
 The on-disk layout of the tile folder is :mod:`histolight.extract.layout`; what is decided before reading pixels is
-:mod:`histolight.extract.plan`. The TFRecord is written under a temp name and renamed last, after the table and
+:mod:`histolight.extract.plan`.
+
+A tile that is exactly one stored JPEG tile of the slide (magnification mode on the stored tile grid, JPEG output, no
+normalizer: :meth:`~histolight.extract.grid.TileGrid.stored_jpegs`) is written as the slide's own JPEG bytes (tables
+merged in; they decode to exactly the pixels a read gives): no decode/re-encode loss and no encode cost. Filters still
+see the decoded pixels; where no filter needs them the tile is not decoded at all. When the grid cannot be aligned to
+the stored tiles, the reason is logged once per process. The TFRecord is written under a temp name and renamed last, after the table and
 summary, so a slide is complete exactly when :func:`~histolight.extract.layout.is_complete`.
 """
 
@@ -13,10 +19,11 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from histolight.errors import HistolightError
@@ -38,35 +45,68 @@ from histolight.extract.layout import (
     write_meta,
 )
 from histolight.extract.plan import plan_slide, tile_table
-from histolight.io.images import encode_image
+from histolight.io.images import decode_image, encode_image
 from histolight.io.tables import write_parquet
 from histolight.roi import ROI
+from histolight.wsi.slide import resize_picture
 
 log = logging.getLogger(__name__)
 
 
 class _Reservoir:
-    """Deterministic reservoir sample of up to ``k`` tile previews of ``size`` x ``size`` px (for the report)."""
+    """Deterministic reservoir sample of up to ``k`` tile previews of ``size`` x ``size`` px (for the report).
+
+    Offers are images or callables returning one (decoded only if still in the sample at the end); previews are
+    resized once, when :meth:`sorted` is called."""
 
     def __init__(self, k: int, seed: int, size: int = 96):
         self.k, self.size = k, size
         self.rng = np.random.default_rng(seed)
-        self.items: list[tuple[int, np.ndarray, str]] = []
+        self.items: list[tuple[int, Any, str]] = []
         self.seen = 0
 
-    def offer(self, order: int, img: np.ndarray, tag: str = "") -> None:
+    def offer(self, order: int, img: np.ndarray | Callable[[], np.ndarray], tag: str = "") -> None:
         if self.k <= 0:
             return
         self.seen += 1
         if len(self.items) < self.k:
-            self.items.append((order, cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA), tag))
+            self.items.append((order, _own(img), tag))
         else:
             j = int(self.rng.integers(0, self.seen))
             if j < self.k:
-                self.items[j] = (order, cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA), tag)
+                self.items[j] = (order, _own(img), tag)
 
     def sorted(self) -> list[tuple[np.ndarray, str]]:
-        return [(im, tag) for _, im, tag in sorted(self.items, key=lambda t: t[0])]
+        out = []
+        for _, im, tag in sorted(self.items, key=lambda t: t[0]):
+            im = im() if callable(im) else im
+            out.append((resize_picture(im, (self.size, self.size)), tag))
+        return out
+
+
+def _own(img: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray | Callable[[], np.ndarray]:
+    """``img`` itself when it owns its pixels (or is a callable), else a copy (a view would keep its strip alive)."""
+    return img if callable(img) or img.base is None else np.array(img)
+
+
+#: reasons already logged for not copying stored JPEG tiles (said once per process)
+_NOTED: set[str] = set()
+
+
+def _use_stored_jpegs(slide, cfg: ExtractConfig, grid, normalizer) -> bool:
+    """Whether tiles may be copied from the slide's stored JPEG tiles (jpg output, no normalizer, magnification mode,
+    grid aligned to the stored tiles); in magnification mode, say once per process why they cannot."""
+    if cfg.img_format != "jpg" or normalizer is not None or not len(grid):
+        return False
+    why, some = grid.stored_jpeg_problem(slide)
+    if why is not None and grid.mag is not None:
+        key = why.split(" (")[0]
+        if key not in _NOTED:
+            _NOTED.add(key)
+            log.info(
+                "%s: tiles are decoded and re-encoded, not copied from the slide's JPEG tiles: %s (said once)", slide.name, why
+            )
+    return some
 
 
 def _prepare_normalizer(normalizer: Any, cfg: ExtractConfig, slide):
@@ -150,29 +190,44 @@ def extract_slide(
             tmp_tiles.mkdir()
     kept_idx: list[int] = []
     ext = "png" if cfg.img_format == "png" else "jpg"
+    filters = cfg.grayspace_fraction < 1.0 or cfg.whitespace_fraction < 1.0
+    copy_jpegs = writer is not None and _use_stored_jpegs(slide, cfg, grid, normalizer)
+    n_copied = 0
+    loc_x, loc_y = grid.loc_x, grid.loc_y
     try:
         for run in grid.runs(cand):
-            for i, img in zip(run, grid.read_run(slide, run)):
-                why = tile_reject_reason(
-                    img, cfg.grayspace_threshold, cfg.grayspace_fraction, cfg.whitespace_threshold, cfg.whitespace_fraction
-                )
-                if why is not None:
-                    plan.status[i] = GRAY_R if why == "grayspace" else WHITE_R
-                    rej_s.offer(i, img, why)
-                    continue
+            stored = grid.stored_jpegs(slide, run) if copy_jpegs else [None] * len(run)
+            # pixels are read only when something needs them: a filter, the normalizer, or a tile to encode
+            need = filters or normalizer is not None or any(b is None for b in stored)
+            imgs = grid.read_run(slide, run) if need else [None] * len(run)
+            for i, img, data in zip(run, imgs, stored):
+                pixels = img if img is not None else partial(decode_image, data)
+                if filters:
+                    why = tile_reject_reason(
+                        img, cfg.grayspace_threshold, cfg.grayspace_fraction, cfg.whitespace_threshold, cfg.whitespace_fraction
+                    )
+                    if why is not None:
+                        plan.status[i] = GRAY_R if why == "grayspace" else WHITE_R
+                        rej_s.offer(i, pixels, why)
+                        continue
                 if normalizer is not None:
-                    img = normalizer.transform(img)
+                    pixels = img = normalizer.transform(img)
                 kept_idx.append(i)
-                kept_s.offer(i, img)
+                kept_s.offer(i, pixels)
                 if writer is not None:
-                    data = encode_image(img, cfg.img_format, cfg.quality)
-                    lx, ly = int(grid.loc_x[i]), int(grid.loc_y[i])
+                    if data is None:
+                        data = encode_image(img, cfg.img_format, cfg.quality)
+                    else:
+                        n_copied += 1
+                    lx, ly = int(loc_x[i]), int(loc_y[i])
                     writer.write_tile(data, lx, ly, slide=name)
                     if tmp_tiles is not None:
                         with open(tmp_tiles / f"{name}-{lx}-{ly}.{ext}", "wb") as fh:
                             fh.write(data)
             if progress:
                 progress(len(run), len(cand))
+        if n_copied:
+            log.debug("%s: %d of %d tiles copied from the slide's stored JPEG tiles", name, n_copied, len(kept_idx))
         idx = np.asarray(kept_idx, np.int64)
         counts = np.bincount(plan.status.astype(np.int64), minlength=len(REASONS))
         W, H = slide.dimensions
@@ -209,12 +264,14 @@ def extract_slide(
         res.seconds = round(time.time() - t0, 3)
         if d is not None:
             meta_dir(d).mkdir(parents=True, exist_ok=True)
-            if cfg.report:
-                from histolight.extract.report import save_slide_images
+            # the table and summary are written (and synced to disk) while the report images are drawn
+            with ThreadPoolExecutor(1) as pool:
+                written = pool.submit(_write_table_and_meta, d, res)
+                if cfg.report:
+                    from histolight.extract.report import save_slide_images
 
-                save_slide_images(slide, plan, kept_s.sorted(), rej_s.sorted(), meta_dir(d))
-            write_parquet(res.table, table_path(d, name))
-            write_meta(d, res)
+                    save_slide_images(slide, plan, kept_s.sorted(), rej_s.sorted(), meta_dir(d))
+                written.result()
         if tmp_tiles is not None:
             final = loose_tiles_dir(d, name)
             shutil.rmtree(final, ignore_errors=True)
@@ -230,6 +287,11 @@ def extract_slide(
             writer.abort()
         if tmp_tiles is not None:
             shutil.rmtree(tmp_tiles, ignore_errors=True)
+
+
+def _write_table_and_meta(d: Path, res: SlideResult) -> None:
+    write_parquet(res.table, table_path(d, res.slide))
+    write_meta(d, res)
 
 
 def zero_tiles_message(res: SlideResult, notes: Sequence[str] = ()) -> str:

@@ -9,9 +9,12 @@ import numpy as np
 from histolight.errors import HistolightError
 from histolight.io.atomic import atomic_write
 
+#: the first bytes of every JPEG (start-of-image marker)
+JPEG_SOI = b"\xff\xd8"
+
 
 class ImageDecodeError(HistolightError, ValueError):
-    """Bytes could not be decoded as a JPEG/PNG image."""
+    """Bytes could not be decoded as a JPEG/PNG image (damaged, truncated, or another format)."""
 
 
 def encode_image(img: np.ndarray, fmt: str = "png", quality: int = 95, png_compression: int = 3) -> bytes:
@@ -38,16 +41,29 @@ def encode_image(img: np.ndarray, fmt: str = "png", quality: int = 95, png_compr
 
 
 def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """Decode JPEG/PNG bytes -> (H, W, 3) uint8 RGB. EXIF orientation is ignored (as in tf.io.decode_jpeg)."""
+    """Decode JPEG/PNG bytes -> (H, W, 3) uint8 RGB, strictly. EXIF orientation is ignored (as in tf.io.decode_jpeg).
+
+    JPEG goes through libjpeg-turbo (``simplejpeg``) with ``strict=True``: its recoverable-error warnings ("Corrupt
+    JPEG data: N extraneous bytes before marker", "Premature end of JPEG file"), which OpenCV only prints to stderr
+    while returning a garbage image, raise :class:`ImageDecodeError`. Other formats (PNG, ...) go through OpenCV,
+    whose libpng fails on checksum, stream and truncation errors. Callers attribute the error to their tile.
+    """
     import cv2
 
     arr = np.frombuffer(data, dtype=np.uint8)
+    if arr[:2].tobytes() == JPEG_SOI:
+        import simplejpeg
+
+        try:
+            return simplejpeg.decode_jpeg(arr, colorspace="RGB", strict=True)
+        except ValueError as e:
+            raise ImageDecodeError(f"corrupt JPEG ({arr.size} bytes): {e}") from None
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # newer OpenCV decodes straight to RGB
     flags = (cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag) | cv2.IMREAD_IGNORE_ORIENTATION
     img = cv2.imdecode(arr, flags) if arr.size else None
     if img is None:
         head = bytes(arr[:8]).hex()
-        raise ImageDecodeError(f"cannot decode image ({arr.size} bytes, starting {head!r}); expected JPEG or PNG")
+        raise ImageDecodeError(f"cannot decode image ({arr.size} bytes, starting {head!r}): not a valid JPEG or PNG")
     return img if rgb_flag is not None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

@@ -44,6 +44,7 @@ from histolight.io.tfrecord_index import (
     read_index_file,
     save_index,
     scan_records,
+    truncated_record,
 )
 
 __all__ = [
@@ -71,7 +72,9 @@ class TFRecordReader:
 
     `len()`, `read(i)`, `read_raw(i)`, `read_tile(i)`, `locations`, `get_record_by_location(x, y)`
     use the index (loaded lazily; rebuilt and, if `write_index`, saved when missing or stale).
-    `iter(reader)` scans sequentially without the index. verify: check record CRCs (both paths).
+    `iter(reader)` scans sequentially without the index. verify: check record CRCs (both paths); errors name
+    the file, the record number and its byte offset. A file truncated after its index was written keeps that index,
+    so reading one of the records it lost raises a `TFRecordError` naming that record.
     The file descriptor opens lazily and is reopened after fork/unpickling, so one reader
     per DataLoader worker (or a reader shared into forked workers) is safe.
     GZIP-compressed files support iteration, `len()` and `locations` only.
@@ -143,7 +146,20 @@ class TFRecordReader:
             try:
                 idx, locs, stated = read_index_file(ipath)
                 problem = index_problem(idx, size)
-                if problem is None and os.stat(self.path).st_mtime_ns > os.stat(ipath).st_mtime_ns:
+                lost = None if problem is None else truncated_record(self.path, idx, size)
+                if lost is not None:  # keep the index: reading a lost record names it (on_corrupt decides)
+                    problem = None
+                    log.warning(
+                        "'%s' is truncated: it ends at byte %d, inside record %d of the %d its index lists; "
+                        "records %d-%d cannot be read",
+                        self.path,
+                        size,
+                        lost,
+                        len(idx),
+                        lost,
+                        len(idx) - 1,
+                    )
+                elif problem is None and os.stat(self.path).st_mtime_ns > os.stat(ipath).st_mtime_ns:
                     problem = "index is older than the TFRecord"
             except (OSError, ValueError, KeyError, EOFError) as e:
                 problem = f"unreadable index ({type(e).__name__}: {e})"
@@ -222,23 +238,26 @@ class TFRecordReader:
         if len(buf) != total:
             raise TFRecordError(
                 self.path,
-                f"record {i}: index says {total} bytes but only {len(buf)} remain (stale index? delete it to rebuild)",
+                f"truncated file: the index says this record has {total} bytes, the file ends {len(buf)} bytes into it "
+                "(a damaged copy, or a stale index: delete it to rebuild)",
                 off,
+                i,
             )
         length, length_crc = struct.unpack_from("<QI", buf)
         if length + FRAME_BYTES != total:
             raise TFRecordError(
                 self.path,
-                f"record {i}: length field {length} does not match index entry of "
-                f"{total} bytes (stale index? delete it to rebuild)",
+                f"length field {length} does not match the index entry of {total} bytes "
+                "(a damaged record, or a stale index: delete it to rebuild)",
                 off,
+                i,
             )
         data = memoryview(buf)[HEADER_BYTES : HEADER_BYTES + length]
         if self.verify:
             if masked_crc32c(buf[:8]) != length_crc:
-                raise TFRecordError(self.path, f"record {i}: length checksum mismatch", off)
+                raise TFRecordError(self.path, "length checksum mismatch", off, i)
             if masked_crc32c(data) != struct.unpack_from("<I", buf, HEADER_BYTES + length)[0]:
-                raise TFRecordError(self.path, f"record {i}: data checksum mismatch", off)
+                raise TFRecordError(self.path, "data checksum mismatch", off, i)
         return data, off
 
     def read_raw(self, i: int) -> bytes:
@@ -248,7 +267,7 @@ class TFRecordReader:
     def read(self, i: int, unwrap: bool = True) -> dict:
         """Decoded record i: {name: bytes | int | float | list} (see `decode_example`)."""
         data, off = self._frame(i)
-        return decode_record(data, self.path, off, unwrap)
+        return decode_record(data, self.path, off, unwrap, i % len(self))
 
     __getitem__ = read
 

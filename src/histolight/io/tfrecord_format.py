@@ -13,6 +13,7 @@ Tile records are `tf.train.Example`s with `image_raw` (bytes, JPEG/PNG), `slide`
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import struct
 import zlib
@@ -34,14 +35,17 @@ _CHUNK = 1 << 26  # largest single read, bytes (bounds memory on garbage lengths
 
 
 class TFRecordError(HistolightError, ValueError):
-    """A TFRecord file (or its index) is corrupt, truncated or unusable. Names file, byte offset, reason."""
+    """A TFRecord file (or its index) is corrupt, truncated or unusable. Names file, record number (0-based, when
+    known), byte offset of the record and the reason."""
 
-    def __init__(self, path: Any, reason: str, offset: int | None = None):
+    def __init__(self, path: Any, reason: str, offset: int | None = None, record: int | None = None):
         self.path = os.fspath(path) if path is not None else None
         self.offset = None if offset is None else int(offset)
+        self.record = None if record is None else int(record)
         self.reason = reason
+        rec = "" if record is None else f" record {int(record)}"
         where = "" if offset is None else f" at byte offset {int(offset)}"
-        super().__init__(f"bad TFRecord '{self.path}'{where}: {reason}")
+        super().__init__(f"bad TFRecord '{self.path}'{rec}{where}: {reason}")
 
 
 class TileRecord(NamedTuple):
@@ -54,7 +58,10 @@ class TileRecord(NamedTuple):
 
 
 def masked_crc32c(data: bytes | bytearray | memoryview) -> int:
-    """TFRecord checksum: CRC-32C of `data`, rotated right by 15 bits plus 0xa282ead8 (uint32)."""
+    """TFRecord checksum: CRC-32C of `data`, rotated right by 15 bits plus 0xa282ead8 (uint32).
+
+    CRC-32C comes from the `crc32c` package (C, with SSE4.2 / ARMv8 CRC instructions where the CPU has them:
+    `crc32c.hardware_based`), several GB/s, so checking every record costs little next to decoding its image."""
     crc = _crc32c.crc32c(data)
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
 
@@ -108,21 +115,22 @@ def iter_frames(f, path: str, verify: bool, size: int | None) -> Iterator[tuple[
 
 def _frames(f, path: str, verify: bool, size: int | None) -> Iterator[tuple[int, memoryview]]:
     off = 0
-    while True:
+    for i in itertools.count():
         header = _read_exact(f, HEADER_BYTES)
         if not header:
             return
         if len(header) < HEADER_BYTES:
-            raise TFRecordError(path, f"truncated record header ({len(header)} of {HEADER_BYTES} bytes)", off)
+            raise TFRecordError(path, f"truncated record header ({len(header)} of {HEADER_BYTES} bytes)", off, i)
         length, length_crc = struct.unpack("<QI", header)
         if verify and masked_crc32c(header[:8]) != length_crc:
-            raise TFRecordError(path, f"length checksum mismatch (length field reads {length})", off)
+            raise TFRecordError(path, f"length checksum mismatch (length field reads {length})", off, i)
         if size is not None and off + FRAME_BYTES + length > size:
             raise TFRecordError(
                 path,
                 f"truncated record: header says {length} data bytes + {FOOTER_BYTES} checksum bytes, "
                 f"only {size - off - HEADER_BYTES} bytes remain",
                 off,
+                i,
             )
         body = _read_exact(f, length + FOOTER_BYTES)
         if len(body) < length + FOOTER_BYTES:
@@ -131,10 +139,11 @@ def _frames(f, path: str, verify: bool, size: int | None) -> Iterator[tuple[int,
                 f"truncated record: header says {length} data bytes + {FOOTER_BYTES} checksum bytes, "
                 f"only {len(body)} bytes remain",
                 off,
+                i,
             )
         data = memoryview(body)[:length]
         if verify and masked_crc32c(data) != struct.unpack_from("<I", body, length)[0]:
-            raise TFRecordError(path, f"data checksum mismatch ({length}-byte record)", off)
+            raise TFRecordError(path, f"data checksum mismatch ({length}-byte record)", off, i)
         yield off, data
         off += length + FRAME_BYTES
 
@@ -152,12 +161,12 @@ def open_stream(path: str):
     return open(path, "rb", buffering=1 << 20), os.path.getsize(path), False
 
 
-def decode_record(data, path: str, offset: int | None, unwrap: bool = True) -> dict:
-    """`decode_example(data)`, raising TFRecordError (naming `path` and byte `offset`) for invalid records."""
+def decode_record(data, path: str, offset: int | None, unwrap: bool = True, record: int | None = None) -> dict:
+    """`decode_example(data)`, raising TFRecordError (naming `path`, `record` and byte `offset`) for invalid records."""
     try:
         return decode_example(data, unwrap=unwrap)
     except ExampleDecodeError as e:
-        raise TFRecordError(path, f"record is not a valid tf.train.Example: {e}", offset) from None
+        raise TFRecordError(path, f"record is not a valid tf.train.Example: {e}", offset, record) from None
 
 
 def iter_records(path: str | os.PathLike, *, verify: bool = True, raw: bool = False, unwrap: bool = True) -> Iterator[Any]:
@@ -168,8 +177,8 @@ def iter_records(path: str | os.PathLike, *, verify: bool = True, raw: bool = Fa
     path = os.fspath(path)
     f, size, _ = open_stream(path)
     with f:
-        for off, data in iter_frames(f, path, verify, size):
-            yield bytes(data) if raw else decode_record(data, path, off, unwrap)
+        for i, (off, data) in enumerate(iter_frames(f, path, verify, size)):
+            yield bytes(data) if raw else decode_record(data, path, off, unwrap, i)
 
 
 def record_location(rec: Mapping) -> tuple[int, int] | None:

@@ -10,12 +10,14 @@ carry no location, as Slideflow writes it). Plain-text `<stem>.index` holds "off
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 
 from histolight.io.atomic import atomic_save_npz
 from histolight.io.tfrecord_format import (
     FRAME_BYTES,
+    HEADER_BYTES,
     TFRecordError,
     decode_record,
     is_gzip,
@@ -109,10 +111,10 @@ def scan_records(path: str, verify: bool) -> tuple[np.ndarray, np.ndarray | None
     rows: list[tuple[int, int]] = []
     locs: list[tuple[int, int]] | None = []
     with f:
-        for off, data in iter_frames(f, path, verify, size):
+        for i, (off, data) in enumerate(iter_frames(f, path, verify, size)):
             rows.append((off, len(data) + FRAME_BYTES))
             if locs is not None:
-                loc = record_location(decode_record(data, path, off))
+                loc = record_location(decode_record(data, path, off, record=i))
                 if loc is None:
                     locs = None
                 else:
@@ -148,3 +150,26 @@ def index_problem(idx: np.ndarray, size: int) -> str | None:
     if end != size:
         return f"records end at byte {end} but file has {size} bytes"
     return None
+
+
+def truncated_record(path: str, idx: np.ndarray, size: int) -> int | None:
+    """The first record lost when the file `path` of `size` bytes was truncated after its index `idx` was written,
+    else None (the index is simply wrong). Truncation: `idx` is consistent on its own, the file ends before its
+    last record, and the length fields of the records around the cut (those whose header the file still holds,
+    at least one) agree with `idx`."""
+    if idx.shape[0] == 0:
+        return None
+    ends = idx[:, 0] + idx[:, 1]
+    if size >= int(ends[-1]) or index_problem(idx, int(ends[-1])) is not None:
+        return None
+    lost = int(np.searchsorted(ends, size, side="right"))
+    checked = 0
+    with open(path, "rb") as f:
+        for j in (lost - 1, lost):
+            if j < 0 or int(idx[j, 0]) + HEADER_BYTES > size:
+                continue
+            f.seek(int(idx[j, 0]))
+            if struct.unpack("<Q", f.read(8))[0] + FRAME_BYTES != int(idx[j, 1]):
+                return None
+            checked += 1
+    return lost if checked else None

@@ -1,9 +1,13 @@
 """Otsu tissue detection (Slideflow's ``qc.Otsu``): background is masked.
 
-The slide is read at a low resolution (by default its lowest pyramid level, shrunk further if
-that level is larger than ``max_px`` on its long side), converted to HSV, the saturation channel
-is median-blurred (kernel 7) and thresholded with Otsu's method. Pixels at or below the threshold
+The slide is read at a low resolution (by default its lowest pyramid level, but no finer than
+:data:`MIN_MPP` um/px and no larger than ``max_px`` on its long side), converted to HSV, the saturation
+channel is median-blurred (kernel 7) and thresholded with Otsu's method. Pixels at or below the threshold
 (unsaturated: glass, white background) are masked (``True`` = drop).
+
+The picture comes from :meth:`~histolight.wsi.slide.BaseSlide.overview`, so the slide's report images reuse it, and
+a slide stored without a coarse pyramid level (e.g. a single-level scan region) is not decoded in full when the file
+carries its own thumbnail image.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ import numpy as np
 from histolight.qc.base import QCMask
 
 log = logging.getLogger(__name__)
+
+#: Default floor of the working resolution, um/px: the lowest pyramid level of a typical 40x scan (downsample 16 at
+#: 0.25 um/px) is used as is; a slide without coarse levels is not thresholded at full resolution (a 128 um tile is
+#: still 32 mask px wide).
+MIN_MPP = 4.0
 
 
 def otsu_tissue(rgb: np.ndarray, median: int = 7, min_threshold: int = 0) -> tuple[np.ndarray, int]:
@@ -35,11 +44,14 @@ def otsu_tissue(rgb: np.ndarray, median: int = 7, min_threshold: int = 0) -> tup
     return sat > thr, thr
 
 
-def lowres_downsample(slide, mpp: float | None = None, level: int | None = None, max_px: int = 4096) -> float:
+def lowres_downsample(
+    slide, mpp: float | None = None, level: int | None = None, max_px: int = 4096, min_mpp: float | None = None
+) -> float:
     """Downsample (relative to level 0) at which a low-resolution QC pass reads ``slide``.
 
-    ``mpp`` (um/px) wins; else pyramid ``level`` (default: the lowest-resolution level); the result
-    is then coarsened so the long side is at most ``max_px``.
+    ``mpp`` (um/px) wins; else pyramid ``level`` (default: the lowest-resolution level, coarsened to ``min_mpp``
+    um/px when it is finer and the slide's mpp is known); the result is then coarsened so the long side is at most
+    ``max_px``.
     """
     if mpp is not None:
         ds = float(mpp) / slide.mpp
@@ -48,6 +60,8 @@ def lowres_downsample(slide, mpp: float | None = None, level: int | None = None,
         if not 0 <= lvl < slide.level_count:
             raise ValueError(f"level {level} out of range for {slide.name} (0..{slide.level_count - 1})")
         ds = float(slide.level_downsamples[lvl])
+        if level is None and min_mpp and slide.has_mpp:
+            ds = max(ds, float(min_mpp) / slide.mpp)
     if max_px:
         ds = max(ds, max(slide.dimensions) / float(max_px))
     return max(ds, 1e-6)
@@ -58,8 +72,10 @@ class Otsu:
 
     Args:
         mpp: um/px to work at (default: the slide's lowest pyramid level, see ``level``).
-        level: pyramid level to work at when ``mpp`` is None (default: the last, lowest-resolution).
+        level: pyramid level to work at when ``mpp`` is None (default: the last, lowest-resolution, but no finer than
+            ``min_mpp``).
         max_px: cap on the long side of the working image (px).
+        min_mpp: floor of the default working resolution in um/px (:data:`MIN_MPP`; None = the lowest level as is).
         median: median-blur kernel (px, odd).
         min_threshold: floor for Otsu's threshold on saturation (0-255; 0 = pure Otsu as in Slideflow).
 
@@ -70,7 +86,13 @@ class Otsu:
     role = "tissue"
 
     def __init__(
-        self, mpp: float | None = None, level: int | None = None, max_px: int = 4096, median: int = 7, min_threshold: int = 0
+        self,
+        mpp: float | None = None,
+        level: int | None = None,
+        max_px: int = 4096,
+        median: int = 7,
+        min_threshold: int = 0,
+        min_mpp: float | None = MIN_MPP,
     ):
         if mpp is not None and not float(mpp) > 0:
             raise ValueError(f"otsu mpp must be a positive number of um/px, got {mpp!r}")
@@ -81,13 +103,18 @@ class Otsu:
         self.max_px = int(max_px)
         self.median = int(median)
         self.min_threshold = int(min_threshold)
+        if min_mpp is not None and not float(min_mpp) > 0:
+            raise ValueError(f"otsu min_mpp must be a positive number of um/px or null, got {min_mpp!r}")
+        self.min_mpp = min_mpp
 
     def __repr__(self) -> str:
-        return f"Otsu(mpp={self.mpp!r}, level={self.level!r}, max_px={self.max_px}, median={self.median})"
+        return (
+            f"Otsu(mpp={self.mpp!r}, level={self.level!r}, max_px={self.max_px}, median={self.median}, min_mpp={self.min_mpp!r})"
+        )
 
     def __call__(self, slide) -> QCMask:
-        ds = lowres_downsample(slide, self.mpp, self.level, self.max_px)
-        img = slide.thumbnail(downsample=ds)
+        ds = lowres_downsample(slide, self.mpp, self.level, self.max_px, self.min_mpp)
+        img = slide.overview(downsample=ds)
         tissue, thr = otsu_tissue(img, self.median, self.min_threshold)
         log.debug(
             "%s: Otsu saturation threshold %d at downsample %.3g (%dx%d px)", slide.name, thr, ds, img.shape[1], img.shape[0]

@@ -29,12 +29,15 @@ class Segment:
     """QC with a trained segmentation model.
 
     Args:
-        model_path: model folder (``model.pth`` + ``segment_config.json``), its ``model.pth`` or a ``.ckpt``.
+        model_path: model folder (``segment_config.json`` + ``weights.safetensors``), its weights file or a ``.ckpt``;
+            read safely (:mod:`histolight.io.weights`).
         class_idx: multiclass: the class index to keep (1..N; 0 is background); multilabel: the
             channel (0..N-1); None = any foreground.
         threshold_direction: ``'less'`` drops pixels *not* predicted as tissue/``class_idx``;
             ``'greater'`` drops pixels predicted as it.
         device: torch device for inference (``'auto'``/None = cuda if available, ``'cpu'``, ``'cuda[:n]'``).
+        trust_checkpoint: load a legacy model whose weights are a pickle needing code execution (refused otherwise);
+            only for a file from a trusted source (unpickling runs code stored in it).
     """
 
     name = "segment"
@@ -45,6 +48,7 @@ class Segment:
         class_idx: int | None = None,
         threshold_direction: str = "less",
         device: str | None = None,
+        trust_checkpoint: bool = False,
     ):
         if threshold_direction not in ("less", "greater"):
             raise ValueError(f"threshold_direction={threshold_direction!r} is invalid: must be 'less' or 'greater'")
@@ -54,6 +58,9 @@ class Segment:
         self.class_idx = class_idx
         self.threshold_direction = threshold_direction
         self.device = device
+        if not isinstance(trust_checkpoint, bool):
+            raise ValueError(f"trust_checkpoint={trust_checkpoint!r} is invalid: must be True or False")
+        self.trust_checkpoint = trust_checkpoint
         self._model = None
         self._cache: tuple[str, np.ndarray] | None = None
         cfg = self.config  # loads the model; validates class_idx against it
@@ -71,7 +78,12 @@ class Segment:
     # ------------------------------------------------------------------ model
     @property
     def model(self):
-        if self._model is None:
+        if self._model is None and self.trust_checkpoint:
+            from histolight.segment.io import load_model_and_config
+            from histolight.utils.device import resolve_device
+
+            self._model = load_model_and_config(self.model_path, resolve_device(self.device), trust_checkpoint=True)[0]
+        elif self._model is None:
             from histolight.segment.rois import load_segment_model
 
             self._model = load_segment_model(self.model_path, self.device)  # once per process, shared with other users

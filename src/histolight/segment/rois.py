@@ -24,8 +24,10 @@ from shapely.geometry import MultiPolygon, Polygon
 
 from histolight.cohort import CohortResult, run_per_slide
 from histolight.errors import HistolightError
-from histolight.roi import ROI, write_rois
+from histolight.io.atomic import atomic_write_json
+from histolight.roi import ROI, ROI_EXTENSIONS, write_rois
 from histolight.roi.core import _polygonal
+from histolight.utils.filesets import record_of, record_path
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,10 @@ def generate_rois(
 def write_slide_rois(
     rois: Sequence[ROI], folder: str | os.PathLike, name: str, formats: Sequence[str] = ("csv", "geojson")
 ) -> list[Path]:
-    """Write ``<folder>/<name>.csv`` (Slideflow) and/or ``.geojson`` (QuPath), atomically."""
+    """Write ``<folder>/<name>.csv`` (Slideflow) and/or ``.geojson`` (QuPath), atomically, as the slide's ROI set
+    in ``folder``: the set is recorded in ``<folder>/.generated/<name>.json`` (:mod:`histolight.utils.filesets`; the
+    lookup, :meth:`histolight.dataset.Dataset.roi_path`, accepts a recorded set side by side) and the slide's ROI
+    files of other formats there are removed (the caller decides whether existing files may be replaced)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -176,7 +181,18 @@ def write_slide_rois(
         if fmt not in ("csv", "geojson"):
             raise HistolightError(f"ROI format {fmt!r} is invalid: use csv and/or geojson")
         out.append(write_rois(rois, folder / f"{name}.{fmt}"))
+    for old in _roi_files(folder, name):
+        if old not in out:
+            log.warning("replacing %s by %s", old, ", ".join(p.name for p in out))
+            old.unlink()
+    record = record_path(folder, name)
+    record.parent.mkdir(exist_ok=True)
+    atomic_write_json(record, record_of(out, folder))
     return out
+
+
+def _roi_files(folder: Path, name: str) -> list[Path]:
+    return [p for p in (folder / f"{name}{ext}" for ext in ROI_EXTENSIONS) if p.is_file()]
 
 
 def _model_stamp(p: Path) -> tuple:
@@ -222,9 +238,11 @@ def slide_rois(
     """Per-slide function of :func:`generate_dataset_rois`: segment slide ``name`` and write its ROI files.
 
     Returns its summary row: ``n_rois``, ``labels``, ``files`` (status ``skipped``/"exists" when the slide already has
-    ROIs and not ``overwrite``; ``empty`` when the model finds no region large enough)."""
+    an ROI file in ``dest`` (any format: a generated file beside the user's would shadow it) or, writing into the
+    dataset's ROI folder, in the dataset, and not ``overwrite``; ``empty`` when the model finds no region large
+    enough)."""
     out = Path(dest)
-    if not overwrite and (any((out / f"{name}.{f}").exists() for f in formats) or (into_dataset and dataset.has_rois(name))):
+    if not overwrite and (_roi_files(out, name) or (into_dataset and dataset.has_rois(name))):
         return {"status": "skipped", "reason": "exists"}
     m = load_segment_model(model, device)
     with dataset.open(name) as slide:
@@ -260,8 +278,9 @@ def generate_dataset_rois(
     Args:
         model: a :class:`SegmentModel` or a model path (folder / ``model.pth`` / ``.ckpt``; loaded once per process).
         dest: output folder (default: the dataset's first ROI folder).
-        overwrite: also process slides that already have ROIs: any ROI file of the dataset when
-            writing into the dataset's ROI folder, else ``<dest>/<slide>.<format>``.
+        overwrite: also process slides that already have ROIs (any ROI file of the slide in ``dest``, and of the
+            dataset when writing into its ROI folder), replacing the slide's ROI files in ``dest`` (other formats
+            included). Without it they are skipped: generated ROIs never sit beside a user's file of that slide.
         formats: ``csv`` (Slideflow) and/or ``geojson`` (QuPath).
         device: where a model path is loaded (``auto`` = cuda when available).
         workers: slide worker processes.

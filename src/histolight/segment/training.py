@@ -97,6 +97,8 @@ def train(
     val_slides: Sequence[str] | None = None,
     n_overlays: int = 3,
     overlay_every: int = 5,
+    ckpt_path: str | os.PathLike | None = None,
+    resume: str | None = None,
     **trainer_kwargs,
 ) -> dict[str, Any]:
     """Train a segmentation model and save it as the model folder ``dest`` (``segment_config.json`` +
@@ -116,6 +118,10 @@ def train(
         run_config: the full resolved run config, logged to the loggers and saved as ``training.run``.
         train_slides, val_slides: explicit slide lists (override the split).
         n_overlays, overlay_every: validation overlay images (``dest/overlays`` and image loggers).
+        ckpt_path, resume: continue training from this Lightning checkpoint, or (``resume='auto'``) from the
+            ``last.ckpt`` of the trainer's checkpoint folder when there is one (:mod:`histolight.training.trainer`).
+            Without either, a checkpoint folder holding another run's checkpoints is refused (deleted with
+            ``overwrite``) before any work.
 
     Returns: metrics of the best checkpoint on the validation slides (``val/miou``, ``val/mdice``,
     ``val/iou_<class>``, ...), plus ``epochs``, ``train_time_s`` and ``model_dir``.
@@ -129,14 +135,29 @@ def train(
     from histolight.segment.model import SegmentModel
     from histolight.training.artifacts import check_overwrite
     from histolight.training.normalize import pixel_stats
-    from histolight.training.trainer import chosen_checkpoint, default_trainer, log_hyperparams, restore_weights, update_summary
+    from histolight.training.trainer import (
+        check_checkpoint_folder,
+        chosen_checkpoint,
+        default_trainer,
+        fit,
+        log_hyperparams,
+        restore_weights,
+        resume_checkpoint,
+        update_summary,
+    )
 
     t0 = time.time()
     dest = Path(dest)
     check_overwrite(dest, KIND, overwrite)
-    dest.mkdir(parents=True, exist_ok=True)
     if epochs is not None:
         config = replace(config, epochs=int(epochs))
+    if trainer is None:
+        trainer = default_trainer(dest, config.epochs, "val/miou", "max", loggers, callbacks, **trainer_kwargs)
+    elif (trainer.max_epochs or -1) > 0:
+        config = replace(config, epochs=int(trainer.max_epochs))
+    resume_from = resume_checkpoint(trainer, ckpt_path, resume)
+    check_checkpoint_folder(trainer, resume_from, overwrite)
+    dest.mkdir(parents=True, exist_ok=True)
     if seed is not None:
         L.seed_everything(int(seed), workers=True, verbose=False)
     cache_dir = Path(cache_dir) if cache_dir else dest / "thumbs"
@@ -174,15 +195,13 @@ def train(
 
     # ---- model, trainer
     datamodule = SegmentDataModule(config, train_items, val_items)
-    if trainer is None:
-        trainer = default_trainer(dest, config.epochs, "val/miou", "max", loggers, callbacks, **trainer_kwargs)
-    elif (trainer.max_epochs or -1) > 0:
-        config = replace(config, epochs=int(trainer.max_epochs))
-    model = SegmentModel(config, load_pretrained=True, n_overlays=n_overlays, overlay_every=overlay_every)
+    model = SegmentModel(
+        config, load_pretrained=True, trust_checkpoint=config.trust_checkpoint, n_overlays=n_overlays, overlay_every=overlay_every
+    )
     model.overlay_dir = dest / "overlays"
     hp = {"segment": config.to_dict(), "artifacts_dir": str(dest.resolve()), **slides}
     log_hyperparams(trainer, {**hp, "run": run_config} if run_config is not None else hp)
-    trainer.fit(model, datamodule=datamodule)
+    fit(trainer, model, datamodule, resume_from)
     fit_time = time.time() - t0
 
     # ---- best weights, final metrics, artifacts

@@ -22,6 +22,8 @@ TASKS: dict[str, str] = {
     "train_seg": "histolight.tasks.train_seg:run",
     "segment": "histolight.tasks.segment:run",
     "generate_rois": "histolight.tasks.generate_rois:run",
+    "train_mil": "histolight.tasks.train_mil:run",
+    "predict_mil": "histolight.tasks.predict_mil:run",
 }
 
 

@@ -3,8 +3,11 @@
     python run.py task=generate_rois task.model=outputs/<run> task.dest=data/rois_pred
 
 For each slide: ``<dest>/<slide>.csv`` (Slideflow) and ``<dest>/<slide>.geojson`` (QuPath), in base px, labelled by
-class. ``dest`` defaults to the dataset's ROI folder; slides that already have ROIs are skipped (reason ``exists``)
-unless ``task.overwrite=true``. One row per slide in ``<run>/rois_report.csv``.
+class. ``dest`` defaults to the dataset's ROI folder; slides that already have ROIs (in the dataset when writing
+there, or any ROI file of the slide in ``dest``: a generated file never sits beside the user's) are skipped (reason
+``exists``) unless ``task.overwrite=true`` (which replaces the slide's ROI files in ``dest``). One row per slide in
+``<run>/rois_report.csv``. ``task.trust_checkpoint=true`` (a legacy pickle from a trusted source) first saves the
+model as ``<run>/model``.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ class GenerateRoisTask(RoiOptions):
     slides: Any = None
     split: Any = None
     device: str = "auto"
+    trust_checkpoint: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         check_model_path(self.model, "a trained model folder (task.model=outputs/<run>)")
+        check(isinstance(self.trust_checkpoint, bool), "trust_checkpoint", self.trust_checkpoint, "must be true or false")
         self.formats = opt_list("formats", self.formats) or []
         ok = bool(self.formats) and all(f in ("csv", "geojson") for f in self.formats)
         check(ok, "formats", self.formats, "must list csv and/or geojson")
@@ -42,13 +47,14 @@ class GenerateRoisTask(RoiOptions):
 
 
 def run(cfg: DictConfig) -> dict:
+    from histolight.segment.io import save_trusted_copy
     from histolight.segment.rois import generate_dataset_rois
 
     t = from_config(GenerateRoisTask, cfg.task, "task")
     ds = load_dataset(cfg)
     res = generate_dataset_rois(
         ds,
-        t.model,
+        str(save_trusted_copy(t.model, output_dir(cfg) / "model")) if t.trust_checkpoint else t.model,
         dest=t.dest,
         overwrite=t.overwrite,
         formats=t.formats,

@@ -5,7 +5,10 @@
     python run.py task=predict task.model=<run>/model task.label_source=roi          # + metrics vs ROI labels
 
 Tiles: ``task.tfrecords``, or the tile folder ``<tiles_root>/<dataset.name>/<px>px_<um>um`` of the model's geometry.
-Writes ``slides.csv`` (per slide: status, reason, tile count, mean probabilities, predicted class),
+Every tile's record CRCs are checked (``task.verify``) and a corrupt tile is left out and counted (``task.on_corrupt=
+skip``) or fails its slide (``fail``). A model pickle that needs code execution is refused unless
+``task.trust_checkpoint=true``.
+Writes ``slides.csv`` (per slide: status, reason, tile count, corrupt tiles, mean probabilities, predicted class),
 ``predictions.parquet``, ``slides.parquet``, ``heatmaps/<slide>.png`` and, with a label source, ``metrics.json``
 (formats: :func:`histolight.classify.predict.predict_slides`).
 """
@@ -40,8 +43,12 @@ class PredictTask(PerSlideOptions):
     label_column: str = "label"
     label_table: str | None = None
     roi_filter_method: Any = "center"
+    verify: bool = True
+    on_corrupt: str = "skip"
+    trust_checkpoint: bool = False
 
     def __post_init__(self):
+        from histolight.classify.data import check_on_corrupt
         from histolight.classify.labels import LABEL_SOURCES
         from histolight.extract.config import parse_roi_filter_method
 
@@ -56,6 +63,9 @@ class PredictTask(PerSlideOptions):
         ok = self.label_source is None or self.label_source in LABEL_SOURCES
         check(ok, "label_source", self.label_source, f"must be null (no evaluation) or one of {', '.join(LABEL_SOURCES)}")
         self.roi_filter_method = parse_roi_filter_method(self.roi_filter_method)
+        for k in ("verify", "trust_checkpoint"):
+            check(isinstance(getattr(self, k), bool), k, getattr(self, k), "must be true or false")
+        check_on_corrupt(self.on_corrupt)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -66,15 +76,18 @@ def run(cfg: DictConfig) -> dict:
 
     t = from_config(PredictTask, cfg.task, "task")
     out, device = output_dir(cfg), resolve_device(t.device)
-    model = load_classifier(t.model, device)
+    model = load_classifier(t.model, device, t.trust_checkpoint)
     src = t.tfrecords or tile_folder(t.tiles_root, dataset_config(cfg).name, model.tile_px, model.tile_um)
     kw = {"batch_size": t.batch_size, "num_workers": t.num_workers, "heatmaps": t.heatmaps, "heatmap_scale": t.heatmap_scale}
+    kw.update(verify=t.verify, on_corrupt=t.on_corrupt, trust_checkpoint=t.trust_checkpoint)
     res, pred = predict_slides(t.model, src, out, slides=t.slides, device=device, workers=t.workers, **kw)
-    metrics = {**res.metrics(), "n_tiles": len(pred)}
+    n_corrupt = int(res.table["n_corrupt"].fillna(0).sum()) if "n_corrupt" in res.table else 0
+    metrics = {**res.metrics(), "n_tiles": len(pred), "n_corrupt": n_corrupt}
     if t.label_source is not None and len(pred):
         lab = {"label_column": t.label_column, "label_table": t.label_table, "roi_filter_method": t.roi_filter_method}
         m = evaluate_slides(pred, model, load_dataset(cfg), t.label_source, **lab)
         metrics.update({f"eval/{k}": v for k, v in m.items()})
         atomic_write_json(out / "metrics.json", metrics)
-    print(f"predict: {res.summary_line()}; {len(pred)} tiles -> {out / 'predictions.parquet'}")
+    skipped = f" ({n_corrupt} corrupt tiles skipped: see the reason column of {out / 'slides.csv'})" if n_corrupt else ""
+    print(f"predict: {res.summary_line()}; {len(pred)} tiles{skipped} -> {out / 'predictions.parquet'}")
     return metrics

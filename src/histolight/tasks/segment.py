@@ -4,6 +4,7 @@
 
 Per slide, in ``<run>/segment/``: the prediction aligned to the slide, its ``.pred.json`` sidecar, an overlay PNG
 and ROIs (format: :mod:`histolight.segment.outputs`). One row per slide in ``<run>/segment_report.csv``.
+``task.trust_checkpoint=true`` (a legacy pickle from a trusted source) first saves the model as ``<run>/model``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ class SegmentTask(RoiOptions):
     roi_formats: list = field(default_factory=lambda: ["csv", "geojson"])
     device: str = "auto"
     strip_px: int | None = None
+    trust_checkpoint: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         check_model_path(self.model, "a trained model folder (task.model=outputs/<run>), e.g. from experiment=seg_multiclass")
+        check(isinstance(self.trust_checkpoint, bool), "trust_checkpoint", self.trust_checkpoint, "must be true or false")
         self.slides, self.split = opt_list("slides", self.slides), opt_list("split", self.split)
         check(self.output in ("labels", "proba"), "output", self.output, "must be labels or proba")
         self.roi_formats = opt_list("roi_formats", self.roi_formats) or []
@@ -44,6 +47,7 @@ class SegmentTask(RoiOptions):
 
 
 def run(cfg: DictConfig) -> dict:
+    from histolight.segment.io import save_trusted_copy
     from histolight.segment.outputs import segment_slides
 
     t = from_config(SegmentTask, cfg.task, "task")
@@ -51,7 +55,7 @@ def run(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     res = segment_slides(
         ds,
-        t.model,
+        str(save_trusted_copy(t.model, out / "model")) if t.trust_checkpoint else t.model,
         out / "segment",
         select_slides(ds, t.slides, t.split),
         output=t.output,

@@ -3,6 +3,7 @@
     python run.py experiment=seg_multiclass                 # demo cohort, W&B (offline without a key)
     python run.py -m experiment=seg_multiclass model.arch=Unet,FPN model.optimizer.lr=1e-4,3e-4
     python run.py experiment=seg_multiclass hparams_search=seg_optuna
+    python run.py experiment=seg_multiclass resume=auto hydra.run.dir=outputs/<date>/<run>   # continue a run
 
 Outputs in the run folder: the model (``segment_config.json`` + ``weights.safetensors``; load with
 ``histolight.segment.load_model_and_config(<run dir>)``), ``checkpoints/``, ``overlays/`` (validation image |
@@ -53,10 +54,15 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError("task=train_seg needs a trainer config (trainer=cpu|gpu)")
 
     from histolight.segment import train
+    from histolight.segment.io import KIND
     from histolight.tasks.common import load_dataset, output_dir
-    from histolight.training.trainer import build_trainer
+    from histolight.training.artifacts import check_overwrite
+    from histolight.training.trainer import build_trainer, resume_checkpoint
 
+    trainer = build_trainer(cfg)
+    resume_from = resume_checkpoint(trainer, cfg.get("ckpt_path"), cfg.get("resume"))  # checked before any work
     out = output_dir(cfg)
+    check_overwrite(out, KIND, task.overwrite)
     ds = load_dataset(cfg)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     opts = {k: getattr(task, k) for k in ("overwrite", "n_overlays", "overlay_every")}
@@ -65,9 +71,10 @@ def run(cfg: DictConfig) -> dict:
         ds,
         out,
         cache_dir=cfg.data.get("cache_dir"),
-        trainer=build_trainer(cfg),
+        trainer=trainer,
         seed=cfg.get("seed"),
         run_config=run_config,
+        ckpt_path=resume_from,
         **opts,
     )
     m = {k: float("nan") if metrics.get(k) is None else metrics[k] for k in ("val/miou", "val/mdice")}

@@ -3,6 +3,7 @@
     python run.py experiment=tile_classifier                            # demo cohort, ROI labels, mobilenetv3
     python run.py experiment=tile_classifier data.label_source=slide    # weak supervision
     python run.py experiment=tile_classifier trainer=gpu                # one GPU, AMP (trainer=ddp: several)
+    python run.py experiment=tile_classifier resume=auto hydra.run.dir=outputs/<date>/<run>   # continue a run
 
 Outputs in the run folder: ``model/`` (``classifier_config.json`` + ``weights.safetensors``, see
 :mod:`histolight.training.artifacts`), ``checkpoints/``, ``tiles.parquet``, ``metrics.json``.
@@ -64,15 +65,18 @@ def run(cfg: DictConfig) -> dict:
     from histolight.classify import train
     from histolight.norm import build_normalizer
     from histolight.tasks.common import load_dataset, output_dir
-    from histolight.training.trainer import build_trainer
+    from histolight.training.artifacts import check_overwrite
+    from histolight.training.trainer import build_trainer, resume_checkpoint
 
+    trainer = build_trainer(cfg)
+    resume_from = resume_checkpoint(trainer, cfg.get("ckpt_path"), cfg.get("resume"))  # checked before any work
+    check_overwrite(task.model_dir or output_dir(cfg) / "model", "classifier", task.overwrite)
     ds = load_dataset(cfg)
     opts = {
         k: getattr(task, k) for k in ("ckpt", "eval_splits", "model_dir", "overwrite", "slide_metrics", "monitor", "monitor_mode")
     }
     norm = build_normalizer(norm_cfg) if norm_cfg and data.normalize else None
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    trainer = build_trainer(cfg)
     metrics = train(
         data,
         model,
@@ -82,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
         normalizer=norm,
         seed=cfg.get("seed") or 0,
         run_config=run_config,
+        ckpt_path=resume_from,
         **opts,
     )
     summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("bal_acc", "auroc", "/acc")) and v is not None)

@@ -1,13 +1,16 @@
 """The task wrapper: run the task, log failures, always close W&B, set the exit status, return the swept metric.
 
-Exit status of ``python run.py``: 0 = success; 1 = bad input or config (one clear line) or a crash (traceback);
+Before the task: unknown top-level keys are refused (:func:`check_top_level`). Exit status of ``python run.py``:
+0 = success; 1 = bad input or config, too little memory or disk (one clear line) or a crash (traceback);
 2 (:data:`histolight.cohort.EXIT_SLIDES_FAILED`) = a per-slide task finished but slides failed beyond
 ``task.allow_failures`` / ``task.max_failed`` (the failed slides and their reasons are in the task's summary CSV).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,8 +18,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from histolight.cohort import failure_exit_code
-from histolight.errors import HistolightError
+from histolight.errors import ConfigError, HistolightError
+from histolight.utils.diagnose import environment_error
 from histolight.utils.instantiate import finish_wandb
+from histolight.utils.run_guard import RESUMABLE_TASKS
 from histolight.utils.wandb import is_multirun
 
 log = logging.getLogger("histolight")
@@ -34,6 +39,33 @@ def metric_value(metrics: dict | None, name: str | None) -> float | None:
         raise HistolightError(f"optimized_metric '{name}' was not reported by the task; it reported {sorted(metrics or {})}")
     v = metrics[name]
     return float(v.item() if hasattr(v, "item") else v)
+
+
+def known_top_level_keys() -> list[str] | None:
+    """The config groups (the folders of ``$HISTOLIGHT_ROOT/conf``) and the keys of its ``config.yaml``; None when
+    that folder is not found (a config composed elsewhere is not checked)."""
+    conf = Path(os.environ.get("HISTOLIGHT_ROOT", ".")) / "conf"
+    if not (conf / "config.yaml").is_file():
+        return None
+    keys = [str(k) for k in OmegaConf.load(conf / "config.yaml") if k != "defaults"]
+    return sorted(p.name for p in conf.iterdir() if p.is_dir()) + keys
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Refuse unknown top-level keys (``+bogus=1``) with a did-you-mean, and ``ckpt_path`` / ``resume`` for tasks
+    that do not resume."""
+    known = known_top_level_keys()
+    for key in cfg if known else ():
+        if key in known:
+            continue
+        hints = [f"'{k}'" for k in difflib.get_close_matches(str(key), known, n=2)]
+        hints += [f"'{g}.{key}'" for g in known if isinstance(cfg.get(g), DictConfig) and key in cfg[g]]
+        hint = f" Did you mean {' or '.join(hints)}?" if hints else ""
+        raise ConfigError(f"unknown top-level key '{key}'.{hint} Known keys: {', '.join(known)}")
+    name = OmegaConf.select(cfg, "task.name")
+    for key in ("ckpt_path", "resume"):
+        if cfg.get(key) is not None and name not in RESUMABLE_TASKS:
+            raise ConfigError(f"{key}={cfg.get(key)!r} is invalid for task={name}: it applies to {' and '.join(RESUMABLE_TASKS)}")
 
 
 def slide_outcome(name: str, cfg: DictConfig, metrics: dict) -> tuple[str, int]:
@@ -58,8 +90,9 @@ def slide_outcome(name: str, cfg: DictConfig, metrics: dict) -> tuple[str, int]:
 def execute(cfg: DictConfig) -> float | None:
     """Run ``cfg.task.name``; return ``cfg.optimized_metric`` from its result dict (None if unset).
 
-    User errors (:class:`HistolightError`) are logged as one clear line; in a single run the process
-    exits with status 1 (2 when slides failed), in a multirun the exception propagates so the sweeper records it.
+    User errors (:class:`HistolightError`) and memory / disk-space failures (:mod:`histolight.utils.diagnose`) are
+    logged as one clear line; in a single run the process exits with status 1 (2 when slides failed), in a multirun
+    the exception propagates so the sweeper records it.
     """
     from histolight.tasks import get_task
 
@@ -67,6 +100,7 @@ def execute(cfg: DictConfig) -> float | None:
     t0 = time.time()
     code = 0
     try:
+        check_top_level(cfg)
         fn = get_task(name)
         metrics = fn(cfg) or {}
         out = Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".")
@@ -80,19 +114,19 @@ def execute(cfg: DictConfig) -> float | None:
                 finish_wandb(exit_code=code)
                 sys.exit(code)
         return metric_value(metrics, cfg.get("optimized_metric"))
-    except HistolightError as e:
+    except SystemExit:
+        raise
+    except BaseException as e:
         code = code or 1
+        why = str(e) if isinstance(e, HistolightError) else environment_error(e)
+        if why is None:
+            log.exception("task %s crashed", name)
+            raise
         if not isinstance(e, SlidesFailedError):
-            log.error("task %s failed: %s", name, e)
+            log.error("task %s failed: %s", name, why)
         if is_multirun():
             raise
         finish_wandb(exit_code=code)
         sys.exit(code)
-    except SystemExit:
-        raise
-    except BaseException:
-        code = 1
-        log.exception("task %s crashed", name)
-        raise
     finally:
         finish_wandb(exit_code=code)

@@ -10,7 +10,9 @@ optimizer config style, one model-folder format, one trainer plumbing.
   stain-normalizer rules of training runs.
 - :mod:`~.optim`: optimizer / scheduler from Hydra ``_partial_`` nodes, with warmup.
 - :mod:`~.artifacts`: ``<kind>_config.json`` + ``weights.safetensors`` model folders (older layouts still read).
-- :mod:`~.trainer`: the run's Lightning trainer (W&B sweep naming, CPU fallbacks), checkpoints, logging.
+- :mod:`~.trainer`: the run's Lightning trainer (W&B sweep naming, CPU fallbacks), checkpoints (``last.ckpt`` every
+  epoch; another run's checkpoints are never mixed in), resuming (``ckpt_path`` / ``resume=auto``, read with
+  ``weights_only=True``), logging.
 """
 
 from histolight.training.artifacts import (
@@ -26,7 +28,7 @@ from histolight.training.augment import build_augmentation, validate_augment
 from histolight.training.normalize import IMAGENET_MEAN, IMAGENET_STD, check_training_normalizer, normalize_batch, pixel_stats
 from histolight.training.optim import check_optim, configure_optimizers
 from histolight.training.splits import annotation_split, check_patient_leakage, kfold_split, random_split, split_slides
-from histolight.training.trainer import build_trainer, chosen_checkpoint, default_trainer, restore_weights
+from histolight.training.trainer import build_trainer, chosen_checkpoint, default_trainer, restore_weights, resume_checkpoint
 
 __all__ = [
     "FORMAT",
@@ -54,4 +56,5 @@ __all__ = [
     "chosen_checkpoint",
     "default_trainer",
     "restore_weights",
+    "resume_checkpoint",
 ]

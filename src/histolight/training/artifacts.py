@@ -1,14 +1,14 @@
-"""One model-folder format for every trained model (segmentation and tile classifiers).
+"""One model-folder format for every trained model (segmentation, tile classifiers, slide-level MIL models).
 
 A model folder holds two files::
 
-    <kind>_config.json     kind = segment | classifier
-    weights.safetensors    the network's state dict (weights.pt, read with torch.load(weights_only=True),
-                           when safetensors is not installed)
+    <kind>_config.json     kind = segment | classifier | mil
+    weights.safetensors    the network's state dict (always written as safetensors; an older weights.pt is
+                           read with torch.load(weights_only=True), see histolight.io.weights)
 
 ``<kind>_config.json``::
 
-    {"format": "histolight-model", "format_version": 1, "kind": "segment" | "classifier",
+    {"format": "histolight-model", "format_version": 1, "kind": "segment" | "classifier" | "mil",
      "weights": "weights.safetensors",
      "model": {...},                 # network config (segment: arch, encoder, loss, inference options, ...;
                                      #                 classifier: timm_name, model_kwargs, drop_rate, ...)
@@ -29,7 +29,6 @@ Older folders keep loading (:func:`read_model_folder` reports them as ``legacy``
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -39,11 +38,11 @@ from pathlib import Path
 import torch
 
 from histolight.errors import HistolightError
-from histolight.io.weights import read_state_dict
+from histolight.io.weights import OPT_IN, read_state_dict
 
 FORMAT = "histolight-model"
 FORMAT_VERSION = 1
-KINDS = ("segment", "classifier")
+KINDS = ("segment", "classifier", "mil")
 WEIGHTS_FILES = ("weights.safetensors", "weights.pt")
 #: today's older layouts: kind -> (config file, weights file, format value in the config)
 LEGACY = {
@@ -64,7 +63,7 @@ def config_name(kind: str) -> str:
 def model_files(folder: str | os.PathLike, kind: str) -> list[Path]:
     """The model files of ``kind`` present in ``folder`` (new and older layouts)."""
     f = Path(folder)
-    names = {config_name(kind), *WEIGHTS_FILES, LEGACY[kind][0], LEGACY[kind][1]}
+    names = {config_name(kind), *WEIGHTS_FILES, *LEGACY.get(kind, ())[:2]}
     return sorted(f / n for n in names if (f / n).is_file())
 
 
@@ -78,15 +77,11 @@ def check_overwrite(folder: str | os.PathLike, kind: str, overwrite: bool) -> No
         )
 
 
-def _weights_bytes(state_dict: dict[str, torch.Tensor]) -> tuple[str, bytes]:
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    try:
-        from safetensors.torch import save
-    except ImportError:
-        buf = io.BytesIO()
-        torch.save(tensors, buf)
-        return WEIGHTS_FILES[1], buf.getvalue()
-    return WEIGHTS_FILES[0], save(tensors)
+def _weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    """The state dict as safetensors bytes (no pickle: loading it never runs code)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()})
 
 
 def save_model_folder(
@@ -108,7 +103,7 @@ def save_model_folder(
     check_overwrite(folder, kind, overwrite)
     old = model_files(folder, kind)
     folder.mkdir(parents=True, exist_ok=True)
-    wname, data = _weights_bytes(state_dict)
+    wname, data = WEIGHTS_FILES[0], _weights_bytes(state_dict)
     with atomic_write(folder / wname, "wb") as fh:
         fh.write(data)
     doc = {
@@ -138,9 +133,10 @@ class ModelFolder:
     weights: Path
     legacy: bool = False
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` on the CPU (safetensors, or a torch pickle read with ``weights_only=True``)."""
-        return read_state_dict(self.weights)
+    def state_dict(self, trust_checkpoint: bool = False, opt_in: str = OPT_IN) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` on the CPU (safetensors, or a torch pickle read with ``weights_only=True``; a legacy
+        pickle that needs code execution only with ``trust_checkpoint``, see :mod:`histolight.io.weights`)."""
+        return read_state_dict(self.weights, trust_checkpoint=trust_checkpoint, opt_in=opt_in)
 
 
 def _read_json(p: Path) -> dict:
@@ -175,10 +171,10 @@ def find_config(path: str | os.PathLike, kind: str | None = None) -> Path:
     folder = p if p.is_dir() else p.parent
     kinds = [kind] if kind else list(KINDS)
     for k in kinds:
-        for name in (config_name(k), LEGACY[k][0]):
+        for name in (config_name(k), *LEGACY.get(k, ())[:1]):
             if (folder / name).is_file():
                 return folder / name
-    other = [k for k in KINDS if k not in kinds and any((folder / n).is_file() for n in (config_name(k), LEGACY[k][0]))]
+    other = [k for k in KINDS if k not in kinds and any((folder / n).is_file() for n in (config_name(k), *LEGACY.get(k, ())[:1]))]
     hint = f"; it holds a {other[0]} model" if other else ""
     want = kind or " | ".join(KINDS)
     raise HistolightError(
@@ -201,7 +197,7 @@ def read_model_folder(path: str | os.PathLike, kind: str | None = None) -> Model
         raise HistolightError(f"{cfg} describes a {got} model, not a {kind} model")
     meta = _read_json(cfg)
     if legacy:
-        weights = cfg.parent / (meta.get("weights") or LEGACY[got][1])
+        name = meta.get("weights") or LEGACY[got][1]
     else:
         version = meta.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -211,7 +207,10 @@ def read_model_folder(path: str | os.PathLike, kind: str | None = None) -> Model
         missing = [k for k in REQUIRED_KEYS if k not in meta]
         if missing:
             raise HistolightError(f"{cfg} lacks {missing}")
-        weights = cfg.parent / str(meta.get("weights", WEIGHTS_FILES[0]))
+        name = meta.get("weights", WEIGHTS_FILES[0])
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise HistolightError(f"{cfg}: weights={name!r} is invalid: must be the name of a file in the model folder")
+    weights = cfg.parent / name
     if not weights.is_file():
         raise HistolightError(f"{weights} is missing: the model folder '{cfg.parent}' holds {cfg.name} but not its weights")
     return ModelFolder(got, cfg.parent, meta, weights, legacy)

@@ -15,6 +15,7 @@ Arguments that depend on the run are filled in when the config leaves them out: 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,9 @@ import torch
 from histolight.config.schema import check
 
 INTERVALS = ("epoch", "step")
+#: optimizer/scheduler packages whose targets are imported (and type-checked) at validation time
+CHECKED_PACKAGES = ("torch.optim.", "timm.optim.", "timm.scheduler.")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 PLATEAU_MONITOR = "val/loss"
 WARMUP_START = 0.1
 
@@ -30,7 +34,9 @@ WARMUP_START = 0.1
 def check_partial(key: str, v: Any, optional: bool = False, base: type | None = None) -> dict | None:
     """A validated ``_partial_`` node (plain dict) or None; ``ValueError`` naming ``key``, the value and the form.
 
-    The ``_target_`` must import (and subclass ``base`` when given); an ``lr`` must be a positive number.
+    A ``_target_`` under :data:`CHECKED_PACKAGES` must import (and subclass ``base`` when given); any other target
+    is only checked for its form here and imported when the optimizer is built, so validating a config read
+    from someone's model folder never imports a module it names. An ``lr`` must be a positive number.
     """
     if v is None and optional:
         return None
@@ -38,16 +44,17 @@ def check_partial(key: str, v: Any, optional: bool = False, base: type | None = 
         "must be a Hydra node with _target_ and _partial_: true (e.g. {_target_: torch.optim.AdamW, _partial_: true, lr: 1e-3})"
     )
     check(isinstance(v, Mapping) and "_target_" in v and v.get("_partial_") is True, key, v, form)
-    from hydra.utils import get_class
+    target = str(v["_target_"])
+    check(_DOTTED.match(target) is not None, f"{key}._target_", target, "must be a dotted class path such as torch.optim.AdamW")
+    if target.startswith(CHECKED_PACKAGES):
+        from hydra.utils import get_class
 
-    try:
-        cls = get_class(str(v["_target_"]))
-    except Exception:  # noqa: BLE001 - hydra raises ImportError / ValueError / InstantiationException by version
-        check(False, f"{key}._target_", v["_target_"], "cannot be imported (e.g. torch.optim.AdamW, torch.optim.SGD)")
-    if base is not None:
-        check(
-            isinstance(cls, type) and issubclass(cls, base), f"{key}._target_", v["_target_"], f"must be a {base.__name__} class"
-        )
+        try:
+            cls = get_class(target)
+        except Exception:  # noqa: BLE001 - hydra raises ImportError / ValueError / InstantiationException by version
+            check(False, f"{key}._target_", target, "cannot be imported (e.g. torch.optim.AdamW, torch.optim.SGD)")
+        if base is not None:
+            check(isinstance(cls, type) and issubclass(cls, base), f"{key}._target_", target, f"must be a {base.__name__} class")
     if "lr" in v:
         lr = v["lr"]
         check(

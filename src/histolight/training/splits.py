@@ -197,6 +197,8 @@ def kfold_split(
     rest = [p for p in order if p not in test]
     if len(rest) < k:
         raise HistolightError(f"{k}-fold split needs at least {k} patients outside the test set; there are {len(rest)}")
+    if strata:  # deal each stratum's patients round the folds in turn (stable: the seeded order within a stratum)
+        rest = sorted(rest, key=lambda p: str(strata.get(p)))
     val = {p for i, p in enumerate(rest) if i % k == fold}
     return {s: ("test" if p in test else "val" if p in val else "train") for s, p in slide_patient.items()}
 

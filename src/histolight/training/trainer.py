@@ -1,6 +1,13 @@
 """Lightning trainer plumbing shared by the training stacks: the trainer of a Hydra run (loggers with W&B sweep
 naming, callbacks, CPU fallbacks for GPU-only options), a default trainer for the Python API, hyperparameter
-logging, and the checkpoint whose weights a run exports."""
+logging, the checkpoint whose weights a run exports, and resuming.
+
+Resuming (``ckpt_path=<file>`` or ``resume=auto``): :func:`resume_checkpoint` picks and checks the checkpoint at
+startup (it exists; ``auto``: the run folder's ``last.ckpt``, if any), :func:`check_checkpoint_folder` keeps a run
+from mixing its checkpoints into another run's, and :func:`fit` checks that the checkpoint fits the model before
+``Trainer.fit`` restores weights, optimizer, scheduler, epoch and callback states from it, read with
+``weights_only=True`` (plain data only).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from histolight.errors import ConfigError, HistolightError
+
 log = logging.getLogger(__name__)
+
+#: file name (without .ckpt) of the latest-epoch checkpoint
+LAST = "last"
+#: ``resume`` values: null (train from the start, or from ``ckpt_path``) or auto (the run folder's last.ckpt)
+RESUME_CHOICES = (None, "auto")
+#: what a checkpoint needs to continue training (a weights-only file has only ``state_dict``)
+TRAINING_STATE = ("state_dict", "optimizer_states", "loops", "epoch")
 
 
 def trainer_config(trainer_cfg: Any) -> Any:
@@ -42,6 +58,14 @@ def build_trainer(cfg: Any):
     return instantiate(trainer_config(cfg.trainer), callbacks=callbacks, logger=loggers or False)
 
 
+def last_checkpoint_callback(dirpath: str | os.PathLike):
+    """A ``ModelCheckpoint`` that writes the latest epoch as ``<dirpath>/last.ckpt`` every epoch (what resuming
+    continues from; ``save_last=True`` alone rewrites it only when the monitored metric improves)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=str(dirpath), filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False)
+
+
 def default_trainer(
     dest: str | os.PathLike,
     epochs: int,
@@ -52,22 +76,17 @@ def default_trainer(
     **kw,
 ):
     """A one-device ``Trainer`` for the Python API: ``epochs`` epochs, checkpoints of the best ``monitor``
-    (and the last epoch) in ``dest/checkpoints``; ``kw`` overrides any Trainer option."""
+    and of the last epoch (``last.ckpt``) in ``dest/checkpoints``; ``kw`` overrides any Trainer option."""
     import lightning.pytorch as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks = list(callbacks or [])
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=str(Path(dest) / "checkpoints"),
-                filename="epoch_{epoch:03d}",
-                monitor=monitor,
-                mode=mode,
-                save_last=True,
-                auto_insert_metric_name=False,
-            )
+        folder = Path(dest) / "checkpoints"
+        best = ModelCheckpoint(
+            dirpath=str(folder), filename="epoch_{epoch:03d}", monitor=monitor, mode=mode, auto_insert_metric_name=False
         )
+        callbacks += [best, last_checkpoint_callback(folder)]
     opts = dict(
         max_epochs=epochs,
         logger=list(loggers) if loggers else False,
@@ -90,6 +109,18 @@ def log_hyperparams(trainer: Any, hp: dict) -> None:
             log.warning("could not log hyperparameters to %s: %s", type(lg).__name__, e)
 
 
+def _checkpoint_callbacks(trainer: Any) -> list:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [cb for cb in getattr(trainer, "callbacks", []) or [] if isinstance(cb, ModelCheckpoint)]
+
+
+def _last_path(cb: Any) -> str:
+    """The latest-epoch checkpoint a ``ModelCheckpoint`` saved: its ``save_last`` file, or what an unmonitored
+    one (:func:`last_checkpoint_callback`) keeps."""
+    return cb.last_model_path or ("" if cb.monitor else cb.best_model_path) or ""
+
+
 def chosen_checkpoint(trainer: Any, which: str = "best") -> str | None:
     """Path of the ``best`` (monitored) or ``last`` checkpoint saved by the trainer's checkpoint callbacks.
 
@@ -98,11 +129,11 @@ def chosen_checkpoint(trainer: Any, which: str = "best") -> str | None:
     """
     if getattr(trainer, "fast_dev_run", False):
         return None
-    saved = [(cb.best_model_path or "", cb.last_model_path or "") for cb in getattr(trainer, "checkpoint_callbacks", []) or []]
-    for best, _ in saved:
-        if which == "best" and best and Path(best).is_file():
-            return best
-    for _, last in saved:
+    cbs = _checkpoint_callbacks(trainer)
+    for cb in cbs:
+        if which == "best" and cb.monitor and cb.best_model_path and Path(cb.best_model_path).is_file():
+            return cb.best_model_path
+    for last in map(_last_path, cbs):
         if last and Path(last).is_file():
             if which == "best":
                 log.warning("no best checkpoint (no monitored metric); using the last one: %s", last)
@@ -122,6 +153,105 @@ def restore_weights(module: Any, ckpt: str | None) -> None:
     log.info("weights of %s restored", ckpt)
 
 
+def check_resume_options(ckpt_path: Any, resume: Any) -> None:
+    """Validate ``ckpt_path`` (an existing file) and ``resume`` (null | auto) at startup."""
+    if resume not in RESUME_CHOICES:
+        raise ConfigError(
+            f"resume={resume!r} is invalid: must be null or auto (auto = continue from the run folder's "
+            "checkpoints/last.ckpt; point hydra.run.dir at that run)"
+        )
+    if ckpt_path is None:
+        return
+    if resume is not None:
+        raise ConfigError(f"ckpt_path={ckpt_path!r} and resume={resume!r} exclude each other: give one")
+    ok = isinstance(ckpt_path, (str, os.PathLike)) and str(ckpt_path).strip() != ""
+    if not ok or not Path(ckpt_path).is_file():
+        why = "file not found" if ok else "must be a file path"
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} is invalid: {why} (a Lightning checkpoint of this model, e.g. "
+            "outputs/<run>/checkpoints/last.ckpt)"
+        )
+
+
+def resume_checkpoint(trainer: Any, ckpt_path: Any = None, resume: Any = None) -> Path | None:
+    """The checkpoint this run continues from: ``ckpt_path``, or with ``resume='auto'`` the ``last.ckpt`` of the
+    trainer's checkpoint folder when it exists (None: train from the start). Checked before any work."""
+    check_resume_options(ckpt_path, resume)
+    if ckpt_path is not None:
+        return Path(ckpt_path)
+    if resume != "auto":
+        return None
+    folders = [Path(cb.dirpath) for cb in _checkpoint_callbacks(trainer) if cb.dirpath and (cb.save_last or cb.filename == LAST)]
+    if not folders:
+        raise ConfigError(
+            "resume=auto needs a checkpoint callback that saves last.ckpt into a set folder "
+            "(callbacks=default or callbacks=last_checkpoint: <run>/checkpoints/last.ckpt)"
+        )
+    last = folders[0] / f"{LAST}.ckpt"
+    if not last.is_file():
+        log.info("resume=auto: no %s yet; training from the start", last)
+        return None
+    log.info("resume=auto: continuing from %s", last)
+    return last
+
+
+def check_checkpoint_folder(trainer: Any, resume_from: Path | None, overwrite: bool) -> None:
+    """Never mix checkpoints of two runs: a checkpoint folder that already holds ``*.ckpt`` files is refused
+    (:class:`HistolightError`) unless this run continues from one of them; with ``overwrite`` they are deleted."""
+    if not getattr(trainer, "is_global_zero", True):
+        return
+    for cb in _checkpoint_callbacks(trainer):
+        folder = Path(cb.dirpath) if cb.dirpath else None
+        old = sorted(folder.glob("*.ckpt")) if folder and folder.is_dir() else []
+        if not old or (resume_from is not None and resume_from.resolve().parent == folder.resolve()):
+            continue
+        names = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
+        if not overwrite:
+            raise HistolightError(
+                f"checkpoint folder '{folder}' already holds another run's checkpoints ({names}); continue that run "
+                "with resume=auto (hydra.run.dir=<that run>), replace them with task.overwrite=true, or train in a "
+                "new run folder"
+            )
+        log.warning("overwrite: deleting the earlier run's checkpoints in %s (%s)", folder, names)
+        for p in old:
+            p.unlink(missing_ok=True)
+
+
+def check_resumable(ckpt: str | os.PathLike, module: Any) -> None:
+    """``ckpt`` is a training checkpoint (optimizer, loops, epoch) whose weights fit ``module`` key by key and
+    shape by shape; read with ``weights_only=True``. Raises :class:`HistolightError` naming what differs."""
+    from histolight.io.weights import read_checkpoint
+
+    ck = read_checkpoint(ckpt)
+    lacking = [k for k in TRAINING_STATE if k not in ck]
+    if lacking:
+        raise HistolightError(
+            f"ckpt_path='{ckpt}' cannot resume training: it lacks {lacking} (a weights-only file; resume from a "
+            "Lightning checkpoint such as <run>/checkpoints/last.ckpt)"
+        )
+    own, theirs = module.state_dict(), ck["state_dict"]
+    missing = [k for k in own if k not in theirs]
+    extra = [k for k in theirs if k not in own]
+    shapes = [
+        f"{k} {list(theirs[k].shape)} vs {list(own[k].shape)}" for k in own if k in theirs and theirs[k].shape != own[k].shape
+    ]
+    if missing or extra or shapes:
+        raise HistolightError(
+            f"ckpt_path='{ckpt}' does not match the model ({type(module).__name__}): {len(missing)} tensors missing "
+            f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}), {len(shapes)} of another shape "
+            f"(checkpoint vs model, e.g. {shapes[:3]}); resume with the model, labels and data options of that run"
+        )
+
+
+def fit(trainer: Any, module: Any, datamodule: Any, resume_from: Path | None = None) -> None:
+    """``trainer.fit``, continuing from ``resume_from`` (checked by :func:`check_resumable` first; Lightning reads it
+    with ``weights_only=True``)."""
+    if resume_from is not None:
+        check_resumable(resume_from, module)
+        log.info("resuming training from %s", resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+
+
 def update_summary(trainer: Any, values: dict) -> None:
     """Add ``values`` to the run summary of loggers that have one (W&B); never fatal."""
     for lg in trainer.loggers:
@@ -136,9 +266,15 @@ def update_summary(trainer: Any, values: dict) -> None:
 __all__ = [
     "trainer_config",
     "build_trainer",
+    "last_checkpoint_callback",
     "default_trainer",
     "log_hyperparams",
     "chosen_checkpoint",
     "restore_weights",
+    "check_resume_options",
+    "resume_checkpoint",
+    "check_checkpoint_folder",
+    "check_resumable",
+    "fit",
     "update_summary",
 ]

@@ -8,12 +8,12 @@ from histolight.wsi.slide import (
     BaseSlide,
     ReadPlan,
     Slide,
-    VirtualSlide,
     open_slide,
     resize_area,
     rgba_to_rgb,
     slide_name,
 )
+from histolight.wsi.virtual import VirtualSlide
 
 __all__ = [
     "SLIDE_EXTENSIONS",

@@ -67,6 +67,35 @@ def jpeg_stream(prefix: bytes, tile: bytes) -> bytes:
     return prefix + b"".join(parts)
 
 
+#: JPEG start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic coding)
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def check_jpeg(stream: bytes, width: int, height: int) -> bool:
+    """Structural check of a JPEG stream without decoding it: SOI, a frame header of ``width`` x ``height`` px before
+    the first scan, and an EOI marker at the end (catches truncated and mis-sized tiles, not damaged entropy data)."""
+    n = len(stream)
+    if n < 4 or stream[:2] != b"\xff\xd8" or stream[-2:] != b"\xff\xd9":
+        return False
+    i = 2
+    while i + 3 < n:
+        if stream[i] != 0xFF:
+            return False
+        m = stream[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0xDA:  # start of scan before any frame header
+            return False
+        if m in _SOF:
+            if i + 8 >= n:
+                return False
+            h, w = (stream[i + 5] << 8) | stream[i + 6], (stream[i + 7] << 8) | stream[i + 8]
+            return (w, h) == (width, height)
+        i += 2 + ((stream[i + 2] << 8) | stream[i + 3])
+    return False
+
+
 def make_decoder(name: str):
     """``decode(data, level) -> H x W x 3`` RGB for decoder ``name``."""
     if name == "simplejpeg":

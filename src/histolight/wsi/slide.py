@@ -41,6 +41,9 @@ SLIDE_EXTENSIONS = (
     "qptiff",
 )
 
+#: Long side (px) up to which a slide object keeps its finest thumbnail for :meth:`BaseSlide.overview`.
+OVERVIEW_KEEP_PX = 2048
+
 #: Base mpp values outside this range are treated as missing (e.g. TIFF resolution tags in dpi
 #: of a screen image). Real scanners range roughly 0.1-2 um/px at level 0.
 PLAUSIBLE_MPP = (0.02, 50.0)
@@ -73,6 +76,19 @@ def resize_area(img: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
         return img
     shrink = w <= img.shape[1] and h <= img.shape[0]
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_picture(img: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """Resize ``img`` to ``(w, h)`` for a picture (QC masks, reports, previews), cheaply: halvings by 2x2 averaging
+    while it is at least twice the size, then bilinear. Close to :func:`resize_area`, several times faster for
+    non-integer factors, not pixel-identical to it (so never used for tiles)."""
+    w, h = int(size_wh[0]), int(size_wh[1])
+    while img.shape[1] >= 2 * w and img.shape[0] >= 2 * h and min(img.shape[:2]) >= 4:
+        hh, ww = img.shape[0] // 2, img.shape[1] // 2
+        img = cv2.resize(img[: 2 * hh, : 2 * ww], (ww, hh), interpolation=cv2.INTER_AREA)  # exact 2x: the fast path
+    if img.shape[1] == w and img.shape[0] == h:
+        return img
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 @dataclass(frozen=True)
@@ -289,25 +305,79 @@ class BaseSlide:
             ly1 = min(lh, max(ly0 + 1, int(math.ceil(y1 * sy))))
             yield y0, self.read_planned(ReadPlan(level, 0, ly0, lw, ly1 - ly0, out_w, y1 - y0))
 
+    def thumbnail_downsample(
+        self, mpp: float | None = None, max_size: int | None = None, downsample: float | None = None
+    ) -> float:
+        """Base px per output px of ``thumbnail(mpp=... | max_size=... | downsample=...)``."""
+        if mpp is not None:
+            return mpp / self.mpp
+        if max_size is not None:
+            return max(1.0, max(self.dimensions) / float(max_size))
+        if downsample is not None:
+            return float(downsample)
+        raise ValueError("thumbnail needs mpp (um/px), max_size (px) or downsample")
+
     def thumbnail(self, mpp: float | None = None, max_size: int | None = None, *, downsample: float | None = None) -> np.ndarray:
         """Whole slide at ``mpp`` um/px, or fitting ``max_size`` px on its long side, or at ``downsample`` (base px
         per output px); the last two work without mpp. Size: :meth:`size_at_downsample`.
 
-        Streams strips, so memory is the output plus one strip. Returns ``H x W x 3`` uint8.
+        Streams strips, so memory is the output plus one strip. Returns ``H x W x 3`` uint8 (kept for
+        :meth:`overview` when it is small).
         """
-        if mpp is not None:
-            ds = mpp / self.mpp
-        elif max_size is not None:
-            ds = max(1.0, max(self.dimensions) / float(max_size))
-        elif downsample is not None:
-            ds = float(downsample)
-        else:
-            raise ValueError("thumbnail needs mpp (um/px), max_size (px) or downsample")
+        ds = self.thumbnail_downsample(mpp, max_size, downsample)
         out_w, out_h = self.size_at_downsample(ds)
         out = np.empty((out_h, out_w, 3), np.uint8)
         for y0, strip in self.iter_strips(downsample=ds):
             out[y0 : y0 + strip.shape[0]] = strip
+        self._keep_overview(ds, out)
         return out
+
+    # ------------------------------------------------------------------ overview: QC masks and report pictures
+    def overview(self, mpp: float | None = None, max_size: int | None = None, *, downsample: float | None = None) -> np.ndarray:
+        """A low-resolution picture of the whole slide for QC masks and report images, at least as fine as asked.
+
+        Same arguments and output size as :meth:`thumbnail`, but from the cheapest source: the finest thumbnail or
+        overview this slide object already read (:data:`OVERVIEW_KEEP_PX`), area-resized; else the file's own
+        thumbnail image when it is fine enough (:meth:`stored_overview`, e.g. Aperio's), resized with
+        :func:`resize_picture`; else :meth:`thumbnail`. So a slide's QC and its report share one low-resolution read.
+        Its pixels can differ slightly from ``thumbnail()``'s (another source or resampling): use ``thumbnail()``
+        where pixels must follow from the pyramid.
+        """
+        ds = self.thumbnail_downsample(mpp, max_size, downsample)
+        out_w, out_h = self.size_at_downsample(ds)
+        held = getattr(self, "_overview", None)
+        if held is not None and held[0] <= ds * (1 + 1e-6):
+            src = held[1]
+        else:
+            stored = self.stored_overview(ds)
+            if stored is None:
+                return self.thumbnail(downsample=ds)
+            self._keep_overview(*stored)
+            src = stored[1]
+        return src if src.shape[:2] == (out_h, out_w) else resize_picture(src, (out_w, out_h))
+
+    def stored_overview(self, downsample: float) -> tuple[float, np.ndarray] | None:
+        """``(downsample, image)`` of a whole-slide image stored in the file that is at least as fine as
+        ``downsample`` and cheaper to read than the pyramid level :meth:`thumbnail` would read; None here."""
+        return None
+
+    def _keep_overview(self, ds: float, img: np.ndarray) -> None:
+        """Keep ``img`` (the whole slide at downsample ``ds``) for :meth:`overview` when it is small and finer than the
+        one held."""
+        held = getattr(self, "_overview", None)
+        if max(img.shape[:2]) <= OVERVIEW_KEEP_PX and (held is None or ds < held[0]):
+            self._overview = (float(ds), img)
+
+    # ------------------------------------------------------------------ stored JPEG tiles
+    def stored_jpeg(self, plan: ReadPlan) -> bytes | None:
+        """The file's own JPEG bytes for ``plan`` when it reads exactly one whole stored JPEG tile without resizing
+        (a standalone stream that decodes to the pixels of :meth:`read_planned`), else None. None here; see
+        :meth:`Slide.stored_jpeg`."""
+        return None
+
+    def stored_tile_size(self, level: int) -> tuple[int, int] | None:
+        """``(w, h)`` in level px of the stored JPEG tiles :meth:`stored_jpeg` can return at ``level``, or None."""
+        return None
 
     # ------------------------------------------------------------------ misc
     def describe(self) -> dict:
@@ -435,6 +505,55 @@ class Slide(BaseSlide):
             ) from e
         return rgba_to_rgb(np.asarray(img), self._background)
 
+    def stored_jpeg(self, plan: ReadPlan) -> bytes | None:
+        """The file's own JPEG bytes when ``plan`` is exactly one whole stored tile of a directly read level, without
+        resizing (see :meth:`histolight.wsi.tiff_tiles.TiffTileReader.stored_jpeg`); None otherwise or when the
+        stored tile cannot be read (the caller then decodes and re-encodes through :meth:`read_planned`)."""
+        if self.tile_reader is None or plan.out_size != (plan.w, plan.h):
+            return None
+        from histolight.wsi.tiff_tiles import TileReadError
+
+        try:
+            return self.tile_reader.stored_jpeg(plan.level, plan.x, plan.y, plan.w, plan.h)
+        except TileReadError as e:
+            log.debug("%s: stored JPEG tile not usable (%s); decoding it instead", self.name, e)
+            return None
+
+    def stored_tile_size(self, level: int) -> tuple[int, int] | None:
+        if self.tile_reader is None:
+            return None
+        lv = self.tile_reader.levels[level]
+        return lv.tile_w, lv.tile_h
+
+    def stored_overview(self, downsample: float) -> tuple[float, np.ndarray] | None:
+        """The file's thumbnail image (associated image ``thumbnail``, e.g. Aperio's) when it covers the whole slide
+        (its size is the level-0 size over one downsample, to a pixel), is at least as fine as ``downsample`` and
+        coarser than the pyramid level :meth:`thumbnail` would read; else None."""
+        if "thumbnail" not in self._associated_names():
+            return None
+        try:
+            from openslide import lowlevel
+
+            tw, th = lowlevel.get_associated_image_dimensions(self._osr._osr, "thumbnail")
+        except Exception:  # noqa: BLE001 - no usable thumbnail: read the pyramid
+            return None
+        W, H = self.dimensions
+        ds = (W / tw + H / th) / 2
+        level_ds = self.level_downsamples[self.best_level_for_downsample(downsample)]
+        if not (abs(round(W / ds) - tw) <= 1 and abs(round(H / ds) - th) <= 1 and level_ds < ds <= downsample * (1 + 1e-6)):
+            return None
+        try:
+            img = rgba_to_rgb(np.asarray(self._osr.associated_images["thumbnail"]), self._background)
+        except Exception:  # noqa: BLE001
+            return None
+        return ds, img
+
+    def _associated_names(self) -> list[str]:
+        try:
+            return list(self._osr.associated_images)
+        except Exception:  # noqa: BLE001
+            return []
+
     def associated_images(self) -> dict[str, np.ndarray]:
         """Label, macro and thumbnail images stored in the file, as RGB arrays."""
         return {k: rgba_to_rgb(np.asarray(v)) for k, v in self._osr.associated_images.items()}
@@ -455,48 +574,10 @@ def rgba_to_rgb(rgba: np.ndarray, background: Sequence[int] = (255, 255, 255)) -
     rgb = rgba[..., :3]
     a = rgba[..., 3]
     if a.min() == 255:
-        return np.ascontiguousarray(rgb)
+        return cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2RGB)  # drops alpha (a vectorised copy)
     af = a[..., None].astype(np.float32) / 255.0
     bg = np.asarray(background, np.float32)
     return (rgb.astype(np.float32) * af + bg * (1 - af) + 0.5).astype(np.uint8)
-
-
-class VirtualSlide(BaseSlide):
-    """An in-memory slide over a numpy ``H x W x 3`` uint8 array, for tests and arrays from elsewhere.
-
-    Args:
-        image: level-0 pixels.
-        mpp: base um/px (None to simulate a slide without mpp).
-        downsamples: pyramid levels to build (area-resized copies).
-        name: slide name.
-    """
-
-    def __init__(
-        self, image: np.ndarray, mpp: float | None = 0.5, downsamples: Sequence[int] = (1, 4, 16), name: str = "virtual"
-    ):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"VirtualSlide needs an H x W x 3 uint8 array, got shape {image.shape} dtype {image.dtype}")
-        self.path = f"<memory:{name}>"
-        self.name = name
-        self.vendor = "virtual"
-        self.properties = {}
-        h, w = image.shape[:2]
-        self._levels = []
-        dims, dss = [], []
-        for ds in downsamples:
-            lw, lh = max(1, w // ds), max(1, h // ds)
-            if ds > 1 and (lw < 2 or lh < 2):
-                break
-            self._levels.append(image if ds == 1 else resize_area(image, (lw, lh)))
-            dims.append((lw, lh))
-            dss.append(float(w) / lw if ds > 1 else 1.0)
-        self.level_dimensions = tuple(dims)
-        self.level_downsamples = tuple(dss)
-        self._file_mpp = float(mpp) if mpp is not None else None
-        super().__init__(None)
-
-    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return np.ascontiguousarray(self._levels[level][y : y + h, x : x + w])
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from histolight.wsi.jpeg_tiles import available_decoders, jpeg_stream
+from histolight.wsi.jpeg_tiles import available_decoders, check_jpeg, jpeg_stream
 from histolight.wsi.jpeg_tiles import make_decoder as _make_decoder
 from histolight.wsi.tiff_structure import TiffLevel, UnsupportedTiff, map_levels
 
@@ -225,7 +225,7 @@ class TiffTileReader:
             return  # every tile missing: nothing to decode (drawn as background, like OpenSlide)
         idx = int(nz[np.argmax(lv.counts[nz])])
         try:
-            self._decode_tile(i, idx)
+            self.cache.put((i, idx), self._decode_tile(i, idx))  # verification reads it again
         except TileReadError as e:
             raise UnsupportedTiff(f"level {i} (page {lv.page}): {e}") from None
 
@@ -246,7 +246,7 @@ class TiffTileReader:
             tx, ty = idx % n_across, idx // n_across
             x0, y0 = tx * lv.tile_w, ty * lv.tile_h
             w, h = min(lv.tile_w, lv.width - x0), min(lv.tile_h, lv.height - y0)
-            ours = self._decode_tile(i, idx)[:h, :w]
+            ours = self.read_tile(i, tx, ty)[:h, :w]
             try:
                 ref = np.asarray(osr.read_region((round(x0 * ds), round(y0 * ds)), i, (w, h)))
             except Exception as e:  # noqa: BLE001 - any OpenSlide failure means we cannot vouch for the pixels
@@ -311,6 +311,17 @@ class TiffTileReader:
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
         return tuple((lv.width, lv.height) for lv in self.levels)
 
+    def _raw_tile(self, lv: TiffLevel, idx: int) -> bytes:
+        """The stored bytes of tile ``idx`` of ``lv`` (count > 0). Raises :class:`TileReadError` on a short read."""
+        n, off = int(lv.counts[idx]), int(lv.offsets[idx])
+        try:
+            data = os.pread(self._state().fd, n, off)
+        except OSError as e:
+            raise TileReadError(f"reading tile {idx} ({n} bytes at offset {off}) failed: {e}") from None
+        if len(data) != n:
+            raise TileReadError(f"tile {idx}: short read ({len(data)} of {n} bytes at offset {off}; file truncated?)")
+        return data
+
     def _decode_tile(self, level: int, idx: int) -> np.ndarray:
         lv = self.levels[level]
         n = int(lv.counts[idx])
@@ -322,14 +333,7 @@ class TiffTileReader:
                 blank.flags.writeable = False
                 self._blank[level] = blank
             return blank
-        off = int(lv.offsets[idx])
-        st = self._state()
-        try:
-            data = os.pread(st.fd, n, off)
-        except OSError as e:
-            raise TileReadError(f"reading tile {idx} ({n} bytes at offset {off}) failed: {e}") from None
-        if len(data) != n:
-            raise TileReadError(f"tile {idx}: short read ({len(data)} of {n} bytes at offset {off}; file truncated?)")
+        data = self._raw_tile(lv, idx)
         try:
             arr = self._decode(data, lv)
         except Exception as e:  # noqa: BLE001 - each decoder raises its own error types
@@ -358,6 +362,31 @@ class TiffTileReader:
             arr = self._decode_tile(level, idx)
             cache.put(key, arr)
         return arr
+
+    def stored_jpeg(self, level: int, x: int, y: int, w: int, h: int) -> bytes | None:
+        """The file's own JPEG for the box ``(x, y, w, h)`` (level px) when it is exactly one whole stored tile inside
+        the level, as a standalone stream (:func:`~histolight.wsi.jpeg_tiles.jpeg_stream`: the page's tables merged in,
+        the colour space marked), else None (another size, unaligned, an edge tile with encoder padding, a missing
+        tile).
+
+        Any libjpeg decoder with default settings decodes the stream to the pixels :meth:`read_level` returns for that
+        box (the same bytes this reader decodes). The stream is checked structurally (header parses, ends with EOI),
+        not decoded. Raises :class:`TileReadError` on a read failure or a malformed stream.
+        """
+        lv = self.levels[level]
+        tw, th = lv.tile_w, lv.tile_h
+        if (w, h) != (tw, th) or x % tw or y % th or x < 0 or y < 0 or x + w > lv.width or y + h > lv.height:
+            return None
+        idx = (y // th) * lv.tiles_across + x // tw
+        if int(lv.counts[idx]) == 0:
+            return None
+        try:
+            stream = jpeg_stream(lv.prefix, self._raw_tile(lv, idx))
+        except ValueError as e:
+            raise TileReadError(f"tile {idx}: {e}") from None
+        if not check_jpeg(stream, tw, th):
+            raise TileReadError(f"tile {idx}: not a complete {tw}x{th} JPEG stream")
+        return stream
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Read ``(w, h)`` level px with top-left at level px ``(x, y)`` of ``level``; outside the level is white.

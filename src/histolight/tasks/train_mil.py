@@ -1,0 +1,83 @@
+"""``task=train_mil``: slide-level MIL models from feature bags (:func:`histolight.mil.train`), k-fold by patient.
+
+    python run.py task=train_mil data=bags model=mil_attention data.bags=<bags> data.label_column=<column>
+    python run.py experiment=mil_demo                      # demo: necrosis-rich slides (see experiments/mil_demo.md)
+
+Outputs in the run folder: ``fold_<i>/model`` (``mil_config.json`` + ``weights.safetensors``), ``folds.csv``
+(one row per fold), ``predictions.parquet``, ``skipped.csv``, ``metrics.json`` (mean and sd over folds).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, open_dict
+
+from histolight.config.schema import check, from_config
+from histolight.errors import ConfigError
+
+
+@dataclass
+class TrainMILTask:
+    """``task`` of ``task=train_mil`` (conf/task/train_mil.yaml)."""
+
+    name: str = "train_mil"
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    ckpt: str = "best"
+    overwrite: bool = False
+    demo_labels: float | None = None
+
+    def __post_init__(self):
+        check(isinstance(self.monitor, str) and "/" in self.monitor, "monitor", self.monitor, "a logged metric, e.g. val/loss")
+        check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be 'min' or 'max'")
+        check(self.ckpt in ("best", "last"), "ckpt", self.ckpt, "must be 'best' or 'last' (the checkpoint exported)")
+        check(isinstance(self.overwrite, bool), "overwrite", self.overwrite, "must be true or false")
+        ok = self.demo_labels is None or (isinstance(self.demo_labels, float) and 0 < self.demo_labels < 1)
+        check(
+            ok, "demo_labels", self.demo_labels, "null or the necrosis fraction (0-1) above which a demo slide is high_necrosis"
+        )
+
+
+def run(cfg: DictConfig) -> dict:
+    from histolight.mil.config import BagDataConfig, MILModelConfig
+
+    for group, example in (("data", "data=bags"), ("model", "model=mil_attention"), ("trainer", "trainer=cpu")):
+        if cfg.get(group) is None:
+            raise ConfigError(f"task=train_mil needs a {group} config: add {example} (or experiment=mil_demo)")
+    task = from_config(TrainMILTask, cfg.task, "task")
+    from histolight.tasks.common import load_dataset, output_dir
+
+    if task.demo_labels is not None:  # the demo's label table, from its ground-truth masks
+        from histolight.mil.demo import write_demo_labels
+
+        load_dataset(cfg)  # generates the demo cohort on first use
+        path = write_demo_labels(cfg.paths.demo_dir, output_dir(cfg) / "labels.csv", task.demo_labels, cfg.data.label_column)
+        with open_dict(cfg):
+            cfg.data.annotations = str(path)
+    data = from_config(BagDataConfig, cfg.data, "data")
+    model = from_config(MILModelConfig, cfg.model, "model")
+
+    from histolight.mil.training import format_summary, train
+    from histolight.training.trainer import build_trainer
+
+    def fold_trainer(folder):  # the run's trainer, callbacks and loggers, writing into the fold's folder
+        fcfg = copy.deepcopy(cfg)
+        with open_dict(fcfg):
+            fcfg.paths.output_dir = str(folder)
+        return build_trainer(fcfg)
+
+    res = train(
+        data,
+        model,
+        output_dir(cfg),
+        trainer_factory=fold_trainer,
+        seed=cfg.get("seed") or 0,
+        ckpt=task.ckpt,
+        monitor=task.monitor,
+        monitor_mode=task.monitor_mode,
+        overwrite=task.overwrite,
+    )
+    print(f"train_mil ({model.name}, {res['n_folds']} fold(s), {res['n_items']} {data.level}s): {format_summary(res)}")
+    return {k: v for k, v in res.items() if k not in ("folds", "model_dirs")}

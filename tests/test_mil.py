@@ -1,0 +1,254 @@
+"""Slide-level MIL from feature bags: items and splits, bag sizes, models, metrics, train_mil / predict_mil tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from histolight.errors import ConfigError
+from histolight.mil.data import BagDataModule, BagDataset, build_items, collate_bags, item_splits, read_bag, read_table
+from histolight.mil.models import MODELS, build_mil_model
+from histolight.mil.module import mil_metrics
+from tests.conftest import ROOT, tiny_demo_overrides
+
+
+def write_bag(folder: Path, slide: str, n: int, d: int, shift: float = 0.0, size: tuple[int, int] = (1024, 768)) -> None:
+    """A random bag of ``n`` tiles x ``d`` features (+ ``shift``) with tile centres inside a ``size`` slide."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(hash(slide) % 2**31)
+    torch.save(torch.randn(n, d, generator=g) + shift, folder / f"{slide}.pt")
+    rng = np.random.default_rng(n)
+    locs = np.stack([rng.integers(32, size[0] - 32, n), rng.integers(32, size[1] - 32, n)], 1)
+    np.savez(folder / f"{slide}.index.npz", locs)
+
+
+def cohort(folder: Path, n_patients: int = 12, d: int = 8) -> pd.DataFrame:
+    """Patients p00.. with 1-2 slides each, label a/b by patient (b bags shifted: learnable); bags in ``folder``."""
+    rows = []
+    for p in range(n_patients):
+        lab = "ab"[p % 2]
+        for j in range(1 + p % 3 // 2):
+            s = f"s{p:02d}_{j}"
+            write_bag(folder, s, 5 + 7 * p + j, d, shift=1.0 if lab == "b" else 0.0)
+            rows.append({"slide": s, "patient": f"p{p:02d}", "label": lab})
+    return pd.DataFrame(rows)
+
+
+def test_kfold_splits_are_patient_level_and_leakage_free(tmp_path):
+    table = cohort(tmp_path)
+    found = build_items(table, tmp_path)
+    seen: dict[str, int] = {}
+    for fold in range(3):
+        sp = item_splits(found.items, table, method="kfold", k=3, fold=fold, seed=3)
+        by_patient = {}
+        for it in found.items:
+            by_patient.setdefault(it.patient, set()).add(sp[it.id])
+        assert all(len(v) == 1 for v in by_patient.values()), "a patient in two splits"
+        for p, v in by_patient.items():
+            if v == {"val"}:
+                assert p not in seen, f"patient {p} in folds {seen.get(p)} and {fold}"
+                seen[p] = fold
+        assert {it.label for it in found.items if sp[it.id] == "val"} == {"a", "b"}, "labels interleaved into every fold"
+    assert sorted(seen) == sorted(table["patient"].unique())
+
+
+def test_patient_level_items_pool_slides(tmp_path):
+    table = cohort(tmp_path)
+    found = build_items(table, tmp_path, level="patient")
+    assert len(found.items) == 12 and sum(len(it.slides) for it in found.items) == len(table)
+    ds = BagDataset(found.items, tmp_path, found.classes)
+    two = next(i for i, it in enumerate(found.items) if len(it.slides) == 2)
+    n = sum(read_bag(tmp_path, s)[0].shape[0] for s in found.items[two].slides)
+    assert ds[two]["x"].shape == (n, 8)
+
+
+def test_bags_of_one_and_50000_tiles(tmp_path):
+    write_bag(tmp_path, "one", 1, 6)
+    write_bag(tmp_path, "big", 50_000, 6, size=(200_000, 150_000))
+    table = pd.DataFrame({"slide": ["one", "big"], "label": ["a", "b"]})
+    found = build_items(read_table(table), tmp_path)
+    train = BagDataset(found.items, tmp_path, found.classes, max_tiles=512)
+    assert train[0]["x"].shape == (1, 6) and train[1]["x"].shape == (512, 6)
+    full = BagDataset(found.items, tmp_path, found.classes)
+    batch = collate_bags([full[0], full[1]])
+    assert batch["x"].shape == (2, 50_000, 6) and batch["mask"].sum(1).tolist() == [1, 50_000]
+    net = build_mil_model("attention_mil", 6, 2, hidden=16).eval()
+    with torch.no_grad():
+        out = net(batch["x"], batch["mask"])
+    assert out["logits"].shape == (2, 2) and torch.allclose(out["scores"].sum(1), torch.ones(2))
+    assert out["scores"][0, 1:].abs().sum() == 0, "padding gets no attention"
+
+
+def test_missing_bags_and_labels_are_skipped_with_a_reason(tmp_path):
+    table = cohort(tmp_path, n_patients=4)
+    (tmp_path / "s00_0.pt").unlink()
+    table.loc[1, "label"] = None
+    extra = pd.DataFrame([{"slide": "s99_0", "patient": "p99", "label": "c"}])
+    found = build_items(pd.concat([table, extra]), tmp_path, labels=["a", "b"])
+    reasons = dict(zip(found.skipped["slide"], found.skipped["reason"]))
+    assert "no bag" in reasons["s00_0"] and "s00_0.pt missing" in reasons["s00_0"]
+    assert "no label" in reasons[table.loc[1, "slide"]]
+    assert "not in data.labels" in reasons["s99_0"]
+    assert len(found.items) == len(table) - 2 and found.classes == ["a", "b"]
+
+
+def test_one_class_is_refused_naming_the_labels(tmp_path):
+    table = cohort(tmp_path, n_patients=4).assign(label="tumor")
+    with pytest.raises(ConfigError, match=r"at least two classes.*\['tumor'\]"):
+        build_items(table, tmp_path)
+
+
+def test_balanced_training_loader(tmp_path):
+    table = cohort(tmp_path, n_patients=8)
+    table.loc[table["label"] == "b", "label"] = ["b"] + ["a"] * (int((table["label"] == "b").sum()) - 1)
+    found = build_items(table, tmp_path)
+    dm = BagDataModule(found.items, {it.id: "train" for it in found.items}, tmp_path, found.classes, max_tiles=4)
+    ys = torch.cat([b["y"] for _ in range(30) for b in dm.train_dataloader()])
+    assert 0.3 < ys.float().mean() < 0.7, "the single 'b' bag is drawn about as often as all 'a' bags"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("width", [8, 20])
+def test_models_forward_backward(name, width):
+    kw = {"hidden": 32, **({"heads": 4, "landmarks": 16} if name == "transmil" else {})}
+    net = build_mil_model(name, width, 3, **kw).train()
+    x = torch.randn(2, 40, width)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 25:] = False
+    out = net(x, mask, torch.tensor([0, 2]))
+    assert out["logits"].shape == (2, 3) and out["scores"].shape == (2, 40)
+    loss = out["logits"].logsumexp(1).mean() + out["instance_loss"]
+    loss.backward()
+    # every parameter learns (CLAM's instance classifier of class 1 only from bags of class 1)
+    assert all(p.grad is not None for n, p in net.named_parameters() if "instance_classifiers.1" not in n)
+    if name == "clam_sb":
+        assert out["instance_loss"] > 0
+    with torch.no_grad():  # one tile
+        assert net.eval()(torch.randn(1, 1, width))["logits"].shape == (1, 3)
+
+
+def test_metrics():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    m = mil_metrics(probs, np.array([0, 1, 1, 1]), ["a", "b"])
+    assert m["auroc"] == 1.0 and m["confusion"] == [[1, 0], [1, 2]]
+    assert m["bal_acc"] == pytest.approx((1 + 2 / 3) / 2) and m["f1_a"] == pytest.approx(2 / 3)
+    assert np.isnan(mil_metrics(probs[:2], np.array([0, 0]), ["a", "b"])["auroc"])
+
+
+def test_demo_labels_from_masks(tiny_demo):
+    from histolight.mil.demo import HIGH, LOW, demo_labels
+
+    df = demo_labels(tiny_demo, threshold=0.3)
+    manifest = json.loads((tiny_demo / "manifest.json").read_text())
+    for s, row in zip(manifest["slides"], df.itertuples()):
+        a = s["class_area_px"]
+        assert row.necrosis_fraction == pytest.approx(a["necrosis"] / sum(a.values()), abs=0.02)
+        assert row.necrosis_label == (HIGH if row.necrosis_fraction > 0.3 else LOW)
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.slow
+def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
+    from histolight.tasks import execute
+
+    bags = tmp_path / "bags"
+    table = cohort(bags, n_patients=9, d=12)
+    for s, shift in zip(("demo_000", "demo_001", "demo_002"), (0.0, 1.0, 1.0)):  # slides with files: heatmaps
+        write_bag(bags, s, 30, 12, shift)
+    demo = pd.DataFrame({"slide": ["demo_000", "demo_001", "demo_002"], "patient": ["d0", "d0", "d1"], "label": ["a", "b", "b"]})
+    demo.loc[1, "label"] = "a"  # one patient, one label
+    pd.concat([table, demo]).to_csv(tmp_path / "labels.csv", index=False)
+    (bags / "bags_config.json").write_text(json.dumps({"num_features": 12, "tile_px": 64, "tile_um": 32}))
+    out = tmp_path / "train"
+    common = [
+        *tiny_demo_overrides(tiny_demo),
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+    ]
+    cfg = _compose(
+        [
+            "task=train_mil",
+            "data=bags",
+            "model=mil_clam_sb",
+            *common,
+            f"paths.output_dir={out}",
+            f"data.bags={bags}",
+            f"data.annotations={tmp_path / 'labels.csv'}",
+            "data.split.k=3",
+            "data.max_tiles=16",
+            "model.model_kwargs.hidden=16",
+            "trainer.max_epochs=3",
+            "optimized_metric=val/auroc_mean",
+        ]
+    )
+    value = execute(cfg)
+    folds = pd.read_csv(out / "folds.csv")
+    assert len(folds) == 3 and {"val/auroc", "val/bal_acc", "val/f1_a", "val/confusion"} <= set(folds.columns)
+    assert value == pytest.approx(folds["val/auroc"].mean())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val/auroc_sd"] == pytest.approx(folds["val/auroc"].std(), abs=1e-9) and metrics["n_items"] == len(table) + 3
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert sorted(pred["id"]) == sorted(pd.read_csv(tmp_path / "labels.csv")["slide"]), "every slide validated once"
+    conf = json.loads((out / "fold_1" / "model" / "mil_config.json").read_text())
+    assert conf["kind"] == "mil" and conf["model"]["in_dim"] == 12 and conf["labels"] == ["a", "b"]
+    assert conf["data"]["split"]["fold"] == 1 and conf["geometry"]["tile_um"] == 32
+
+    pout = tmp_path / "predict"
+    pcfg = _compose(["task=predict_mil", *common, f"paths.output_dir={pout}", f"task.model={out / 'fold_1' / 'model'}"])
+    pcfg.task.label_table, pcfg.task.label_column = str(tmp_path / "labels.csv"), "label"
+    execute(pcfg)
+    pred = pd.read_parquet(pout / "predictions.parquet")
+    assert list(pred["slide"]) == ["demo_000", "demo_001", "demo_002"] and (pred["n_tiles"] == 30).all()
+    assert np.allclose(pred[["prob_a", "prob_b"]].sum(1), 1) and list(pred["label"]) == ["a", "a", "b"]
+    att = pd.read_parquet(pout / "attention" / "demo_001.parquet")
+    assert list(att.columns) == ["loc_x", "loc_y", "score"] and len(att) == 30 and att["score"].sum() == pytest.approx(1)
+    import cv2
+
+    png = cv2.imread(str(pout / "heatmaps" / "demo_001.png"))
+    assert png is not None and png.shape[2] == 3 and max(png.shape[:2]) <= 1024
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "conf" / "model").glob("mil_*.yaml")))
+def test_model_configs_compose_build_and_optimise(option, tmp_path):
+    from histolight.config import from_config
+    from histolight.mil.config import BagDataConfig, MILModelConfig
+    from histolight.mil.module import MILModule
+
+    cfg = _compose([f"model={option}", "data=bags", f"data.bags={tmp_path}", f"paths.output_dir={tmp_path}"])
+    data = from_config(BagDataConfig, cfg.data, "data")
+    assert data.split.method == "kfold" and data.split.fold_list() == [0, 1, 2, 3, 4] and data.annotations
+    m = from_config(MILModelConfig, cfg.model, "model")
+    module = MILModule(m.name, 16, ["a", "b"], m.model_kwargs, optimizer=m.optimizer, scheduler=m.scheduler)
+    with torch.no_grad():
+        assert module.eval()(torch.zeros(1, 5, 16))["logits"].shape == (1, 2)
+    from histolight.training.optim import configure_optimizers
+
+    opt = configure_optimizers(module.parameters(), m.optimizer, m.scheduler, max_epochs=3)
+    assert isinstance(opt["optimizer"], torch.optim.AdamW) and opt["lr_scheduler"]["scheduler"].T_max == 3
+
+
+def test_bad_options_fail_naming_the_key(tmp_path):
+    from histolight.config import from_config
+    from histolight.mil.config import BagDataConfig, MILModelConfig
+
+    base = {"bags": str(tmp_path), "annotations": "x.csv"}
+    with pytest.raises(ConfigError, match=r"level='slides' is invalid"):
+        from_config(BagDataConfig, {**base, "level": "slides"}, "data")
+    with pytest.raises(ConfigError, match=r"split.folds=\[5\] is invalid"):
+        from_config(BagDataConfig, {**base, "split": {"k": 5, "folds": [5]}}, "data")
+    with pytest.raises(ConfigError, match=r"name='abmil' is invalid: must be one of"):
+        from_config(MILModelConfig, {"name": "abmil", "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}, "model")
