@@ -392,6 +392,7 @@ def _module(lm: LabelMap, model_config=None) -> TileClassifier:
     return TileClassifier("resnet18", lm.names, optimizer=partial(torch.optim.SGD, lr=0.1), model_config=model_config)
 
 
+@pytest.mark.slow
 def test_extracted_tfrecords_train_one_step_and_reload_predicts_identically(tiles, work, tmp_path):
     import lightning as L
 
@@ -497,6 +498,7 @@ def test_train_tiles_task_end_to_end_then_predict(tiny_demo, work, tmp_path):
     assert len(pngs) == 3 and cv2.imread(str(pngs[0])).shape[2] == 3
 
 
+@pytest.mark.slow
 def test_weak_supervision_streaming_slide_metrics(tiny_demo, work, tmp_path):
     """label_source=slide (a named annotations column), streaming loader, slide-level metrics,
     on-the-fly stain normalization and stain augmentation."""

@@ -163,6 +163,7 @@ def test_workers_that_cannot_start_fall_back_to_this_process(tmp_path, caplog):
     assert "died" not in caplog.text
 
 
+@pytest.mark.slow
 def test_slides_fail_when_no_new_worker_can_start(tmp_path):
     """Workers ran, then died, and their replacements cannot start: the slides left fail with that reason."""
     res = run_per_slide(list("abcd"), _KillsItsWorker(str(tmp_path / "marker")), workers=2, progress=False, claims=False)

@@ -189,6 +189,7 @@ def test_run_info_on_shared_slides(tmp_path):
     assert len(runs) == 1
 
 
+@pytest.mark.slow
 def test_run_info_on_tiny_demo_and_config_errors(tmp_path, tiny_demo):
     from tests.conftest import tiny_demo_overrides
 
@@ -209,6 +210,7 @@ def test_run_info_on_tiny_demo_and_config_errors(tmp_path, tiny_demo):
     assert r.returncode == 1 and "unknown top-level key 'sed'. Did you mean 'seed'?" in r.stderr + r.stdout
 
 
+@pytest.mark.slow
 def test_multirun_dirs_are_unique(tmp_path, tiny_demo):
     from tests.conftest import tiny_demo_overrides
 

@@ -92,6 +92,7 @@ def trained(tiny_demo, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- config
 
 
+@pytest.mark.slow
 def test_bad_mode_labels_and_keys_are_rejected_at_startup(tiny_demo, tmp_path):
     from histolight.tasks import get_task
 
@@ -541,6 +542,7 @@ def test_dataset_generate_rois_writes_skips_and_survives_failures(tiny_demo, tmp
 # ---------------------------------------------------------------------------------------------- Hydra tasks
 
 
+@pytest.mark.slow
 def test_tasks_export_segment_and_generate_rois(trained, tiny_demo, tmp_path):
     from histolight.roi import read_rois
     from histolight.tasks import get_task
