@@ -159,9 +159,9 @@ def case_slide(slide_path: str, outdir: str, options: dict) -> dict:
     return _result(res.kept, time.perf_counter() - t0, _cpu() - c0)
 
 
-def case_overhead(slide_path: str, outdir: str, options: dict, reps: int = 5) -> dict:
+def case_overhead(slide_path: str, outdir: str, options: dict, reps: int = 15) -> dict:
     """Per-slide fixed cost: the per-slide path (:func:`case_slide`) against the tiles' own work in the same process
-    (the kept tiles read through the grid, filtered, encoded and written to a TFRecord) and against the plain pipeline
+    (the kept tiles read through the grid with the extractor's read-ahead, filtered, encoded and written to a TFRecord) and against the plain pipeline
     on the same tiles (:func:`case_pipeline`), best of ``reps`` each, interleaved, in one warm process (what each slide
     of a cohort costs); plus the fixed parts timed alone (open, plan = grid + ROI + QC, report images, table +
     summary)."""
@@ -172,6 +172,7 @@ def case_overhead(slide_path: str, outdir: str, options: dict, reps: int = 5) ->
     from histolight.extract.layout import write_meta
     from histolight.extract.plan import plan_slide, tile_table
     from histolight.extract.report import save_slide_images
+    from histolight.extract.slide import _read_ahead as read_ahead
     from histolight.io.images import encode_image
     from histolight.io.tables import write_parquet
     from histolight.io.tfrecord import TFRecordWriter
@@ -194,8 +195,8 @@ def case_overhead(slide_path: str, outdir: str, options: dict, reps: int = 5) ->
             g = plan.grid
             idx = np.asarray([i for i in range(len(g)) if (int(g.x[i]), int(g.y[i])) in kept])
             with TFRecordWriter(out / "tiles.tfrecords", slide=slide.name) as w:
-                for run in g.runs(idx):
-                    for i, img in zip(run, g.read_run(slide, run)):
+                for run, imgs, _ in read_ahead(slide, g, g.runs(idx), False, True):  # the extractor's tile loop
+                    for i, img in zip(run, imgs):
                         tile_reject_reason(img, cfg.grayspace_threshold, cfg.grayspace_fraction)
                         w.write_tile(encode_image(img, cfg.img_format, cfg.quality), int(g.loc_x[i]), int(g.loc_y[i]))
 

@@ -3,6 +3,7 @@
     python bench/bench_extract.py --quick    # ~2-4 min on the 2-core VM: 8192^2 synthetic slide, best of 2
     python bench/bench_extract.py            # 16384^2 synthetic slide, best of 5 (5-12 min)
     python bench/bench_extract.py --only A C overhead --reps 3
+    python bench/bench_extract.py --only A B C --also-src /tmp/old   # + the same cases with another checkout's src/
 
 Cases (every timed run in its own fresh Python process, imports outside the clock; ratio = tiles/s against the
 ``baseline`` of the same case; ``bench/_extract_cases.py`` has the code):
@@ -25,7 +26,7 @@ Cases (every timed run in its own fresh Python process, imports outside the cloc
   (spawned workers, start-up included) against the baseline over the same cohort; with a **parallel control** (one
   tile-decode loop in 1 and 2 processes at once: what a second process can add on the machine right now).
 - **overhead**: the per-slide fixed cost on C: the per-slide path minus the tiles' own work (the kept tiles read,
-  filtered, encoded, written), best of 5 in one process, and the fixed parts alone (open, plan = grid + ROI + QC,
+  filtered, encoded, written), best of 15 in one process, and the fixed parts alone (open, plan = grid + ROI + QC,
   report images, tile table + summary).
 - **readpath** (full runs, or ``--only readpath``): OpenSlide ``read_region`` vs the direct reader per stored tile and
   per region, JPEG decoders, and the max abs pixel difference of the two read paths at every level.
@@ -51,6 +52,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
+
+if os.environ.get("HL_BENCH_SRC"):  # a case timed with another checkout's package (--also-src)
+    sys.path.insert(0, os.environ["HL_BENCH_SRC"])
 
 from _extract_cases import CASES  # noqa: E402
 
@@ -128,7 +132,8 @@ def kept_tiles(slide: Path, options: dict) -> list[tuple[int, int]]:
 
 def run_case(spec: dict) -> dict:
     """Run one case in a fresh interpreter; returns its JSON result."""
-    p = subprocess.run([sys.executable, __file__, "--_case", json.dumps(spec)], capture_output=True, text=True)
+    env = dict(os.environ, HL_BENCH_SRC=spec.pop("src")) if "src" in spec else None
+    p = subprocess.run([sys.executable, __file__, "--_case", json.dumps(spec)], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"case {spec} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -202,6 +207,17 @@ def build_specs(parts: set, synth: Path, cohort: list[str], cmu: Path | None) ->
     return specs
 
 
+def with_other_src(specs: dict, src: Path) -> dict:
+    """``specs`` plus, after each histolight case, the same case run with the package in ``src`` (another checkout's
+    ``src/``, e.g. the code before a change: ``git archive <commit> src | tar -x -C /tmp/old``), as ``<pipeline> [other]``."""
+    out = {}
+    for key, spec in specs.items():
+        out[key] = spec
+        if spec["kind"] != "pipeline":
+            out[f"{key} [other]"] = {**spec, "src": str(src)}
+    return out
+
+
 def report(results: dict, reps: int) -> None:
     best = results["cases"]
     print("\n" + "=" * 110)
@@ -251,7 +267,7 @@ def report(results: dict, reps: int) -> None:
         )
     print("\nGoals (issue #17):")
     for case, goal in GOALS.items():
-        for key in (k for k in best if k.startswith(f"{case} | ") and not k.endswith(("baseline", "direct"))):
+        for key in (k for k in best if k.startswith(f"{case} | ") and not k.endswith(("baseline", "direct", "[other]"))):
             r = best[key]["tiles_per_s"] / best[f"{case} | baseline"]["tiles_per_s"]
             print(f"  {key:24s} {r:5.2f}x plain (goal >= {goal}x): {'met' if r >= goal else 'NOT met'}")
     if ov:
@@ -279,6 +295,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only", nargs="+", choices=("A", "B", "C", "D", "overhead", "readpath"), help="sections to run (default: all)"
     )
+    ap.add_argument("--also-src", type=Path, help="also time the histolight cases with the package in DIR/src (before/after)")
     args = ap.parse_args(argv)
     parts = set(args.only or ("A", "B", "C", "D", "overhead") + (() if args.quick else ("readpath",)))
     out = Path(args.out)
@@ -305,6 +322,8 @@ def main(argv=None) -> int:
             os.symlink(synth, tmp / f"s{i}.svs")
             cohort.append(str(tmp / f"s{i}.svs"))
         specs = build_specs(parts, synth, cohort, cmu)
+        if args.also_src:
+            specs = with_other_src(specs, args.also_src.resolve() / "src")
         print(f"\n== throughput: {len(specs)} cases x {reps} runs", flush=True)
         results["cases"] = run_rounds(specs, reps, tmp)
         if "D" in parts:

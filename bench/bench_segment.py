@@ -6,6 +6,7 @@ timed in the same run (the overhead of tiling and blending), and whole-slide inf
     python bench/bench_segment.py --model outputs/<run>  # a trained model folder
     python bench/bench_segment.py --device cuda        # on a GPU (falls back with a message if none)
     python bench/bench_segment.py --tiles 128,256,512 --batch 16 --height 1536 --width 2048
+    python bench/bench_segment.py --also-src /tmp/old   # + tiled_T with another checkout's inference.py (before/after)
 
 What is timed (one warm-up call each, then ``--repeat`` rounds with the cases interleaved; the best time of each;
 megapixels = H x W / 1e6 of the input):
@@ -102,6 +103,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="768 x 1024 image, 2 repeats, no run_slide_inference case")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument(
+        "--also-src",
+        type=Path,
+        help="also time tiled_T with segment/inference.py of another checkout (DIR/src/...): before/after",
+    )
     a = ap.parse_args(argv)
 
     import numpy as np
@@ -171,6 +177,20 @@ def main(argv=None) -> dict:
     cases = {"single": lambda: model.run_forward(img)}
     for t in tiles:
         cases[f"tiled_{t}"] = lambda t=t: model.run_tiled_inference(img, tile_px=t, overlap=overlap, batch_size=batch)
+    other = None
+    if a.also_src:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("other_inference", a.also_src / "src/histolight/segment/inference.py")
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+
+        def other_tiled(t: int) -> np.ndarray:
+            with torch.no_grad():
+                return model._finish(other.tiled_logits(model.net, model._prepare(img), t, overlap, batch), "proba")
+
+        for t in tiles:
+            cases[f"tiled_{t} [other]"] = lambda t=t: other_tiled(t)
     cases[f"stream_{tiles[0]}"] = lambda: stream(tiles[0])
     if not a.quick:
         cases[f"slide_{tiles[0]}"] = lambda: model.run_slide_inference(slide, tile_px=tiles[0], overlap=overlap, batch_size=batch)
@@ -178,6 +198,8 @@ def main(argv=None) -> dict:
         times = _time_interleaved(cases, a.repeat, sync)
         p1 = model.run_forward(img)
         p2 = {t: model.run_tiled_inference(img, tile_px=t, overlap=overlap, batch_size=batch) for t in tiles}
+        if other is not None:
+            p2.update({f"{t} [other]": other_tiled(t) for t in tiles})
     res["seconds"] = times
     res["mp_per_s"] = {k: mp / v for k, v in times.items()}
     res["time_vs_single"] = {k: v / times["single"] for k, v in times.items()}
@@ -186,14 +208,22 @@ def main(argv=None) -> dict:
         for t in tiles
         for lay in [plan_tiles(a.height, a.width, t, overlap, batch)]
     }
-    res["seam_error_mean"] = {t: float(np.abs(p1 - p2[t])[..., t // 4 : -(t // 4), t // 4 : -(t // 4)].mean()) for t in tiles}
-    res["seam_error_max"] = {t: float(np.abs(p1 - p2[t]).max()) for t in tiles}
+
+    def interior(t) -> int:
+        return int(str(t).split()[0]) // 4
+
+    res["seam_error_mean"] = {
+        t: float(np.abs(p1 - p2[t])[..., interior(t) : -interior(t), interior(t) : -interior(t)].mean()) for t in p2
+    }
+    res["seam_error_max"] = {t: float(np.abs(p1 - p2[t]).max()) for t in p2}
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     for k in cases:
         what = {"single": "one pass, padded"}.get(k.split("_")[0], "")
-        if k.startswith("tiled_"):
+        if k.endswith("[other]"):
+            what = f"tiles + blending of {a.also_src}"
+        elif k.startswith("tiled_"):
             lay = res["layout"][int(k.split("_")[1])]
             what = f"{lay['tiles']} tiles of {lay['tile_hw'][0]} x {lay['tile_hw'][1]}, {lay['pixels_vs_single']:.3f}x the pixels"
         elif k.startswith("stream_"):
@@ -205,7 +235,7 @@ def main(argv=None) -> dict:
         )
     print(
         "  seam error, mean |tiled - single| probability in the interior (max anywhere): "
-        + ", ".join(f"tile {t}: {res['seam_error_mean'][t]:.5f} ({res['seam_error_max'][t]:.3f})" for t in tiles)
+        + ", ".join(f"tile {t}: {res['seam_error_mean'][t]:.5f} ({res['seam_error_max'][t]:.3f})" for t in p2)
         + f"; peak RSS {res['peak_rss_mb']:.0f} MB"
     )
     if a.json:

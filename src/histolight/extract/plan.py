@@ -202,23 +202,22 @@ def tile_table(plan: SlidePlan, idx: np.ndarray, name: str) -> pd.DataFrame:
                 roi = plan.rois[r]
                 roi_name[k], roi_desc[k], label[k] = roi.name, roi.description, roi.label
     roi_frac = plan.assign.fraction[idx] if plan.assign is not None else np.zeros(len(idx))
-    df = pd.DataFrame(
-        {
-            "tile_id": pd.Series([f"{name}-{x}-{y}" for x, y in zip(lx.tolist(), ly.tolist())], dtype=object),
-            "slide": pd.Series([name] * len(idx), dtype=object),
-            "loc_x": lx.astype(np.int64),
-            "loc_y": ly.astype(np.int64),
-            "grid_x": grid.grid_x[idx].astype(np.int64),
-            "grid_y": grid.grid_y[idx].astype(np.int64),
-            "roi_name": pd.Series(roi_name, dtype=object),
-            "roi_desc": pd.Series(roi_desc, dtype=object),
-            "label": pd.Series(label, dtype=object),
-            "record": np.arange(len(idx), dtype=np.int64),
-            "x": grid.x[idx].astype(np.int64),
-            "y": grid.y[idx].astype(np.int64),
-            "size_base": np.full(len(idx), grid.extract_px, np.int64),
-            "qc_fraction": plan.qc_fraction[idx].astype(np.float32) if len(plan.qc_fraction) else np.zeros(len(idx), np.float32),
-            "roi_fraction": roi_frac.astype(np.float32),
-        }
-    )
-    return df[["tile_id", *TABLE_COLUMNS, *[c for c in EXTRA_COLUMNS if c != "tile_id"]]]
+    cols = {
+        "tile_id": pd.Series([f"{name}-{x}-{y}" for x, y in zip(lx.tolist(), ly.tolist())], dtype=object),
+        "slide": pd.Series([name] * len(idx), dtype=object),
+        "loc_x": lx.astype(np.int64),
+        "loc_y": ly.astype(np.int64),
+        "grid_x": grid.grid_x[idx].astype(np.int64),
+        "grid_y": grid.grid_y[idx].astype(np.int64),
+        "roi_name": pd.Series(roi_name, dtype=object),
+        "roi_desc": pd.Series(roi_desc, dtype=object),
+        "label": pd.Series(label, dtype=object),
+        "record": np.arange(len(idx), dtype=np.int64),
+        "x": grid.x[idx].astype(np.int64),
+        "y": grid.y[idx].astype(np.int64),
+        "size_base": np.full(len(idx), grid.extract_px, np.int64),
+        "qc_fraction": plan.qc_fraction[idx].astype(np.float32) if len(plan.qc_fraction) else np.zeros(len(idx), np.float32),
+        "roi_fraction": roi_frac.astype(np.float32),
+    }
+    order = ["tile_id", *TABLE_COLUMNS, *[c for c in EXTRA_COLUMNS if c != "tile_id"]]
+    return pd.DataFrame({c: cols[c] for c in order})  # built in column order: no reindexing copy

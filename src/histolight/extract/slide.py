@@ -109,6 +109,29 @@ def _use_stored_jpegs(slide, cfg: ExtractConfig, grid, normalizer) -> bool:
     return some
 
 
+def _read_ahead(slide, grid, runs: list[list[int]], copy_jpegs: bool, need_pixels: bool):
+    """Yield ``(run, pixels, stored JPEG bytes)`` per run of tiles, reading the next run in a background thread while
+    the caller filters, encodes and writes the current one (decoding and resizing release the GIL), so one slide
+    keeps two cores busy; at most two runs are in memory. Pixels (None each) are read only when something needs them:
+    a filter or the normalizer (``need_pixels``), or a tile that is not copied from a stored JPEG tile."""
+
+    def load(run: list[int]) -> tuple[list, list]:
+        stored = grid.stored_jpegs(slide, run) if copy_jpegs else [None] * len(run)
+        if need_pixels or any(b is None for b in stored):
+            return grid.read_run(slide, run), stored
+        return [None] * len(run), stored
+
+    if not runs:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(load, runs[0])
+        for k, run in enumerate(runs):
+            imgs, stored = nxt.result()
+            if k + 1 < len(runs):
+                nxt = pool.submit(load, runs[k + 1])
+            yield run, imgs, stored
+
+
 def _prepare_normalizer(normalizer: Any, cfg: ExtractConfig, slide):
     """The normalizer to apply (None for none), fitted to the slide's thumbnail when it uses context."""
     if normalizer is None:
@@ -195,11 +218,7 @@ def extract_slide(
     n_copied = 0
     loc_x, loc_y = grid.loc_x, grid.loc_y
     try:
-        for run in grid.runs(cand):
-            stored = grid.stored_jpegs(slide, run) if copy_jpegs else [None] * len(run)
-            # pixels are read only when something needs them: a filter, the normalizer, or a tile to encode
-            need = filters or normalizer is not None or any(b is None for b in stored)
-            imgs = grid.read_run(slide, run) if need else [None] * len(run)
+        for run, imgs, stored in _read_ahead(slide, grid, grid.runs(cand), copy_jpegs, filters or normalizer is not None):
             for i, img, data in zip(run, imgs, stored):
                 pixels = img if img is not None else partial(decode_image, data)
                 if filters:
