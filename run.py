@@ -1,6 +1,7 @@
 """The one entrypoint: ``python run.py task=<name> [experiment=<name>] [key=value ...]``.
 
-See README.md and ``conf/`` for every option; ``python run.py --help`` lists config groups.
+The same as the ``histolight`` command (:mod:`histolight.cli`). See README.md and ``conf/`` for every option;
+``python run.py --help`` lists config groups.
 """
 
 import os
@@ -12,16 +13,19 @@ os.environ.setdefault("HISTOLIGHT_ROOT", str(ROOT))
 if (ROOT / "src").is_dir() and str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))  # works from a checkout even before `pip install -e .`
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+try:
+    import hydra  # noqa: F401
+except ModuleNotFoundError as e:  # a Python without the project's packages (the venv not activated)
+    venv = ROOT / ".venv" / "bin"
+    how = (
+        f"use the project's environment: {venv / 'histolight'} ... (or {venv / 'python'} run.py ..., "
+        "or `source .venv/bin/activate` first)"
+        if (venv / "python").exists()
+        else "install the project first: `make install` (or `pip install -e .`)"
+    )
+    sys.exit(f"run.py: {e.name!r} is not installed for {sys.executable}; {how}")
 
-
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig):
-    from histolight.tasks import execute
-
-    return execute(cfg)
-
+from histolight.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

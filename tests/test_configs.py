@@ -99,7 +99,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         sched = instantiate(cfg.model.scheduler)(opt, T_max=2)
         assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
     elif group == "data":
-        if option == "seg":
+        if option in ("seg", "seg_patches"):
             from histolight.segment.config import config_from_hydra
 
             with open_dict(cfg):

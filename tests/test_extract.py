@@ -86,9 +86,10 @@ def test_magnification_uses_nearest_level_without_resizing():
     assert g.level == 1 and g.extract_px == 256 and math.isclose(g.tile_mpp, 1.0)
     t = g.read_tile(s, 7)
     np.testing.assert_array_equal(t, s.read_region((int(g.x[7]), int(g.y[7])), 1, (64, 64)))
-    # 5x is equally far from 10x and 2.5x in log scale: the finer level wins; 3x -> 2.5x level
-    assert make_grid(s, 16, mag=5).level == 1
-    assert make_grid(s, 16, mag=3).level == 2
+    # no level within 10% of 5x or 3x: read from the closest finer level (10x) and resized to the exact magnification
+    g5 = make_grid(s, 16, mag=5)
+    assert g5.level == 1 and not g5.as_stored and g5.extract_px == 128 and math.isclose(g5.tile_mpp, 2.0)
+    assert make_grid(s, 16, mag=3).level == 1
     assert tile_dir_name(256, "10x") == "256px_10x" and tile_dir_name(299, 302) == "299px_302um"
 
 

@@ -210,16 +210,19 @@ def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
     pout = tmp_path / "predict"
     pcfg = _compose(["task=predict_mil", *common, f"paths.output_dir={pout}", f"task.model={out / 'fold_1' / 'model'}"])
     pcfg.task.label_table, pcfg.task.label_column = str(tmp_path / "labels.csv"), "label"
-    execute(pcfg)
+    pcfg.task.roi_label, pcfg.task.montage_tiles, pcfg.optimized_metric = "necrosis", 4, "top_roi_share_mean"
+    share = execute(pcfg)
     pred = pd.read_parquet(pout / "predictions.parquet")
     assert list(pred["slide"]) == ["demo_000", "demo_001", "demo_002"] and (pred["n_tiles"] == 30).all()
+    assert pred["top_roi_share"].between(0, 1).all() and share == pytest.approx(pred["top_roi_share"].mean())
+    assert sorted(p.name for p in (pout / "montages").glob("*.png")) == ["demo_000.png", "demo_001.png", "demo_002.png"]
     assert np.allclose(pred[["prob_a", "prob_b"]].sum(1), 1) and list(pred["label"]) == ["a", "a", "b"]
     att = pd.read_parquet(pout / "attention" / "demo_001.parquet")
     assert list(att.columns) == ["loc_x", "loc_y", "score"] and len(att) == 30 and att["score"].sum() == pytest.approx(1)
     import cv2
 
     png = cv2.imread(str(pout / "heatmaps" / "demo_001.png"))
-    assert png is not None and png.shape[2] == 3 and max(png.shape[:2]) <= 1024
+    assert png is not None and png.shape[2] == 3 and max(png.shape[:2]) <= 1024 + 8  # the thumbnail in a thin frame
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "conf" / "model").glob("mil_*.yaml")))

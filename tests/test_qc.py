@@ -141,3 +141,39 @@ def test_registry_builds_lists_dicts_aliases_and_plugins():
         assert isinstance(m, Fake) and m.model_path == "x.pt"  # tile_mpp only goes to factories that take it
     finally:
         QC_REGISTRY.pop("fake_segment", None)
+
+
+def test_fluorescence_metadata_and_background_kind():
+    from histolight.qc.otsu import background_kind, metadata_fluorescence
+
+    ndpi = {"hamamatsu.;NDP Shading Data;CubeName=DA/FI": "ExcitationName=387/11-25;Exposure=20", "openslide.vendor": "x"}
+    assert metadata_fluorescence(ndpi) is not None
+    assert metadata_fluorescence({"ome.Channel": "IlluminationType=Fluorescence"}) == "ome.Channel"
+    assert metadata_fluorescence({"aperio.Title": "H&E", "hamamatsu.AHEX[0].fluorescence": "00FF"}) is None
+    dark = VirtualSlide(np.full((256, 256, 3), 5, np.uint8), mpp=0.5)
+    light = VirtualSlide(np.full((256, 256, 3), 235, np.uint8), mpp=0.5)
+    assert background_kind(dark)[0] == "dark" and background_kind(light)[0] == "light"
+    assert "median brightness 5" in background_kind(dark)[1]
+
+
+def test_qc_registry_entries_travel_to_another_process():
+    import pickle
+
+    from histolight.qc.registry import QC_ALIASES, capture_qc, register_qc_alias
+
+    register_qc("travel_otsu", Otsu)
+    register_qc_alias("travel_both", ["travel_otsu", "blur"])
+    try:
+        plugins = pickle.loads(pickle.dumps(capture_qc(["travel_both"])))
+        assert plugins.methods["travel_otsu"] is Otsu and plugins.aliases == {"travel_both": ["travel_otsu", "blur"]}
+    finally:
+        QC_REGISTRY.pop("travel_otsu", None)
+        QC_ALIASES.pop("travel_both", None)
+    with pytest.raises(ConfigError, match="travel_both"):
+        build_qc(["travel_both"])  # a fresh worker's registry
+    try:
+        ms = build_qc(["travel_both"], plugins=plugins, tile_mpp=0.5)
+        assert [type(m) for m in ms] == [Otsu, GaussianV2]
+    finally:
+        QC_REGISTRY.pop("travel_otsu", None)
+        QC_ALIASES.pop("travel_both", None)

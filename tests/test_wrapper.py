@@ -168,3 +168,81 @@ def test_segment_under_a_memory_limit_says_memory(tiny_demo, tmp_path):
         pytest.skip("torch loads under 4 GiB of address space here")
     assert p.returncode == 1 and "the likely cause is memory: the address-space limit is 4.0 GiB (ulimit -v)" in out, out
     assert "Traceback" not in out
+
+
+def _add_task(monkeypatch, name, fn):
+    mod = sys.modules["histolight_fake_tasks"]
+    monkeypatch.setattr(mod, name, fn, raising=False)
+    monkeypatch.setitem(TASKS, f"fake_{name}", f"histolight_fake_tasks:{name}")
+
+
+def test_every_failed_slide_is_listed_after_the_closing_line(fake_tasks, caplog, monkeypatch):
+    """All failures on the console (segment dataset=shared used to show 1 of 3): the first 10, then where the rest are."""
+    csv = fake_tasks / "slides.csv"
+    rows = [
+        {"slide": f"s{i:02d}", "status": "failed", "reason": f"cannot read slide: reason {i}\nTraceback (...)"} for i in range(12)
+    ]
+    import pandas as pd
+
+    pd.DataFrame([*rows, {"slide": "ok", "status": "done", "reason": None}]).to_csv(csv, index=False)
+    _add_task(monkeypatch, "many", lambda cfg: {"n_slides": 13, "n_done": 1, "n_failed": 12, "summary": str(csv)})
+    with pytest.raises(SystemExit) as e:
+        execute(_cfg("fake_many", None, fake_tasks))
+    assert e.value.code == 2
+    msgs = [r.getMessage() for r in caplog.records]
+    i = next(k for k, m in enumerate(msgs) if m.startswith("task fake_many: 13 slide(s)"))
+    assert msgs[i + 1 : i + 11] == [f"  s{k:02d}: cannot read slide: reason {k}" for k in range(10)]
+    assert msgs[i + 11] == f"  ... and 2 more: see {csv}"
+
+
+def test_a_task_result_is_the_last_line_after_wandbs_summary(fake_tasks, caplog, monkeypatch):
+    import wandb
+
+    def trained(cfg):
+        wandb.init(project="histolight-test", dir=str(fake_tasks), mode="offline")
+        return {"val/bal_acc": 0.5, "result": "tile classifier m (val/bal_acc 0.5000)"}
+
+    _add_task(monkeypatch, "trained", trained)
+    caplog.set_level("INFO", logger="histolight")
+    assert execute(_cfg("fake_trained", "val/bal_acc", fake_tasks)) == 0.5
+    last = [r for r in caplog.records if r.name == "histolight"][-1].getMessage()
+    assert last.startswith("task fake_trained finished in") and ": tile classifier m (val/bal_acc 0.5000); outputs in" in last
+    assert wandb.run is None
+
+
+def test_lightning_lines_appear_once_without_adverts_or_internal_warnings():
+    import io
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from histolight.utils.logs import LIGHTNING_LOGGERS, quiet_lightning
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)  # as under Hydra: the root logger writes the console and run.log
+    try:
+        quiet_lightning()
+        for name in LIGHTNING_LOGGERS:
+            lg = logging.getLogger(name)
+            assert lg.propagate and not [h for h in lg.handlers if type(h) is logging.StreamHandler]
+        rank_zero_info("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud logging, try installing litlogger")
+        rank_zero_info("GPU available: False, used: False")
+        assert stream.getvalue().count("GPU available") == 1 and "litlogger" not in stream.getvalue()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+            warnings.warn("something else", FutureWarning, stacklevel=1)
+        assert [str(w.message) for w in caught] == ["something else"]
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def test_the_wandb_logger_leaves_out_the_deprecated_anonymous_setting(tmp_path):
+    from omegaconf import OmegaConf
+
+    from histolight.utils.instantiate import instantiate_loggers
+
+    node = {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "project": "t", "save_dir": str(tmp_path)}
+    (lg,) = instantiate_loggers(OmegaConf.create({"wandb": {**node, "offline": True, "anonymous": None}}))
+    assert "anonymous" not in lg._wandb_init and lg._wandb_init["project"] == "t"

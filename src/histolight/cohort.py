@@ -466,8 +466,14 @@ class _Bars:
             self.inner.update(n)
 
     def slide_done(self, name: str, status: str) -> None:
-        self.slides.update(1)
-        self.slides.set_postfix_str(f"{name}: {status}", refresh=True)
+        self.slides.set_postfix_str(f"{name}: {status}", refresh=False)
+        if self.slides.n + 1 < (self.slides.total or 0):
+            self.slides.update(1)  # one line per slide (postfix and count together)
+            return
+        if self.inner is not None:  # the last slide: the units bar goes first, close() draws the final line once
+            self.inner.close()
+            self.inner = None
+        self.slides.n += 1
 
     def close(self) -> None:
         if self.inner is not None:

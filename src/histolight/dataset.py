@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -50,6 +51,8 @@ class Dataset(SlideflowDataset):
         recursive: search slide folders recursively.
         name: short cohort name used in output folders (``tiles/<name>/...``); default: the slide folder's base
             name (letters, digits, ``.``, ``_``, ``-``).
+        include_detections: read QuPath cell/detection objects in GeoJSON ROI files as ROIs too (default: only
+            annotations, the detections skipped with one warning per file; config key ``dataset.include_detections``).
     """
 
     def __init__(
@@ -60,8 +63,10 @@ class Dataset(SlideflowDataset):
         mpp_override: float | None = None,
         recursive: bool = False,
         name: str | None = None,
+        include_detections: bool = False,
     ):
         self.slide_sources = [Path(p) for p in _as_list(slides)]
+        self.include_detections = bool(include_detections)
         self.name = check_cohort_name(name) if name else default_cohort_name(self.slide_sources)
         self.roi_dirs = [Path(p) for p in _as_list(rois)]
         self.mpp_override = mpp_override
@@ -187,10 +192,15 @@ class Dataset(SlideflowDataset):
     def has_rois(self, name: str) -> bool:
         return self.roi_path(name) is not None
 
-    def rois(self, name: str, slide_dims: tuple[int, int] | None = None) -> list[ROI]:
-        """ROIs of ``name`` in base px (clipped to ``slide_dims`` if given); [] when it has no ROI file."""
+    def rois(self, name: str | None = None, slide_dims: tuple[int, int] | None = None) -> list[ROI] | list[str]:
+        """ROIs of slide ``name`` in base px (clipped to ``slide_dims`` (w, h) if given; [] when it has no ROI file).
+
+        Without ``name`` (Slideflow's ``Dataset.rois()``): the paths (str) of the ROI files of this dataset's
+        slides, in slide order, one per slide that has ROIs."""
+        if name is None:
+            return [str(p) for p in (self.roi_path(n) for n in self.names) if p is not None]
         p = self.roi_path(name)
-        return [] if p is None else read_rois(p, slide_dims=slide_dims)
+        return [] if p is None else read_rois(p, slide_dims=slide_dims, include_detections=self.include_detections)
 
     # ------------------------------------------------------------------ annotations
     def patient(self, name: str) -> str:
@@ -207,19 +217,39 @@ class Dataset(SlideflowDataset):
         v = df.at[name, column]
         return None if pd.isna(v) else v
 
-    def filter(self, slides: Iterable[str] | None = None, **column_values) -> Dataset:
-        """A copy restricted to ``slides`` and/or annotation columns equal to the given value(s)
-        (e.g. ``split='train'`` or ``split=['train', 'val']``)."""
+    def filter(
+        self,
+        slides: Iterable[str] | Mapping[str, Any] | None = None,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        **column_values,
+    ) -> Dataset:
+        """A copy restricted to ``slides`` and to slides whose annotation columns hold one of the given values.
+
+        Column filters come as Slideflow's dict (``filter({'slide': [...], 'label': ['tumor']})`` or
+        ``filter(filters={...})``) and/or keywords (``split='train'``, ``split=['train', 'val']``); each maps a
+        column to one value or a list, values compared as strings, columns combined with AND. The ``slide`` key
+        selects slide names (no annotations needed). A column the annotations lack is a :class:`HistolightError`
+        naming the columns there are."""
+        if isinstance(slides, Mapping):
+            if filters is not None:
+                raise HistolightError("filter: give the column filters either as the first argument or as filters=, not both")
+            slides, filters = None, slides
+        wanted = {**dict(filters or {}), **column_values}
         keep = set(self.names if slides is None else slides)
-        for col, val in column_values.items():
-            vals = set(_as_list(val))
-            if self.annotations is None or col not in self.annotations.columns:
-                raise HistolightError(f"cannot filter by '{col}': no such annotations column")
-            ok = set(self.annotations.index[self.annotations[col].astype(str).isin({str(v) for v in vals})])
-            keep &= ok
+        if "slide" in wanted:
+            keep &= {str(v) for v in _as_list(wanted.pop("slide"))}
+        ann = self.annotations
+        for col, val in wanted.items():
+            if ann is None or col not in ann.columns:
+                have = list(ann.columns) if ann is not None else "no annotations table (dataset.annotations)"
+                raise HistolightError(f"cannot filter by '{col}': no such annotations column (columns: {have}, and 'slide')")
+            keep &= set(ann.index[ann[col].astype(str).isin({str(v) for v in _as_list(val)})])
         new = object.__new__(Dataset)
         new.__dict__.update(self.__dict__)
         new._paths = {k: v for k, v in self._paths.items() if k in keep}
+        if self._paths and not new._paths:
+            log.warning("filter(slides=%s, filters=%s) kept none of the %d slides", slides, wanted, len(self))
         return new
 
     # ------------------------------------------------------------------ summary

@@ -28,7 +28,7 @@ from histolight.classify.data import (
     WeightedDistributedSampler,
     collate_tiles,
 )
-from histolight.classify.labels import LabelMap
+from histolight.classify.labels import LabelMap, check_classes
 from histolight.classify.splits import balance_weights, check_splits
 from histolight.errors import HistolightError
 
@@ -97,6 +97,7 @@ class TileDataModule(L.LightningDataModule):
                 raise HistolightError(f"tile table needs a '{c}' column")
         self.label_map = label_map
         self.tiles = tiles[tiles["split"].notna()].copy()
+        check_classes(self.tiles["label"], "the tiles of the train/val/test splits")
         self.tiles["y"] = label_map.encode(self.tiles["label"], list(self.tiles.index))
         check_splits(self.tiles, label_map.names, required=required_splits)
         self.slides = sorted(self.tiles["slide"].astype(str).unique())

@@ -123,6 +123,20 @@ class LabelMap:
         return cls([k for k, _ in sorted(d.items(), key=lambda kv: int(kv[1]))])
 
 
+def check_classes(labels: Iterable[Any], source: str = "the labelled tiles") -> None:
+    """Refuse to train on fewer than two classes: a one-class classifier learns nothing (accuracy 1.0, AUROC
+    undefined). The :class:`HistolightError` lists the labels found with their tile counts."""
+    counts = pd.Series(list(labels), dtype=object).astype(str).value_counts()
+    if len(counts) >= 2:
+        return
+    found = {str(k): int(v) for k, v in counts.items()}
+    raise HistolightError(
+        f"a tile classifier needs at least 2 classes, but {source} have {len(counts)}: {found or 'no labels'}. "
+        "Label tiles of a second class (ROI labels, the annotations' label column or the label table; see "
+        "data.label_source) or check data.labels, which keeps only the listed classes."
+    )
+
+
 # ------------------------------------------------------------------------------------------ label tables
 
 
@@ -261,4 +275,13 @@ def label_tiles(
     return df
 
 
-__all__ = ["LABEL_SOURCES", "LabelMap", "UnknownLabelError", "label_tiles", "read_label_table", "tile_id", "tile_ids"]
+__all__ = [
+    "LABEL_SOURCES",
+    "LabelMap",
+    "UnknownLabelError",
+    "check_classes",
+    "label_tiles",
+    "read_label_table",
+    "tile_id",
+    "tile_ids",
+]

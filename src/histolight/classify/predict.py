@@ -3,7 +3,7 @@
 >>> m = load_model("outputs/.../model")
 >>> df = predict_tfrecords(m, "outputs/work/tiles/demo/128px_64um")   # one row per tile
 >>> slides = aggregate_slides(df, m.classes)                          # one row per slide
->>> write_heatmaps(df, m.classes, "heatmaps/")                        # <slide>.png, one cell per tile
+>>> write_heatmaps(df, m.classes, "heatmaps/")                        # <slide>.png + .json, one cell per tile
 >>> res, pred = predict_slides("outputs/.../model", tiles, "out/")   # the same per slide, on the cohort runner
 
 Integrity: every tile's record CRCs are checked (``verify=True``) and its image decoded strictly; a corrupt tile is
@@ -29,11 +29,10 @@ from torch.utils.data import DataLoader
 
 from histolight.classify.artifacts import LoadedModel, load_model
 from histolight.classify.data import CorruptTile, TileDataset, check_on_corrupt, collate_tiles, describe_corrupt
+from histolight.classify.heatmaps import heatmap_image, slide_geometry, write_heatmap, write_heatmaps, write_legend
 from histolight.classify.labels import LabelMap
 from histolight.cohort import CohortResult, report_progress, run_per_slide
 from histolight.errors import ConfigError, HistolightError
-from histolight.io.atomic import atomic_write_json
-from histolight.io.images import write_png
 from histolight.io.tables import write_parquet
 from histolight.io.tilestore import find_tfrecords, index_tfrecords, tfrecord_slide_name
 from histolight.units import tile_dir_name
@@ -42,18 +41,6 @@ from histolight.utils.device import resolve_device
 log = logging.getLogger(__name__)
 
 _TILE_DIR = re.compile(r"^(\d+)px_(.+)$")
-
-#: heatmap colours per class (RGB), cycled; a tile's colour is the probability-weighted mix
-PALETTE = [
-    (220, 40, 60),
-    (40, 160, 80),
-    (60, 90, 220),
-    (240, 180, 20),
-    (150, 60, 200),
-    (20, 190, 200),
-    (120, 120, 120),
-    (250, 120, 180),
-]
 
 
 def prob_columns(classes: Sequence[str]) -> list[str]:
@@ -215,52 +202,6 @@ def evaluate_predictions(
     return classification_metrics(p, y, pred.loc[common, "slide"].to_numpy(), slide_level)
 
 
-def _grid_step(v: np.ndarray) -> int:
-    u = np.unique(v)
-    if len(u) < 2:
-        return 1
-    d = np.diff(u)
-    return int(np.min(d[d > 0]))
-
-
-def heatmap_image(pred: pd.DataFrame, classes: Sequence[str], scale: int = 4) -> np.ndarray:
-    """H x W x 3 uint8 map of one slide's tiles, aligned with the slide: cell ``(i, j)`` covers base px
-    ``[j * step, (j + 1) * step) x [i * step, (i + 1) * step)`` (step = smallest spacing of tile centres),
-    drawn ``scale`` px wide; colour = probability-weighted class colour (:data:`PALETTE`), white where
-    there is no tile. Overlay it on a slide thumbnail of ``step / scale`` base px per pixel."""
-    xs, ys = pred["loc_x"].to_numpy(), pred["loc_y"].to_numpy()
-    steps = [st for st, v in ((_grid_step(xs), xs), (_grid_step(ys), ys)) if len(np.unique(v)) > 1]
-    step = max(1, min(steps) if steps else 1)
-    gx, gy = xs // step, ys // step
-    img = np.full((int(gy.max()) + 1, int(gx.max()) + 1, 3), 255, np.float32)
-    pal = np.asarray([PALETTE[i % len(PALETTE)] for i in range(len(classes))], np.float32)
-    p = pred[prob_columns(classes)].to_numpy(np.float32)
-    img[gy, gx] = p @ pal
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    if scale > 1:
-        img = np.repeat(np.repeat(img, scale, 0), scale, 1)
-    return img
-
-
-def write_legend(classes: Sequence[str], outdir: str | os.PathLike) -> Path:
-    """``<outdir>/legend.json``: class -> heatmap RGB colour (:data:`PALETTE`)."""
-    path = Path(outdir) / "legend.json"
-    atomic_write_json(path, {c: list(PALETTE[i % len(PALETTE)]) for i, c in enumerate(classes)})
-    return path
-
-
-def write_heatmaps(pred: pd.DataFrame, classes: Sequence[str], outdir: str | os.PathLike, scale: int = 4) -> list[Path]:
-    """One ``<slide>.png`` per slide (see :func:`heatmap_image`) and ``legend.json`` (class -> RGB)."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for slide, df in pred.groupby("slide"):
-        write_png(outdir / f"{slide}.png", heatmap_image(df, classes, scale))
-        paths.append(outdir / f"{slide}.png")
-    write_legend(classes, outdir)
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------- per slide, on the cohort runner
 
 
@@ -279,8 +220,8 @@ def predict_slide(
     trust_checkpoint: bool = False,
 ) -> dict:
     """Per-slide function of :func:`predict_slides`: predict the tiles of slide ``name`` (TFRecords ``files[name]``),
-    write ``<out>/parts/<name>.parquet`` and ``<out>/heatmaps/<name>.png``. Returns its summary row: the per-slide
-    aggregate (``n_tiles``, ``n_corrupt``, mean ``prob_<class>``, ``pred``; the first corrupt tile as ``reason``);
+    write ``<out>/parts/<name>.parquet`` and ``<out>/heatmaps/<name>.png`` + ``.json`` (:mod:`~.heatmaps`). Returns
+    its summary row: the per-slide aggregate (``n_tiles``, ``n_corrupt``, mean ``prob_<class>``, ``pred``; the first corrupt tile as ``reason``);
     status ``empty`` for a slide without readable tiles."""
     m = load_classifier(model, device, trust_checkpoint)
     pred, bad = predict_tiles(
@@ -301,7 +242,8 @@ def predict_slide(
         Path(out, sub).mkdir(parents=True, exist_ok=True)
     write_parquet(pred.reset_index(), Path(out, "parts", f"{name}.parquet"))
     if heatmaps:
-        write_png(Path(out, "heatmaps", f"{name}.png"), heatmap_image(pred, m.classes, heatmap_scale))
+        geom = slide_geometry(Path(files[name][0]).parent, name, pred)
+        write_heatmap(pred, m.classes, Path(out, "heatmaps"), name, geom, heatmap_scale)
     agg = aggregate_slides(pred, m.classes).iloc[0]
     probs = {c: float(agg[c]) for c in prob_columns(m.classes)}
     return {"n_tiles": int(agg["n_tiles"]), "n_corrupt": len(bad), **probs, "pred": agg["pred"], "reason": corrupt["reason"]}
@@ -330,7 +272,8 @@ def predict_slides(
     Writes into ``out``: ``slides.csv`` (the run's summary: ``slide, status, reason, seconds, n_tiles, n_corrupt,
     prob_<class>..., pred``), ``predictions.parquet`` (every tile of the predicted slides: ``tile_id, slide, loc_x,
     loc_y, prob_<class>..., pred``), ``slides.parquet`` (the aggregates of the predicted slides) and, with
-    ``heatmaps``, ``heatmaps/<slide>.png`` + ``legend.json``.
+    ``heatmaps``, ``heatmaps/<slide>.png`` + ``<slide>.json`` (whole slide at a fixed scale, geometry sidecar) and
+    ``legend.json`` + ``legend.png`` (:mod:`histolight.classify.heatmaps`).
 
     ``verify``: check every tile's record CRCs; ``on_corrupt``: ``skip`` (a corrupt tile is left out, counted in
     ``n_corrupt``, the first one in ``reason``) or ``fail`` (it fails its slide). ``trust_checkpoint``: the opt-in
@@ -421,5 +364,4 @@ __all__ = [
     "predict_slides",
     "prob_columns",
     "check_tile_geometry",
-    "PALETTE",
 ]

@@ -78,7 +78,7 @@ def train(
 
     from histolight.classify.artifacts import make_model_config, save_model
     from histolight.classify.datamodule import TileDataModule
-    from histolight.classify.labels import LabelMap
+    from histolight.classify.labels import LabelMap, check_classes
     from histolight.classify.module import TileClassifier, timm_preprocessing
     from histolight.classify.pipeline import prepare_tiles
     from histolight.classify.splits import split_patients
@@ -129,6 +129,7 @@ def train(
         roi_filter_method=roi_filter,
         classes=data.labels,
     )
+    check_classes(tiles["label"])
     sp = data.split
     tiles["split"] = split_patients(
         tiles,

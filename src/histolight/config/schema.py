@@ -89,8 +89,16 @@ def default_cohort_name(slides: Any) -> str:
     return safe or "cohort"
 
 
+#: OmegaConf's placeholder for a value the command line must give (``model: ???``)
+MISSING = "???"
+
+
 def from_config(cls: type[T], node: Any, prefix: str, ignore: Sequence[str] = ()) -> T:
-    """Build dataclass ``cls`` from a config section, raising :class:`ConfigError` with full key paths."""
+    """Build dataclass ``cls`` from a config section, raising :class:`ConfigError` with full key paths.
+
+    A value left ``???`` (required, see :data:`MISSING`) is an error saying what to set, e.g. ``task.model is not
+    set: add task.model=<value> to the command line; it must be a trained model folder ...``.
+    """
     d = to_dict(node)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = [k for k in d if k not in names and k not in ignore]
@@ -99,10 +107,27 @@ def from_config(cls: type[T], node: Any, prefix: str, ignore: Sequence[str] = ()
         close = difflib.get_close_matches(k, names, n=1)
         hint = f" Did you mean '{prefix}.{close[0]}'?" if close else ""
         raise ConfigError(f"unknown key '{prefix}.{k}'.{hint} Allowed keys: {', '.join(names)}")
+    kw = {k: v for k, v in d.items() if k in names}
+    missing = [k for k, v in kw.items() if isinstance(v, str) and v == MISSING]
+    if missing:
+        raise ConfigError(_missing_message(cls, kw, missing[0], prefix))
     try:
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**kw)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid config '{prefix}': {e}") from None
+
+
+def _missing_message(cls: type, kw: dict, key: str, prefix: str) -> str:
+    """``<prefix>.<key> is not set: add <prefix>.<key>=<value> to the command line`` plus what the schema allows for
+    it (its own message for a null value, when it has one)."""
+    msg = f"{prefix}.{key} is not set: add {prefix}.{key}=<value> to the command line"
+    try:
+        cls(**{**kw, key: None})
+    except (ValueError, TypeError) as e:
+        head, sep, allowed = str(e).partition(" is invalid: ")
+        if sep and head.startswith(f"{key}="):
+            msg += f"; it {allowed}" if allowed.startswith("must ") else f" ({allowed})"
+    return msg
 
 
 @dataclass
@@ -117,9 +142,16 @@ class DatasetConfig:
     recursive: bool = False
     labels: list[str] | None = None
     demo: dict | None = field(default=None)
+    include_detections: bool = False
 
     def __post_init__(self):
         check(self.slides not in (None, "", []), "slides", self.slides, "must be a folder or slide file (or a list)")
+        check(
+            isinstance(self.include_detections, bool),
+            "include_detections",
+            self.include_detections,
+            "must be true or false (read QuPath cell/detection objects as ROIs too)",
+        )
         check(
             self.mpp_override is None or is_pos_num(self.mpp_override),
             "mpp_override",

@@ -7,6 +7,12 @@ classes with distinct colour and texture (made by mixing haematoxylin and eosin 
 - ``stroma``: pink oriented fibres with sparse small nuclei;
 - ``necrosis``: pale, greyish eosin with fine dark debris.
 
+With ``glands`` > 0 (the fine-scale variant, ``conf/dataset/demo_fine.yaml``) each slide also gets that many
+gland-like objects (label ``gland``, class 4 in the masks: a ring of dense nucleated epithelium, 4-9 um thick, round
+a pale lumen; 15-35 um radius) painted over the tissue, for segmentation at 0.5-1 um/px. They come from their own
+random stream, so the rest of each slide is the same as without them; ``glands: 0`` (the default) generates
+exactly the three-class cohort.
+
 Some slides carry a green pen mark and an out-of-focus (blurred) region for QC. Ground truth is
 written next to the slides::
 
@@ -60,6 +66,8 @@ from histolight.roi import ROI, rasterize_rois, rois_to_csv, rois_to_geojson
 log = logging.getLogger(__name__)
 
 CLASSES = ("tumor", "stroma", "necrosis")
+#: the fine-scale label of the ``glands`` variant
+GLAND = "gland"
 GENERATOR_VERSION = 1
 
 # Ruifrok & Johnston stain vectors (optical density per RGB channel), normalised.
@@ -81,6 +89,7 @@ class DemoConfig:
     tile: int = 256
     quality: int = 90
     workers: int = 2
+    glands: int = 0
 
     def __post_init__(self):
         if self.n_slides < 1:
@@ -89,10 +98,19 @@ class DemoConfig:
             raise ValueError(f"demo.width/height must be >= 512 px, got {self.width}x{self.height}")
         if not self.mpp > 0:
             raise ValueError(f"demo.mpp must be > 0 um/px, got {self.mpp}")
+        if not (isinstance(self.glands, int) and self.glands >= 0):
+            raise ValueError(f"demo.glands must be an integer >= 0 (gland-like objects per slide), got {self.glands!r}")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The ROI labels of the cohort, in mask order (class ``i + 1``)."""
+        return CLASSES + (GLAND,) if self.glands else CLASSES
 
     def key(self) -> dict:
         d = asdict(self)
         d.pop("workers")
+        if not self.glands:  # the three-class cohort keeps the key (and manifest) it always had
+            d.pop("glands")
         d["version"] = GENERATOR_VERSION
         return d
 
@@ -259,6 +277,41 @@ def _add_blur(img: np.ndarray, tissue: Polygon, rng: np.random.Generator, frac: 
     return region
 
 
+def _add_glands(img: np.ndarray, tissue, cfg: DemoConfig, rng: np.random.Generator) -> list[ROI]:
+    """Paint ``cfg.glands`` gland-like objects inside ``tissue`` (base px) into ``img``; returns their ROIs."""
+    px = 1.0 / cfg.mpp  # px per um
+    placed: list[tuple[float, float, float]] = []
+    xmin, ymin, xmax, ymax = tissue.bounds
+    inner = tissue.buffer(-40 * px)
+    for _ in range(cfg.glands * 40):
+        if len(placed) >= cfg.glands or inner.is_empty:
+            break
+        r = rng.uniform(15, 35) * px
+        x, y = rng.uniform(xmin, xmax), rng.uniform(ymin, ymax)
+        if not shapely.contains_xy(inner, x, y) or any(math.hypot(x - a, y - b) < r + c + 6 * px for a, b, c in placed):
+            continue
+        placed.append((x, y, r))
+    rois = []
+    h, w = img.shape[:2]
+    for x, y, r in placed:
+        outer = shapely.set_precision(_blob(x, y, r, rng, n=48, wobble=0.12), 1.0)
+        lumen = outer.buffer(-rng.uniform(4, 9) * px)
+        x0, y0 = max(0, int(x - 1.5 * r)), max(0, int(y - 1.5 * r))
+        x1, y1 = min(w, int(x + 1.5 * r) + 1), min(h, int(y + 1.5 * r) + 1)
+        crop = img[y0:y1, x0:x1]
+        ring = np.zeros(crop.shape[:2], np.uint8)
+        cv2.fillPoly(ring, [np.round(np.asarray(outer.exterior.coords) - [x0, y0]).astype(np.int32)], 1)
+        if isinstance(lumen, Polygon) and not lumen.is_empty:
+            cv2.fillPoly(ring, [np.round(np.asarray(lumen.exterior.coords) - [x0, y0]).astype(np.int32)], 2)
+        nuc = _soft(_noise(ring.shape, 1.5 * px, rng), 0.2)
+        od = np.where(ring == 1, 0.75 + 0.6 * nuc, 0.0)[..., None] * _H + np.where(ring == 1, 0.3, 0.06)[..., None] * _E
+        od += 0.012 * rng.standard_normal(ring.shape, dtype=np.float32)[..., None]
+        rgb = np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
+        crop[ring > 0] = rgb[ring > 0]
+        rois.append(ROI(f"gland_{len(rois)}", outer, GLAND))
+    return rois
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -331,6 +384,11 @@ def _make_slide(args) -> dict:
     labels = rasterize_rois(rois, (cfg.height, cfg.width), 1.0, labels=list(CLASSES), mode="multiclass")
     img = _render(cfg, labels, rng)
     tissue = shapely.unary_union([r.geometry for r in rois])
+    if cfg.glands:  # own random stream: the rest of the slide is unchanged
+        glands = _add_glands(img, tissue, cfg, np.random.default_rng([cfg.seed, index, 1]))
+        gmask = rasterize_rois(glands, labels.shape, 1.0, mode="binary")
+        labels = np.where(gmask > 0, np.uint8(len(CLASSES) + 1), labels)
+        rois = rois + glands
     qc = {"pen": None, "blur": None}
     if index % 2 == 0:
         qc["pen"] = shapely.geometry.mapping(_add_pen(img, rng, cfg.mpp))
@@ -343,6 +401,8 @@ def _make_slide(args) -> dict:
         qc["blur_tissue_fraction"] = 0.0
     ok, png = cv2.imencode(".png", labels)
     areas = {c: float(sum(r.area for r in rois if r.label == c)) for c in CLASSES}
+    if cfg.glands:
+        areas[GLAND] = float(sum(r.area for r in rois if r.label == GLAND))
     qc["class_area_px"] = areas
     svs, csv, geojson, mask, qc_file = slide_files(name)
     files = {
@@ -352,7 +412,7 @@ def _make_slide(args) -> dict:
         mask: png.tobytes(),
         qc_file: _json_bytes(qc),
     }
-    return {"slide": name, "class_area_px": areas, "label": max(areas, key=areas.get), "n_rois": len(rois), "files": files}
+    return {"slide": name, "class_area_px": areas, "label": max(CLASSES, key=areas.get), "n_rois": len(rois), "files": files}
 
 
 def _split_of(patient_idx: int, n_patients: int) -> str:
@@ -395,8 +455,10 @@ def generate_demo(root: str | os.PathLike, cfg: DemoConfig | None = None, **over
         mark_incomplete(root, known, writing)  # recorded before written: an interruption leaves nothing unknown
         kept.extend(rel for rel, data in blobs.items() if not place(root, rel, data, writing[rel], known))
 
+    from tqdm.auto import tqdm
+
     results = []
-    for r in _slides(cfg):
+    for r in tqdm(_slides(cfg), total=cfg.n_slides, desc=f"demo slides -> {root}", unit="slide"):
         put(r.pop("files"))
         results.append(r)
     # patients: 0,1 -> p000; 2,3 -> p001; then one slide per patient
@@ -405,7 +467,7 @@ def generate_demo(root: str | os.PathLike, cfg: DemoConfig | None = None, **over
     lines = ["patient,slide,label,split"]
     for r, p in zip(results, pidx):
         lines.append(f"p{p:03d},{r['slide']},{r['label']},{_split_of(p, n_pat)}")
-    labels = {"0": "background", **{str(i + 1): c for i, c in enumerate(CLASSES)}}
+    labels = {"0": "background", **{str(i + 1): c for i, c in enumerate(cfg.classes)}}
     put(dict(zip(COHORT_FILES, ["\n".join(lines).encode() + b"\n", _json_bytes(labels)])))
     kept += remove_stale(root, known, set(writing))
     files = {rel: d for rel, d in sorted(writing.items()) if rel not in kept}
@@ -439,4 +501,4 @@ def ensure_demo(root: str | os.PathLike, cfg: DemoConfig | None = None, **overri
     return root
 
 
-__all__ = ["CLASSES", "DemoConfig", "generate_demo", "ensure_demo", "aperio_svs_bytes", "write_aperio_svs"]
+__all__ = ["CLASSES", "GLAND", "DemoConfig", "generate_demo", "ensure_demo", "aperio_svs_bytes", "write_aperio_svs"]

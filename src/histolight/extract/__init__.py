@@ -12,7 +12,8 @@ labels), :mod:`~histolight.extract.filters` (grayspace/whitespace), :mod:`~histo
 mode + QC per slide, tile-table rows), :mod:`~histolight.extract.layout` (files of a tile folder, completeness,
 per-slide summary), :mod:`~histolight.extract.slide` (one slide -> TFRecord: the per-tile loop),
 :mod:`~histolight.extract.runner` (cohort on :func:`histolight.cohort.run_per_slide`: workers, shards, resume),
-:mod:`~histolight.extract.report` (HTML report). QC masks are combined by :func:`histolight.qc.run_qc`.
+:mod:`~histolight.extract.report` (HTML report), :mod:`~histolight.extract.tfreport` (:func:`tfrecord_report`: a
+report on any folder of TFRecords, HTML and PDF). QC masks are combined by :func:`histolight.qc.run_qc`.
 """
 
 from histolight.extract.config import ExtractConfig, load_extract_config, parse_tile_um, tile_dir_name
@@ -23,6 +24,7 @@ from histolight.extract.plan import TABLE_COLUMNS, SlidePlan, SlideSkipped, plan
 from histolight.extract.rois import ROIAssignment, assign_rois
 from histolight.extract.runner import ExtractionResult, extract_tiles, get_tile_dataframe, make_config
 from histolight.extract.slide import extract_slide
+from histolight.extract.tfreport import html_to_pdf, tfrecord_report
 
 __all__ = [
     "ExtractConfig",
@@ -49,4 +51,6 @@ __all__ = [
     "extract_slide",
     "is_complete",
     "plan_slide",
+    "tfrecord_report",
+    "html_to_pdf",
 ]

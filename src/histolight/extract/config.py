@@ -59,6 +59,9 @@ class ExtractConfig(PerSlideOptions):
     as ``"10x"``), a stride of ``tile_px / stride_div``. Filters in order: ROI (``roi_method``,
     ``roi_filter_method``), slide-level QC masks (``qc``; a tile is dropped when more than
     ``filter_threshold`` of its footprint is masked), then per-tile grayspace and whitespace.
+    Tiles enlarged from the slide more than ``max_upsample`` times (output px per base px) are refused unless
+    ``allow_upsample`` (above 2x a warning is logged). ``enable_downsample=false`` reads every tile and QC picture
+    from the slide's level 0; ``buffer`` copies each slide to that (fast, local) folder while it is extracted.
     ``quality`` is the JPEG quality of encoded tiles; tiles copied from the slide's stored JPEG tiles (magnification
     mode on the stored tile grid, see :mod:`histolight.extract.slide`) keep the slide's own encoding.
     Run options shared by every per-slide task (``workers``, ``allow_failures``, ``max_failed``) come from
@@ -92,6 +95,10 @@ class ExtractConfig(PerSlideOptions):
     save_tiles: bool = False
     report: bool = True
     report_samples: int = 12
+    max_upsample: float = 4.0
+    allow_upsample: bool = False
+    enable_downsample: bool = True
+    buffer: Any = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,10 +118,11 @@ class ExtractConfig(PerSlideOptions):
         _bool("edge_tiles", self.edge_tiles)
         check(self.roi_method in ROI_METHODS, "roi_method", self.roi_method, f"must be one of {', '.join(ROI_METHODS)}")
         self.roi_filter_method = parse_roi_filter_method(self.roi_filter_method)
-        from histolight.qc.registry import validate_qc_spec
+        from histolight.qc.registry import capture_qc
 
         try:
-            validate_qc_spec(self.qc, "qc")
+            #: registry entries the QC spec uses, carried to spawned worker processes (not a field: not a setting)
+            self.qc_plugins = capture_qc(self.qc, "qc")
         except ValueError as e:
             raise ValueError(str(e)) from None
         self.filter_threshold = _frac("filter_threshold", self.filter_threshold)
@@ -158,8 +166,22 @@ class ExtractConfig(PerSlideOptions):
             self.shard_index,
             f"must be an integer in 0..{self.num_shards - 1} (num_shards={self.num_shards})",
         )
-        for k in ("overwrite", "dry_run", "save_tiles", "report"):
+        for k in ("overwrite", "dry_run", "save_tiles", "report", "allow_upsample", "enable_downsample"):
             _bool(k, getattr(self, k))
+        check(
+            is_pos_num(self.max_upsample) and self.max_upsample >= 1,
+            "max_upsample",
+            self.max_upsample,
+            "must be a number >= 1 (largest enlargement of the slide's pixels into tiles; allow_upsample=true lifts it)",
+        )
+        check(
+            self.buffer is None or (isinstance(self.buffer, (str, os.PathLike)) and str(self.buffer).strip() != ""),
+            "buffer",
+            self.buffer,
+            "must be null or a folder path (a fast local disk or ramdisk each slide is copied to while it is read)",
+        )
+        if self.buffer is not None:
+            self.buffer = str(self.buffer)
         check(
             isinstance(self.report_samples, int) and not isinstance(self.report_samples, bool) and self.report_samples >= 0,
             "report_samples",
@@ -199,6 +221,9 @@ RUN_OPTIONS = (
     "report_samples",
     "save_tiles",
     "blur_flag",
+    "buffer",
+    "max_upsample",
+    "allow_upsample",
 )
 
 

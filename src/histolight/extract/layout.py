@@ -175,6 +175,7 @@ class SlideResult:
     extract_px: int | None = None
     tile_mpp: float | None = None
     qc: str | None = None
+    tissue_detector: str | None = None
     seconds: float = 0.0
     tfrecord: str | None = None
     normalizer: str | None = None
@@ -202,6 +203,27 @@ def is_extracted(row: dict) -> bool:
 def write_meta(tile_dir: str | os.PathLike, res: SlideResult) -> None:
     """Write ``meta/<slide>.json`` (atomically) with :data:`META_VERSION`."""
     atomic_write_json(meta_path(tile_dir, res.slide), {"version": META_VERSION, **res.to_dict()}, default=json_default)
+
+
+def settings_conflicts(tile_dir: str | os.PathLike, settings: dict) -> tuple[dict, list[str]]:
+    """What the complete slides of ``tile_dir`` were extracted with that differs from ``settings``
+    (:meth:`~histolight.extract.config.ExtractConfig.settings`): ``({key: (recorded, new)}, [slides])``, empty when
+    they all match (or the folder holds no histolight slide). A setting a slide's meta does not record (added to
+    histolight after it was extracted) is not compared."""
+    diff: dict = {}
+    slides: list[str] = []
+    for p in sorted(meta_dir(tile_dir).glob("*.json")):
+        name = p.name[: -len(".json")]
+        meta = read_meta(tile_dir, name) if not name.startswith(".") else None
+        if meta is None or not is_complete(tile_dir, name):
+            continue
+        prev = meta.get("settings") or {}
+        keys = {k: (prev[k], v) for k, v in settings.items() if k in prev and prev[k] != v}  # keys it recorded
+        if keys:
+            slides.append(name)
+            for k, pair in keys.items():
+                diff.setdefault(k, pair)
+    return diff, slides
 
 
 def read_meta(tile_dir: str | os.PathLike, name: str) -> dict | None:

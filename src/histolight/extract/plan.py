@@ -145,13 +145,23 @@ def plan_slide(
     Args:
         rois: the slide's ROIs in base px (already clipped), or None when it has no ROI file.
         roi_file: the ROI file's path (messages only).
-        qc_methods: prebuilt QC callables (default: built from ``cfg.qc`` with the tile um/px).
+        qc_methods: prebuilt QC callables (default: built from ``cfg.qc`` with the tile um/px). Masks kept on the
+            slide object by :meth:`~histolight.wsi.slide.BaseSlide.qc` are applied too.
         apply_qc: False to skip QC (geometry-only tile tables).
 
     Raises :class:`SlideSkipped` when the ROI settings rule the slide out.
     """
     name = slide.name
-    grid = make_grid(slide, cfg.tile_px, cfg.um, cfg.mag, cfg.stride_div, cfg.edge_tiles)
+    grid = make_grid(
+        slide,
+        cfg.tile_px,
+        cfg.um,
+        cfg.mag,
+        cfg.stride_div,
+        cfg.edge_tiles,
+        max_upsample=cfg.max_upsample,
+        allow_upsample=cfg.allow_upsample,
+    )
     has_file = rois is not None
     rois = list(rois or [])
     mode = resolve_roi_mode(cfg.roi_method, has_file, len(rois), name, roi_file)
@@ -177,8 +187,8 @@ def plan_slide(
         if qc_methods is None:
             from histolight.qc.registry import build_qc
 
-            qc_methods = build_qc(cfg.qc, tile_mpp=grid.tile_mpp, key="qc")
-        qc = run_qc(slide, qc_methods)
+            qc_methods = build_qc(cfg.qc, tile_mpp=grid.tile_mpp, key="qc", plugins=getattr(cfg, "qc_plugins", None))
+        qc = run_qc(slide, [*getattr(slide, "qc_applied", ()), *qc_methods])
         if qc.mask is not None and n:
             qc_fraction = qc_tile_fraction(qc.mask.mask, slide.dimensions, grid)
             status[(status == KEPT) & (qc_fraction > cfg.filter_threshold)] = QC_R

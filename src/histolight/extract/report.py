@@ -1,8 +1,12 @@
 """Extraction report: per-slide images (QC/ROI overlay, tile map, sample tiles) and one HTML page.
 
 The HTML is self-contained (images embedded as base64 JPEG) so it can be mailed or opened from
-anywhere; cohort totals and a "needs attention" list come first, then one row per slide and one
-section per slide. A CSV summary (one row per slide) sits beside it.
+anywhere; cohort totals, the distribution of blur burden across slides and a "needs attention" list come first,
+then one row per slide and one section per slide. A CSV summary (one row per slide) sits beside it, and
+:data:`BLUR_LIST` (the slides over the blur-burden limit, one name per line) too.
+
+Colours: ROI outlines in their label's colour and QC-rejected tiles in :data:`histolight.viz.QC_REJECTED`, the
+colours of every histolight picture (:mod:`histolight.viz`); each overlay and tile map carries its key.
 """
 
 from __future__ import annotations
@@ -20,25 +24,34 @@ import pandas as pd
 
 from histolight.extract.layout import REASONS, is_extracted
 from histolight.io.atomic import atomic_write, atomic_write_text
+from histolight.viz import QC_REJECTED, label_color, legend_html, legend_image
 
 log = logging.getLogger(__name__)
 
 THUMB_PX = 640
 SAMPLE_COLS = 6
 
+#: the slides over the blur-burden limit, one name per line, written beside the report (the TFRecords folder)
+BLUR_LIST = "blur_flagged.txt"
+
 #: RGB colours of tile states on the tile map (None = not drawn).
-STATE_COLORS = {"kept": (40, 200, 60), "qc": (120, 120, 120), "grayspace": (240, 200, 0), "whitespace": (0, 200, 230)}
-QC_COLORS = {"background": (70, 110, 230), "blur": (230, 30, 30), "other": (170, 60, 200)}
-ROI_COLORS = {"tumor": (200, 0, 0), "stroma": (230, 120, 180), "necrosis": (40, 40, 40), "tissue": (20, 120, 200)}
+STATE_COLORS = {"kept": (40, 200, 60), "qc": QC_REJECTED, "grayspace": (240, 200, 0), "whitespace": (0, 200, 230)}
+#: RGB tints of the QC overlay: not tissue (the tissue detector), blurry, rejected by another QC method
+QC_COLORS = {"not tissue": (90, 90, 90), "blur": QC_REJECTED, "other QC": (255, 130, 0)}
+_QC_ALPHA = {"not tissue": 0.35, "blur": 0.55, "other QC": 0.5}
+_STATE_ALPHA = {"qc": 0.6}
 
 
 def _roi_color(label: str | None) -> tuple[int, int, int]:
-    if label in ROI_COLORS:
-        return ROI_COLORS[label]
-    import zlib
+    return label_color(label or "unlabelled")
 
-    h = zlib.crc32((label or "").encode())
-    return (h & 255, (h >> 8) & 255, (h >> 16) & 255)
+
+def _with_key(img: np.ndarray, entries: dict, title: str) -> np.ndarray:
+    """``img`` over a colour key (``{name: rgb}``) as wide as the image."""
+    key = legend_image(entries, title=title, font_px=16, max_width=img.shape[1])
+    w = max(img.shape[1], key.shape[1])
+    pad = [np.pad(a, ((0, 0), (0, w - a.shape[1]), (0, 0)), constant_values=255) for a in (img, key)]
+    return np.concatenate(pad, 0)
 
 
 def _tint(img: np.ndarray, mask: np.ndarray, color, alpha: float) -> None:
@@ -49,7 +62,7 @@ def _tint(img: np.ndarray, mask: np.ndarray, color, alpha: float) -> None:
     cv2.copyTo(cv2.LUT(img, lut.reshape(256, 1, 3)), mask.view(np.uint8), img)
 
 
-def _save_jpg(img: np.ndarray, path: Path, quality: int = 85) -> None:
+def save_jpg(img: np.ndarray, path: Path, quality: int = 85) -> None:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     with atomic_write(path, "wb", fsync=False) as f:
         f.write(buf.tobytes())
@@ -75,11 +88,11 @@ def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.nda
         other = comb.copy()
         if bg_s is not None:
             other &= ~bg_s
-            _tint(ov, bg_s, QC_COLORS["background"], 0.35)
+            _tint(ov, bg_s, QC_COLORS["not tissue"], _QC_ALPHA["not tissue"])
         if blur_s is not None:
             other &= ~blur_s
-            _tint(ov, blur_s & ~bg_s if bg_s is not None else blur_s, QC_COLORS["blur"], 0.5)
-        _tint(ov, other, QC_COLORS["other"], 0.45)
+            _tint(ov, blur_s & ~bg_s if bg_s is not None else blur_s, QC_COLORS["blur"], _QC_ALPHA["blur"])
+        _tint(ov, other, QC_COLORS["other QC"], _QC_ALPHA["other QC"])
     lw = max(1, round(max(th, tw) / 320))
     for r in plan.rois:
         col = _roi_color(r.label)
@@ -106,7 +119,7 @@ def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.nda
         for s, name in enumerate(REASONS):
             col = STATE_COLORS.get(name)
             if col is not None:
-                _tint(tm, layer == s, col, 0.3 if name == "qc" else 0.55)
+                _tint(tm, layer == s, col, _STATE_ALPHA.get(name, 0.55))
         # grid lines of kept tiles when they are large enough to see
         if (x1 - x0).mean() >= 6:
             for i in np.flatnonzero(plan.status == 0).tolist():
@@ -116,6 +129,9 @@ def overlay_images(slide, plan, thumb: np.ndarray | None = None) -> tuple[np.nda
         for poly in r.polygons:
             pts = np.round(np.asarray(poly.exterior.coords)[:, :2] * [sx, sy]).astype(np.int32)
             cv2.polylines(tm, [pts], True, col, 1, lineType=cv2.LINE_AA)
+    rois = {f"{r.label or 'unlabelled'}": _roi_color(r.label) for r in plan.rois}
+    ov = _with_key(ov, {**QC_COLORS, **rois}, "QC tint, ROI outlines" if rois else "QC tint")
+    tm = _with_key(tm, {**{k: c for k, c in STATE_COLORS.items() if c is not None}, **rois}, "tiles")
     return ov, tm
 
 
@@ -145,12 +161,12 @@ def save_slide_images(slide, plan, kept_samples, rejected_samples, meta_dir: str
     md = Path(meta_dir)
     name = slide.name
     ov, tm = overlay_images(slide, plan)
-    _save_jpg(ov, md / f"{name}.overlay.jpg")
-    _save_jpg(tm, md / f"{name}.tilemap.jpg")
+    save_jpg(ov, md / f"{name}.overlay.jpg")
+    save_jpg(tm, md / f"{name}.tilemap.jpg")
     mont = sample_montage(kept_samples, rejected_samples)
     p = md / f"{name}.samples.jpg"
     if mont is not None:
-        _save_jpg(mont, p, 90)
+        save_jpg(mont, p, 90)
     else:
         p.unlink(missing_ok=True)
 
@@ -172,14 +188,14 @@ td.l,th.l{text-align:left} tr.flag td{background:#fff0f0} tr.fail td{background:
 .slide.flagged{border:2px solid #d00}
 .imgs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 .imgs figure{margin:0} figcaption{font-size:12px;color:#555}
-.imgs img{max-width:640px;max-height:480px;border:1px solid #ccc}
-.legend span{display:inline-block;margin-right:10px;font-size:12px}
+.imgs img{max-width:480px;max-height:480px;border:1px solid #ccc}
+.legend{margin:6px 0} .legend span{display:inline-block;margin-right:10px;font-size:12px}
 .legend i{display:inline-block;width:11px;height:11px;margin-right:3px;vertical-align:middle;border:1px solid #999}
-.attn li{margin:2px 0} .reason{color:#a00}
+.attn li{margin:2px 0} .reason{color:#a00} svg.plot{background:#fff;border:1px solid #ddd}
 """
 
 
-def _img_tag(path: Path, alt: str, embed: bool, rel_to: Path) -> str:
+def img_tag(path: Path, alt: str, embed: bool, rel_to: Path) -> str:
     if not path.is_file():
         return f'<div class="reason">({html.escape(alt)}: no image)</div>'
     if embed:
@@ -199,15 +215,100 @@ def _fmt_num(v) -> str:
 
 
 def _legend() -> str:
-    def sw(c):
-        return f"background:rgb{tuple(c)}"
-
-    qc = "".join(f'<span><i style="{sw(c)}"></i>{k}</span>' for k, c in QC_COLORS.items())
-    st = "".join(f'<span><i style="{sw(c)}"></i>{k}</span>' for k, c in STATE_COLORS.items())
+    qc = legend_html(QC_COLORS, "QC tint on the overlay")
+    st = legend_html({k: c for k, c in STATE_COLORS.items() if c is not None}, "Tile map")
     return (
-        f'<div class="legend">QC overlay: {qc} &nbsp; ROI outlines coloured by label</div>'
-        f'<div class="legend">Tile map: {st} (tiles outside ROIs not drawn)</div>'
+        f"{qc}{st}<div class='legend'>ROI outlines: coloured by label, the key under each overlay "
+        "(tiles outside ROIs are not drawn on the tile map)</div>"
     )
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+def _txt(v, default: str = "-") -> str:
+    """``v`` as escaped HTML text; ``default`` when missing (None, NaN, empty); whole floats without ``.0``."""
+    if _missing(v) or v == "":
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return html.escape(str(v))
+
+
+def _int(row: dict, key: str) -> int:
+    v = row.get(key)
+    return 0 if _missing(v) else int(v)
+
+
+def empty_cause(row: dict) -> str:
+    """Why an extracted slide kept 0 tiles: ``no tile fits the slide``, ``no tissue``, ``all outside ROIs``,
+    ``all rejected by QC``, ``all grayspace/whitespace`` or ``rejected by several filters``."""
+    grid = _int(row, "grid_tiles")
+    if grid == 0:
+        return "no tile fits the slide"
+    tf = row.get("tissue_fraction")
+    if not _missing(tf) and float(tf) == 0:
+        return "no tissue"
+    for key, why in (("rejected_roi", "all outside ROIs"), ("rejected_qc", "all rejected by QC")):
+        if _int(row, key) >= grid:
+            return why
+    if _int(row, "rejected_grayspace") + _int(row, "rejected_whitespace") >= grid:
+        return "all grayspace/whitespace"
+    return "rejected by several filters"
+
+
+def _roi_cell(row: dict) -> str:
+    mode, n = row.get("roi_mode"), row.get("n_rois")
+    if _missing(mode) or not mode:
+        return "-"
+    return html.escape(str(mode)) + ("" if _missing(n) else f" ({int(n)})")
+
+
+def _zero_card(rows: list[dict]) -> tuple[str, str]:
+    """(value, caption) of the "0 tiles kept" card: slides extracted with no tile kept, and why; failed slides apart."""
+    causes: dict[str, int] = {}
+    for r in rows:
+        if r.get("status") == "empty":
+            c = empty_cause(r)
+            causes[c] = causes.get(c, 0) + 1
+    why = ", ".join(f"{n} {c}" for c, n in sorted(causes.items(), key=lambda kv: -kv[1]))
+    return str(sum(causes.values())), "extracted, 0 tiles kept" + (f" ({why})" if why else "")
+
+
+def blur_plot_svg(burdens: Sequence[float], limit: float | None, width: int = 460, height: int = 150) -> str:
+    """Inline SVG histogram of blur burden (fractions 0-1) across slides, bars over ``limit`` red, ``limit`` dashed."""
+    b = np.asarray([float(v) for v in burdens], np.float64)
+    top = max(0.1, 2 * (limit or 0), float(np.ceil(b.max() * 20) / 20) if len(b) else 0)
+    counts, edges = np.histogram(b, bins=20, range=(0, top))
+    ml, pw, ph = 34, width - 44, height - 44
+    ymax = max(1, int(counts.max()))
+    bw = pw / len(counts)
+    out = [f'<svg class="plot" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="11">']
+    for i, c in enumerate(counts.tolist()):
+        h = ph * c / ymax
+        col = "#c00" if limit is not None and edges[i] >= limit - 1e-12 else "#4a7"
+        out.append(f'<rect x="{ml + i * bw + 1:.1f}" y="{10 + ph - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" fill="{col}"/>')
+    y0 = 10 + ph
+    out.append(f'<line x1="{ml}" y1="{y0}" x2="{ml + pw}" y2="{y0}" stroke="#333"/>')
+    out.append(f'<line x1="{ml}" y1="10" x2="{ml}" y2="{y0}" stroke="#333"/>')
+    for f in (0, 0.5, 1):
+        out.append(f'<text x="{ml + f * pw:.1f}" y="{y0 + 14}" text-anchor="middle">{100 * f * top:.3g}%</text>')
+    out.append(f'<text x="{ml - 4}" y="14" text-anchor="end">{ymax}</text><text x="{ml - 4}" y="{y0}" text-anchor="end">0</text>')
+    out.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 4}" text-anchor="middle">blur burden (slides per bin)</text>')
+    if limit is not None:
+        x = ml + pw * min(limit, top) / top
+        out.append(f'<line x1="{x:.1f}" y1="6" x2="{x:.1f}" y2="{y0}" stroke="#c00" stroke-dasharray="4,3"/>')
+        out.append(f'<text x="{x + 3:.1f}" y="18" fill="#c00">limit {100 * limit:g}%</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def write_blur_list(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """``path``: the names of the slides whose blur burden is over the limit (``blur_flagged``), one per line."""
+    names = [str(r["slide"]) for r in rows if r.get("blur_flagged") is True or r.get("blur_flagged") == 1]
+    atomic_write_text(path, "".join(f"{n}\n" for n in names))
+    return Path(path)
 
 
 def _badge(row: dict) -> str:
@@ -227,19 +328,36 @@ def attention(row: dict, low_tissue: float = 0.02) -> list[str]:
     elif st == "skipped" and not is_extracted(row):
         out.append(f"skipped: {row.get('reason')}")
     elif st == "empty":
-        out.append("0 tiles kept")
+        out.append(f"0 tiles kept: {empty_cause(row)}")
     if row.get("blur_flagged"):
         out.append(f"blur burden {_fmt_pct(row.get('blur_burden'))}")
     tf = row.get("tissue_fraction")
-    if (
-        is_extracted(row)
-        and st != "empty"
-        and tf is not None
-        and not (isinstance(tf, float) and np.isnan(tf))
-        and tf < low_tissue
-    ):
+    if is_extracted(row) and st != "empty" and not _missing(tf) and tf < low_tissue:
         out.append(f"little tissue ({_fmt_pct(tf)})")
     return out
+
+
+def html_head(title: str, settings: dict | None = None) -> list[str]:
+    """The first lines of a report page: doctype, style, ``title`` and the ``settings`` line."""
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if settings:
+        s = ", ".join(f"{k}={v}" for k, v in settings.items())
+        out.append(f'<div class="sub">{html.escape(s)}</div>')
+    return out
+
+
+def html_cards(cards: Sequence[tuple[str, object, bool]]) -> str:
+    """A row of total cards ``(caption, value, bad)`` (bad ones in red)."""
+    body = "".join(
+        f'<div class="card{" bad" if bad else ""}"><b>{html.escape(str(v))}</b><span>{html.escape(k)}</span></div>'
+        for k, v, bad in cards
+    )
+    return f'<div class="totals">{body}</div>'
 
 
 def write_report(
@@ -250,9 +368,13 @@ def write_report(
     title: str = "Tile extraction",
     settings: dict | None = None,
     embed: bool | None = None,
+    blur_limit: float | None = None,
+    blur_list: str | os.PathLike | None = None,
 ) -> Path:
     """Write the HTML report (and the CSV summary) for ``summary`` (one row per slide, see ``SlideResult``;
-    statuses ``done``, ``empty``, ``skipped``, ``failed``).
+    statuses ``done``, ``empty``, ``skipped``, ``failed``), and the list of slides over the blur-burden limit
+    (``blur_list``; default :data:`BLUR_LIST` beside the report). ``blur_limit``: the limit (0-1) drawn on the
+    blur-burden plot.
 
     ``embed``: embed images as base64 (default: when at most 300 slides; else link to ``meta_dir``).
     """
@@ -264,42 +386,38 @@ def write_report(
     if csv_path is not None:
         cols = [c for c in summary.columns if c not in ("settings",)]
         atomic_write_text(csv_path, summary[cols].to_csv(index=False))
+    write_blur_list(rows, blur_list if blur_list is not None else html_path.parent / BLUR_LIST)
     n = len(rows)
     by = lambda s: sum(1 for r in rows if r.get("status") == s)  # noqa: E731
-    kept = int(sum(int(r.get("kept") or 0) for r in rows))
-    rej = {k: int(sum(int(r.get(f"rejected_{k}") or 0) for r in rows)) for k in ("roi", "qc", "grayspace", "whitespace")}
+    kept = sum(_int(r, "kept") for r in rows)
+    rej = {k: sum(_int(r, f"rejected_{k}") for r in rows) for k in ("roi", "qc", "grayspace", "whitespace")}
     flagged = [(r["slide"], attention(r)) for r in rows if attention(r)]
     earlier = sum(1 for r in rows if r.get("status") == "skipped" and is_extracted(r))
+    zero_v, zero_k = _zero_card(rows)
+    blurred = sum(1 for r in rows if r.get("blur_flagged") is True or r.get("blur_flagged") == 1)
     cards = [
         ("slides", n, False),
         ("extracted", by("done"), False),
         ("already extracted", earlier, False),
-        ("0 tiles", by("empty"), by("empty") > 0),
-        ("failed", by("failed"), by("failed") > 0),
+        (zero_k, zero_v, by("empty") > 0),
+        ("failed (see reason)", by("failed"), by("failed") > 0),
         ("skipped", by("skipped") - earlier, by("skipped") > earlier),
         ("tiles kept", kept, False),
         ("rejected: ROI", rej["roi"], False),
         ("rejected: QC", rej["qc"], False),
         ("rejected: grayspace", rej["grayspace"], False),
         ("rejected: whitespace", rej["whitespace"], False),
+        ("over the blur-burden limit", blurred, blurred > 0),
         ("need attention", len(flagged), len(flagged) > 0),
     ]
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
-    if settings:
-        s = ", ".join(f"{k}={v}" for k, v in settings.items())
-        out.append(f'<div class="sub">{html.escape(s)}</div>')
-    out.append(
-        '<div class="totals">'
-        + "".join(
-            f'<div class="card{" bad" if bad else ""}"><b>{v}</b><span>{html.escape(k)}</span></div>' for k, v, bad in cards
+    out = [*html_head(title, settings), html_cards(cards)]
+    burdens = [float(r["blur_burden"]) for r in rows if not _missing(r.get("blur_burden"))]
+    if burdens:
+        out.append(
+            f"<h2>Blur burden</h2><div>{len(burdens)} slide(s) with blur QC; {blurred} over the limit "
+            f"(listed in {html.escape(BLUR_LIST if blur_list is None else os.path.basename(blur_list))} beside this "
+            f"report)</div>{blur_plot_svg(burdens, blur_limit)}"
         )
-        + "</div>"
-    )
     if flagged:
         out.append('<h2>Needs attention</h2><ul class="attn">')
         for name, why in flagged:
@@ -308,57 +426,73 @@ def write_report(
                 f'<span class="reason">{html.escape("; ".join(why))}</span></li>'
             )
         out.append("</ul>")
-    # summary table
-    out.append(
-        "<h2>Slides</h2><table><tr><th class='l'>slide</th><th class='l'>status</th><th>kept</th><th>grid</th>"
-        "<th>ROI</th><th>QC</th><th>gray</th><th>white</th><th>tissue</th><th>blur burden</th><th class='l'>ROIs</th>"
-        "<th>mpp</th><th>s</th></tr>"
-    )
-    for r in rows:
-        flag = attention(r)
-        cls = "fail" if r.get("status") == "failed" else ("flag" if flag else "")
-        out.append(
-            f"<tr class='{cls}'><td class='l'><a href='#s-{html.escape(r['slide'])}'>{html.escape(r['slide'])}</a></td>"
-            f"<td class='l'>{_badge(r)}</td><td>{int(r.get('kept') or 0)}</td>"
-            f"<td>{int(r.get('grid_tiles') or 0)}</td><td>{int(r.get('rejected_roi') or 0)}</td><td>{int(r.get('rejected_qc') or 0)}</td>"
-            f"<td>{int(r.get('rejected_grayspace') or 0)}</td><td>{int(r.get('rejected_whitespace') or 0)}</td>"
-            f"<td>{_fmt_pct(r.get('tissue_fraction'))}</td>"
-            f"<td{' class=reason' if r.get('blur_flagged') else ''}>{_fmt_pct(r.get('blur_burden'))}</td>"
-            f"<td class='l'>{html.escape(str(r.get('roi_mode') or '-'))} ({r.get('n_rois') if r.get('n_rois') is not None else '-'})</td>"
-            f"<td>{_fmt_num(r.get('mpp'))}</td>"
-            f"<td>{float(r.get('seconds') or 0):.1f}</td></tr>"
-        )
-    out.append("</table>")
+    out += _table(rows)
     out.append(_legend())
-    # per-slide sections
     for r in rows:
-        name = r["slide"]
-        flag = attention(r)
-        out.append(f'<div class="slide{" flagged" if flag else ""}" id="s-{html.escape(name)}">')
-        out.append(f"<h3>{html.escape(name)} {_badge(r)}</h3>")
-        if flag:
-            out.append(f"<div class='reason'>{html.escape('; '.join(flag))}</div>")
-        if not is_extracted(r):
-            out.append("</div>")
-            continue
-        out.append(
-            f"<div>kept <b>{int(r.get('kept') or 0)}</b> of {int(r.get('grid_tiles') or 0)} grid tiles; rejected: "
-            f"ROI {int(r.get('rejected_roi') or 0)}, QC {int(r.get('rejected_qc') or 0)}, grayspace {int(r.get('rejected_grayspace') or 0)}, "
-            f"whitespace {int(r.get('rejected_whitespace') or 0)}. Tissue {_fmt_pct(r.get('tissue_fraction'))}, "
-            f"blur burden {_fmt_pct(r.get('blur_burden'))}. QC: {html.escape(str(r.get('qc') or 'none'))}; "
-            f"ROIs: {html.escape(str(r.get('roi_mode')))}; level {r.get('level')}, {r.get('extract_px')} base px per tile.</div>"
-        )
-        if r.get("status") == "empty" and r.get("reason"):
-            out.append(f"<div class='reason'>{html.escape(str(r.get('reason')))}</div>")
-        out.append('<div class="imgs">')
-        for suffix, cap in (
-            ("overlay", "QC mask and ROIs"),
-            ("tilemap", "tiles kept / rejected"),
-            ("samples", "sample tiles (rejected framed red)"),
-        ):
-            tag = _img_tag(md / f"{name}.{suffix}.jpg", f"{name} {cap}", embed, html_path.parent)
-            out.append(f"<figure>{tag}<figcaption>{html.escape(cap)}</figcaption></figure>")
-        out.append("</div></div>")
+        out += _section(r, md, embed, html_path.parent)
     out.append("</body></html>")
     atomic_write_text(html_path, "\n".join(out))
     return html_path
+
+
+def _table(rows: list[dict]) -> list[str]:
+    out = [
+        "<h2>Slides</h2><table><tr><th class='l'>slide</th><th class='l'>status</th><th>kept</th><th>grid</th>"
+        "<th>ROI</th><th>QC</th><th>gray</th><th>white</th><th>tissue</th><th>blur burden</th><th class='l'>ROIs</th>"
+        "<th>mpp</th><th>s</th></tr>"
+    ]
+    for r in rows:
+        flag = attention(r)
+        cls = "fail" if r.get("status") == "failed" else ("flag" if flag else "")
+        head = (
+            f"<tr class='{cls}'><td class='l'><a href='#s-{html.escape(r['slide'])}'>{html.escape(r['slide'])}</a></td>"
+            f"<td class='l'>{_badge(r)}</td>"
+        )
+        if r.get("status") == "failed" or (r.get("status") == "skipped" and not is_extracted(r)):
+            why = html.escape(str(r.get("reason") or "no reason recorded"))
+            out.append(f"{head}<td class='l reason' colspan='10'>{why}</td><td>{float(r.get('seconds') or 0):.1f}</td></tr>")
+            continue
+        out.append(
+            f"{head}<td>{_int(r, 'kept')}</td><td>{_int(r, 'grid_tiles')}</td><td>{_int(r, 'rejected_roi')}</td>"
+            f"<td>{_int(r, 'rejected_qc')}</td><td>{_int(r, 'rejected_grayspace')}</td>"
+            f"<td>{_int(r, 'rejected_whitespace')}</td><td>{_fmt_pct(r.get('tissue_fraction'))}</td>"
+            f"<td{' class=reason' if r.get('blur_flagged') else ''}>{_fmt_pct(r.get('blur_burden'))}</td>"
+            f"<td class='l'>{_roi_cell(r)}</td><td>{_fmt_num(r.get('mpp'))}</td>"
+            f"<td>{float(r.get('seconds') or 0):.1f}</td></tr>"
+        )
+    out.append("</table>")
+    return out
+
+
+def _section(r: dict, md: Path, embed: bool, rel_to: Path) -> list[str]:
+    name = r["slide"]
+    flag = attention(r)
+    out = [
+        f'<div class="slide{" flagged" if flag else ""}" id="s-{html.escape(name)}">',
+        f"<h3>{html.escape(name)} {_badge(r)}</h3>",
+    ]
+    if flag:
+        out.append(f"<div class='reason'>{html.escape('; '.join(flag))}</div>")
+    if not is_extracted(r):
+        return [*out, "</div>"]
+    det = _txt(r.get("tissue_detector"), "")
+    det = f" Tissue detector: {det}." if det else ""
+    out.append(
+        f"<div>kept <b>{_int(r, 'kept')}</b> of {_int(r, 'grid_tiles')} grid tiles; rejected: "
+        f"ROI {_int(r, 'rejected_roi')}, QC {_int(r, 'rejected_qc')}, grayspace {_int(r, 'rejected_grayspace')}, "
+        f"whitespace {_int(r, 'rejected_whitespace')}. Tissue {_fmt_pct(r.get('tissue_fraction'))}, "
+        f"blur burden {_fmt_pct(r.get('blur_burden'))}. QC: {_txt(r.get('qc'), 'none')};{det} "
+        f"ROIs: {_roi_cell(r)}; level {_txt(r.get('level'))}, {_txt(r.get('extract_px'))} base px per tile.</div>"
+    )
+    if r.get("status") == "empty" and r.get("reason"):
+        out.append(f"<div class='reason'>{html.escape(str(r.get('reason')))}</div>")
+    out.append('<div class="imgs">')
+    for suffix, cap in (
+        ("overlay", "QC mask and ROIs"),
+        ("tilemap", "tiles kept / rejected"),
+        ("samples", "sample tiles (rejected framed red)"),
+    ):
+        tag = img_tag(md / f"{name}.{suffix}.jpg", f"{name} {cap}", embed, rel_to)
+        out.append(f"<figure>{tag}<figcaption>{html.escape(cap)}</figcaption></figure>")
+    out.append("</div></div>")
+    return out

@@ -12,8 +12,9 @@ Outputs go to ``<outdir>/<dataset.name>/<tile_px>px_<tile_um>um/`` (:func:`histo
 each other's files: per-slide files (:mod:`histolight.extract.layout`), ``tiles.parquet`` (cohort tile table),
 ``summary.csv``, ``report.html`` (the three replaced together: a failed write keeps the previous set whole) and,
 while slides are being extracted, their claims in ``.claims/``. With
-``num_shards > 1`` the cohort files carry a ``.shard-<i>-of-<n>`` suffix; a final run with ``num_shards=1`` skips
-the finished slides and writes the merged cohort files.
+``num_shards > 1`` the cohort files carry a ``.shard-<i>-of-<n>`` suffix, and the last shard to finish (every slide
+of the cohort complete) also writes the merged cohort files; a later run with ``num_shards=1`` skips the finished
+slides and writes them too (e.g. after a shard failed and its slides were retried).
 
 Statuses (the runner's): ``done``, ``empty`` (0 tiles kept; its TFRecord is empty but valid), ``skipped`` (ROI
 settings rule the slide out, another run holds it, or ``already extracted``: its row keeps the tile counts of the
@@ -118,12 +119,14 @@ class ExtractJob:
         slides: ``name -> (slide path, base mpp override in um/px or None, ROI file or None)``.
         started: when the run started (epoch seconds). With ``overwrite``, a complete slide whose TFRecord is newer
             was finished by a concurrent run during this one: it is kept, not redone.
+        include_detections: read QuPath cell/detection objects as ROIs too (the dataset's option).
     """
 
     cfg: ExtractConfig
     tile_dir: str
     slides: dict[str, tuple[str, float | None, str | None]]
     started: float
+    include_detections: bool = False
 
 
 def extract_one(job: ExtractJob, name: str) -> dict:
@@ -135,6 +138,7 @@ def extract_one(job: ExtractJob, name: str) -> dict:
     """
     from histolight.roi import read_rois
     from histolight.wsi import Slide
+    from histolight.wsi.buffer import buffered
 
     cfg, d = job.cfg, Path(job.tile_dir)
     if not cfg.dry_run:
@@ -145,10 +149,10 @@ def extract_one(job: ExtractJob, name: str) -> dict:
             return _already_extracted(d, name, cfg, "by a concurrent run")
         remove_outputs(d, name)  # overwrite=true, or the leftovers of an incomplete slide
     path, mpp, roi_path = job.slides[name]
-    with Slide(path, mpp=mpp) as slide:
+    with buffered(path, cfg.buffer) as local, Slide(local, mpp=mpp, enable_downsample=cfg.enable_downsample) as slide:
         rois = None
         if cfg.roi_method != "ignore" and roi_path:
-            rois = read_rois(roi_path, slide_dims=slide.dimensions)
+            rois = read_rois(roi_path, slide_dims=slide.dimensions, include_detections=job.include_detections)
         res = extract_slide(slide, cfg, d, rois, roi_file=roi_path, progress=report_progress)
     return _row(res.to_dict())
 
@@ -327,7 +331,7 @@ def extract_tiles(
     for n in names:
         roi = dataset.roi_path(n)
         info[n] = (str(dataset.path(n)), dataset.mpp_for(n), str(roi) if roi else None)
-    job = ExtractJob(cfg, str(tile_dir), info, t0)
+    job = ExtractJob(cfg, str(tile_dir), info, t0, getattr(dataset, "include_detections", False))
     run = run_per_slide(
         names,
         functools.partial(extract_one, job),
@@ -345,6 +349,37 @@ def extract_tiles(
     run.summary_path = res.summary_path
     res.seconds = time.time() - t0
     _log_outcome(res)
+    if cfg.num_shards > 1 and not cfg.dry_run:
+        _merge_shards(job, names, progress)
+    return res
+
+
+def _merge_shards(job: ExtractJob, names: Sequence[str], progress: bool) -> ExtractionResult | None:
+    """After a shard: when every slide of the cohort is complete in the tile folder (this was the last shard to
+    finish), write the merged cohort files (``tiles.parquet``, ``summary.csv``, ``report.html``, no shard suffix)
+    exactly as a run with ``num_shards=1`` would: each slide's row is read back from its meta (``skipped``,
+    ``already extracted``). Shards finishing together may both merge; the files are replaced as one set, with the
+    same content. Returns the merged result, or None while slides are missing (failed, or other shards running)."""
+    d = Path(job.tile_dir)
+    missing = [n for n in names if not is_complete(d, n)]
+    if missing:
+        log.info(
+            "shard %d of %d finished; %d of the cohort's %d slides are not extracted yet (other shards, or failed): "
+            "the last shard to finish, or a run with num_shards=1, writes the merged tiles.parquet",
+            job.cfg.shard_index + 1,
+            job.cfg.num_shards,
+            len(missing),
+            len(names),
+        )
+        return None
+    cfg = make_config(job.cfg, shard_index=0, num_shards=1, overwrite=False, workers=1)
+    merge = ExtractJob(cfg, job.tile_dir, job.slides, time.time())
+    run = run_per_slide(
+        names, functools.partial(extract_one, merge), out_dir=d, summary_name=None, desc="merge", progress=progress
+    )
+    res = ExtractionResult(d, _summary_frame(run.table), cfg, run)
+    _write_cohort(res)
+    log.info("all %d slides of the cohort are extracted: merged %s and %s", len(names), res.table_path, res.summary_path)
     return res
 
 
@@ -389,7 +424,15 @@ def _write_cohort(res: ExtractionResult) -> None:
                 + (" (dry run)" if cfg.dry_run else "")
                 + (f", shard {cfg.shard_index + 1} of {cfg.num_shards}" if cfg.num_shards > 1 else "")
             )
-            write_report(res.summary, meta_dir(d), report_tmp[0], summary_tmp, title=title, settings=cfg.settings())
+            write_report(
+                res.summary,
+                meta_dir(d),
+                report_tmp[0],
+                summary_tmp,
+                title=title,
+                settings=cfg.settings(),
+                blur_limit=cfg.blur_flag,
+            )
         else:
             from histolight.io.atomic import atomic_write_text
 
@@ -454,14 +497,12 @@ def get_tile_dataframe(
         qc=None,
     )
     frames = []
-    from histolight.roi import read_rois
-
     for n in names:
         try:
             with dataset.open(n) as slide:
                 rois = None
                 if cfg.roi_method != "ignore" and dataset.roi_path(n):
-                    rois = read_rois(dataset.roi_path(n), slide_dims=slide.dimensions)
+                    rois = dataset.rois(n, slide_dims=slide.dimensions)
                 plan = plan_slide(slide, cfg, rois, roi_file=str(dataset.roi_path(n) or ""), apply_qc=False)
                 frames.append(tile_table(plan, plan.candidates, n))
         except HistolightError as e:

@@ -99,7 +99,7 @@ def _use_stored_jpegs(slide, cfg: ExtractConfig, grid, normalizer) -> bool:
     if cfg.img_format != "jpg" or normalizer is not None or not len(grid):
         return False
     why, some = grid.stored_jpeg_problem(slide)
-    if why is not None and grid.mag is not None:
+    if why is not None and grid.mag is not None and grid.as_stored:
         key = why.split(" (")[0]
         if key not in _NOTED:
             _NOTED.add(key)
@@ -185,6 +185,8 @@ def extract_slide(
     if tile_dir is None and not dry:
         raise ValueError("extract_slide needs tile_dir unless dry_run")
     mpp = slide.mpp  # raises MissingMPPError with the fix
+    if not cfg.enable_downsample:
+        slide.enable_downsample = False  # every read from level 0, QC pictures included
     plan = plan_slide(slide, cfg, rois, roi_file=roi_file, qc_methods=qc_methods)
     grid = plan.grid
     cand = plan.candidates
@@ -272,6 +274,7 @@ def extract_slide(
             extract_px=grid.extract_px,
             tile_mpp=grid.tile_mpp,
             qc="+".join(plan.qc_names) or None,
+            tissue_detector=plan.qc.tissue_detector,
             tfrecord=str(tfrecord_path(d, name)) if (d is not None and not dry) else None,
             normalizer=None if normalizer is None else repr(normalizer),
             settings=cfg.settings(),

@@ -170,6 +170,7 @@ class BagJob:
     overwrite: bool = False
     order: list[str] = field(default_factory=list)
     dataset_options: dict = field(default_factory=dict)
+    include_detections: bool = False  # the dataset's option: read QuPath cells/detections as ROIs too
 
     def todo(self, name: str) -> list[int]:
         """Indices of the extractors whose bag of ``name`` is still to be made."""
@@ -197,7 +198,8 @@ def _slide_iter(job: BagJob, name: str, ext: FeatureExtractor, norm: Any):
     )
     path, mpp, roi_path = job.slides[name]
     with Slide(path, mpp=mpp) as slide:
-        rois = read_rois(roi_path, slide_dims=slide.dimensions) if (cfg.roi_method != "ignore" and roi_path) else None
+        use = cfg.roi_method != "ignore" and roi_path
+        rois = read_rois(roi_path, slide_dims=slide.dimensions, include_detections=job.include_detections) if use else None
         yield from slide_batches(slide, cfg, rois, roi_file=roi_path, normalizer=norm, batch_size=job.batch_size)
 
 
@@ -362,6 +364,7 @@ def extract_features(
         if dataset is None:
             raise ConfigError("source='slides' needs dataset= (the slides to read tiles from)")
         job.slides = _dataset_slides(dataset)
+        job.include_detections = getattr(dataset, "include_detections", False)
         names = list(job.slides)
         job.extract = {**(extract or {}), "tile_px": tile_px, "tile_um": tile_um}
         cfg0 = slide_extract_config(exts[0], tile_px, tile_um, {k: v for k, v in (extract or {}).items()})
@@ -454,6 +457,7 @@ class DatasetFeatures:
             if dataset is None:
                 raise ConfigError("DatasetFeatures needs a dataset (slides) or tfrecords=")
             job.slides = _dataset_slides(dataset)
+            job.include_detections = getattr(dataset, "include_detections", False)
             job.extract = {"tile_px": options.pop("tile_px", None), "tile_um": options.pop("tile_um", None), **options}
             names = list(job.slides)
             self.geometry = {"tile_px": job.extract["tile_px"] or self.extractor.tile_px, "tile_um": job.extract["tile_um"]}

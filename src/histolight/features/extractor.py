@@ -238,6 +238,8 @@ def slide_extract_config(ext: FeatureExtractor, tile_px: int | None, tile_um: An
         raise ConfigError(
             f"reading tiles from slides needs their size: give tile_um (microns, or a magnification such as '20x') for {ext.name}"
         )
+    if px is None:
+        raise ConfigError(f"{ext.name} has no fixed input size: give tile_px (the tile side in px, e.g. tile_px=224)")
     if ext.tile_um is not None and (tile_px or tile_um is not None) and (px, str(um)) != (ext.tile_px, str(ext.tile_um)):
         raise ConfigError(f"{ext.name} was trained on {ext.tile_px}px / {ext.tile_um} tiles, not {px}px / {um}")
     opts = {k: v for k, v in options.items() if v is not None}

@@ -76,7 +76,11 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
 
 def write_tif(path: str | os.PathLike, arr: np.ndarray) -> None:
     """Write ``arr`` ((C, H, W) or (H, W)) as a zlib-compressed greyscale TIFF, atomically."""
+    import io
+
     import tifffile
 
+    buf = io.BytesIO()  # tifffile wants a named file or an in-memory buffer, not the atomic file's descriptor
+    tifffile.imwrite(buf, arr, compression="zlib", photometric="minisblack")
     with atomic_write(path, "wb") as fh:
-        tifffile.imwrite(fh, arr, compression="zlib", photometric="minisblack")
+        fh.write(buf.getvalue())

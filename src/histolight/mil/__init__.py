@@ -6,7 +6,10 @@
   ``transmil`` (Shao 2021), built by name with the bags' width.
 - :mod:`~.module`: the LightningModule (loss, AUROC / balanced accuracy / per-class F1 / confusion matrix).
 - :mod:`~.training`: :func:`train` (one model folder of kind ``mil`` per fold, ``folds.csv``), :func:`load_mil_model`.
-- :mod:`~.predict`: per-slide predictions, per-tile attention and heatmaps. :mod:`~.demo`: the demo's necrosis label.
+- :mod:`~.predict`: per-slide predictions, per-tile attention, heatmaps and top-tile montages.
+- :mod:`~.attention`: top-attended tiles, their share in one class's ROIs, montages read back from the slide.
+- :mod:`~.report`: a training run's out-of-fold ROC curve and attention examples, logged to its loggers (W&B).
+- :mod:`~.demo`: the demo's necrosis label.
 """
 
 from histolight.mil.models import MODELS, build_mil_model

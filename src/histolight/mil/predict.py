@@ -4,9 +4,13 @@ Per slide (one bag each, whole bag, on the cohort runner)::
 
     <dest>/attention/<slide>.parquet    loc_x, loc_y (tile centres, base px), score (the model's per-tile score:
                                         attention weight, or see histolight.mil.models)
-    <dest>/heatmaps/<slide>.png         the scores (min-max scaled, jet colours) over the slide thumbnail, each tile
-                                        drawn at its location; only for slides whose file is known
-    <dest>/predictions.parquet          slide, status, n_tiles, prob_<class>..., pred (+ label when known)
+    <dest>/heatmaps/<slide>.png         the scores (by rank: lowest blue .. highest red, jet colours) over the slide
+                                        thumbnail, each tile drawn at its location, under a title (slide, prediction)
+                                        and above a colour key; only for slides whose file is known
+    <dest>/montages/<slide>.png         the ``montage_tiles`` highest-scoring tiles, read back from the slide
+    <dest>/predictions.parquet          slide, status, n_tiles, prob_<class>..., pred (+ label when known), and with
+                                        ``roi_label``: top_roi_share = share of the top 10% tiles by score whose
+                                        centre lies in a ROI of that class (histolight.mil.attention)
     <dest>/slides.csv                   the runner's per-slide summary
 """
 
@@ -24,8 +28,10 @@ import torch
 
 from histolight.cohort import CohortResult, SkipSlide, run_per_slide
 from histolight.errors import HistolightError
+from histolight.mil.attention import montage, roi_share
 from histolight.mil.data import bag_paths, read_bag
 from histolight.mil.training import load_mil_model
+from histolight.viz import legend_image, panels
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +53,35 @@ def tile_size_base(locs: np.ndarray, tile_um: float | None, mpp: float | None) -
     return float(min(steps)) if steps else 256.0
 
 
+def rank_scale(scores: np.ndarray) -> np.ndarray:
+    """``scores`` (N,) -> their rank scaled to 0 (lowest) .. 1 (highest), ties averaged; 0.5 for one tile or all
+    equal. Attention is heavy-tailed: ranks show its order where min-max scaling shows one hot tile."""
+    import scipy.stats
+
+    s = np.asarray(scores, np.float64)
+    if len(s) < 2 or s.max() == s.min():
+        return np.full_like(s, 0.5)
+    return (scipy.stats.rankdata(s) - 1) / (len(s) - 1)
+
+
+def jet_key(steps: int = 5) -> dict[str, tuple[int, int, int]]:
+    """A colour key of :func:`heatmap`'s jet colours: ``{"lowest": rgb, ..., "highest": rgb}`` (``steps`` entries)."""
+    import cv2
+
+    v = np.linspace(0, 255, steps).astype(np.uint8)[:, None]
+    rgb = cv2.cvtColor(cv2.applyColorMap(v, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)[:, 0]
+    names = ["lowest", *(f"{round(100 * i / (steps - 1))}%" for i in range(1, steps - 1)), "highest"]
+    return {n: tuple(int(c) for c in col) for n, col in zip(names, rgb)}
+
+
 def heatmap(thumb: np.ndarray, downsample: float, locs: np.ndarray, scores: np.ndarray, tile_base: float) -> np.ndarray:
-    """``thumb`` (H, W, 3) uint8 with ``scores`` (N,) min-max scaled as jet colours blended (0.5) over the tiles at
-    ``locs`` (N, 2) (centres, base px); ``downsample`` = base px per thumbnail px. Returns (H, W, 3) uint8."""
+    """``thumb`` (H, W, 3) uint8 with ``scores`` (N,) rank-scaled (:func:`rank_scale`) as jet colours blended (0.5)
+    over the tiles at ``locs`` (N, 2) (centres, base px); ``downsample`` = base px per thumbnail px. Returns
+    (H, W, 3) uint8."""
     import cv2
 
     h, w = thumb.shape[:2]
-    s = np.asarray(scores, np.float64)
-    s = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.full_like(s, 0.5)
+    s = rank_scale(scores)
     heat = np.zeros((h, w), np.float32)
     cover = np.zeros((h, w), bool)
     half = tile_base / 2 / downsample
@@ -70,9 +97,19 @@ def heatmap(thumb: np.ndarray, downsample: float, locs: np.ndarray, scores: np.n
 
 
 def predict_slide(
-    name: str, *, model: str, bags: str, dest: str, slide_paths: Mapping[str, str] | None = None, mpp: Mapping | None = None
+    name: str,
+    *,
+    model: str,
+    bags: str,
+    dest: str,
+    slide_paths: Mapping[str, str] | None = None,
+    mpp: Mapping | None = None,
+    montage_tiles: int = 0,
+    roi_paths: Mapping[str, str] | None = None,
+    roi_label: str | None = None,
 ) -> dict:
-    """Predict slide ``name`` from its bag (see the module docstring); returns ``n_tiles``, ``prob_<class>``, ``pred``."""
+    """Predict slide ``name`` from its bag (see the module docstring); returns ``n_tiles``, ``prob_<class>``, ``pred``
+    (+ ``top_roi_share`` when ``roi_label`` is set and the slide has a ROI file in ``roi_paths``)."""
     from histolight.io.images import write_png
     from histolight.io.tables import write_parquet
 
@@ -104,13 +141,24 @@ def predict_slide(
         ds = slide.dimensions[0] / thumb.shape[1]
         size = tile_size_base(locs, (meta.get("geometry") or {}).get("tile_um"), slide.mpp)
         (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
-        write_png(out_dir / "heatmaps" / f"{name}.png", heatmap(thumb, ds, locs, scores, size))
+        title = f"{name}: tile scores, predicted {meta['labels'][int(probs.argmax())]} ({float(probs.max()):.2f})"
+        key = legend_image(jet_key(), title="score rank")
+        write_png(out_dir / "heatmaps" / f"{name}.png", panels([(heatmap(thumb, ds, locs, scores, size), title)], key))
+        if montage_tiles and slide.mpp:
+            (out_dir / "montages").mkdir(parents=True, exist_ok=True)
+            write_png(out_dir / "montages" / f"{name}.png", montage(slide, locs, scores, size, montage_tiles))
     classes = meta["labels"]
-    return {
+    out = {
         "n_tiles": int(x.shape[0]),
         **{f"prob_{c}": float(p) for c, p in zip(classes, probs)},
         "pred": classes[int(probs.argmax())],
     }
+    roi = (roi_paths or {}).get(name)
+    if roi_label and roi:
+        from histolight.roi import read_rois
+
+        out["top_roi_share"] = roi_share(locs, scores, read_rois(roi), roi_label)
+    return out
 
 
 def predict(
@@ -123,9 +171,14 @@ def predict(
     mpp: Mapping[str, float | None] | None = None,
     labels: Mapping[str, str] | None = None,
     workers: int = 1,
+    montage_tiles: int = 0,
+    roi_paths: Mapping[str, str] | None = None,
+    roi_label: str | None = None,
 ) -> tuple[CohortResult, pd.DataFrame]:
     """Predict ``slides`` with the MIL model folder ``model`` from the bags in ``bags`` (default: the model's own
-    bag folder). ``slide_paths`` (+ ``mpp`` overrides) enable heatmaps; ``labels`` adds a ``label`` column.
+    bag folder). ``slide_paths`` (+ ``mpp`` overrides) enable heatmaps and (``montage_tiles`` > 0) montages of the
+    top tiles; ``labels`` adds a ``label`` column; ``roi_paths`` (slide -> ROI file) + ``roi_label`` add
+    ``top_roi_share``.
 
     Returns the runner's result and the predictions table (also written to ``dest/predictions.parquet``)."""
     from histolight.io.tables import write_parquet
@@ -133,7 +186,15 @@ def predict(
     _, meta = _model(str(model))
     bags = str(bags or meta["data"]["bags"])
     fn = functools.partial(
-        predict_slide, model=str(model), bags=bags, dest=str(dest), slide_paths=dict(slide_paths or {}), mpp=dict(mpp or {})
+        predict_slide,
+        model=str(model),
+        bags=bags,
+        dest=str(dest),
+        slide_paths=dict(slide_paths or {}),
+        mpp=dict(mpp or {}),
+        montage_tiles=montage_tiles,
+        roi_paths=dict(roi_paths or {}),
+        roi_label=roi_label,
     )
     res = run_per_slide(list(slides), fn, out_dir=dest, workers=workers, desc="mil predict")
     pred = res.table[res.table["status"] == "done"].drop(columns=["reason"], errors="ignore").reset_index(drop=True)
@@ -143,4 +204,4 @@ def predict(
     return res, pred
 
 
-__all__ = ["THUMB_PX", "tile_size_base", "heatmap", "predict_slide", "predict"]
+__all__ = ["THUMB_PX", "tile_size_base", "rank_scale", "jet_key", "heatmap", "predict_slide", "predict"]

@@ -5,11 +5,15 @@
 >>> res = train(data, MILModelConfig(name="attention_mil"), "outputs/mil_run", epochs=10)
 >>> res["val/auroc_mean"], res["val/auroc_sd"]
 
-Outputs in ``dest``: per fold ``fold_<i>/model`` (kind ``mil``, :mod:`histolight.training.artifacts`) and
-``fold_<i>/checkpoints``; ``folds.csv`` (one row per fold: items per split, val/test metrics, model folder),
-``predictions.parquet`` (every evaluated item per fold and split with its class probabilities), ``skipped.csv``
+Outputs in ``dest``: per fold ``fold_<i>/model`` (kind ``mil``, :mod:`histolight.training.artifacts`),
+``fold_<i>/checkpoints`` (best epoch + ``last.ckpt``) and ``fold_<i>/predictions.parquet``; ``folds.csv`` (one row
+per fold: items per split, val/test metrics, model folder), ``predictions.parquet`` (every evaluated item per fold and split with its class probabilities), ``skipped.csv``
 (slides left out and why) and ``metrics.json`` (mean and sd over folds, and the pooled out-of-fold AUROC).
 Without k-fold (``data.split.method=annotations|random``) there is one model, ``dest/model``.
+
+Resuming (``resume='auto'``): a fold whose model folder exists is kept (its metrics and predictions are read back),
+an unfinished fold continues from its ``checkpoints/last.ckpt`` (optimizer, scheduler, epoch, callbacks), a fold
+not started trains from the start. ``ckpt_path`` continues one model (one fold, or no k-fold) from that checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from histolight.mil.module import MILModule, mil_metrics
 log = logging.getLogger(__name__)
 
 KIND = "mil"
+#: per-fold predictions (written before the fold's model folder: a model folder means a finished fold)
+FOLD_PREDICTIONS = "predictions.parquet"
 #: metrics summarised over folds (mean, sd) and written to folds.csv
 FOLD_METRICS = ("auroc", "bal_acc", "acc", "loss", "n")
 
@@ -101,6 +107,15 @@ def _fold_predictions(dm: BagDataModule, module: MILModule, split: str, fold: in
     return df
 
 
+def _finished_fold(folder: Path) -> tuple[dict, pd.DataFrame]:
+    """``(folds.csv row, predictions)`` of a fold finished by an earlier run (its model folder's metrics)."""
+    from histolight.training.artifacts import read_model_folder
+
+    row = dict(read_model_folder(folder / "model", KIND).meta.get("metrics") or {})
+    p = folder / FOLD_PREDICTIONS
+    return row, (pd.read_parquet(p) if p.is_file() else pd.DataFrame())
+
+
 def train(
     data: BagDataConfig,
     model: MILModelConfig,
@@ -114,6 +129,8 @@ def train(
     monitor_mode: str = "min",
     eval_splits: Sequence[str] = ("val", "test"),
     overwrite: bool = False,
+    resume: str | None = None,
+    ckpt_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train one MIL model per fold (or one model) and save each as a model folder.
 
@@ -126,6 +143,8 @@ def train(
         ckpt: ``best`` or ``last``: the checkpoint evaluated and exported.
         eval_splits: the splits evaluated with the chosen weights (those present).
         overwrite: replace existing model folders and checkpoints (else refused before any work).
+        resume, ckpt_path: continue an interrupted run (see the module docstring); ``ckpt_path`` only when one
+            model is trained (no k-fold, or ``data.split.folds`` names one fold).
 
     Returns: ``<split>/<metric>_mean`` / ``_sd`` over folds, ``oof/auroc`` (k-fold: the pooled out-of-fold
     validation predictions), ``n_items``, ``n_skipped``, ``n_folds``, ``seconds``, ``folds`` (the rows of
@@ -136,7 +155,15 @@ def train(
     from histolight.io.atomic import atomic_write_json
     from histolight.io.tables import nan_to_none, write_parquet
     from histolight.training.artifacts import check_overwrite, save_model_folder
-    from histolight.training.trainer import check_checkpoint_folder, chosen_checkpoint, default_trainer, fit, restore_weights
+    from histolight.training.trainer import (
+        check_checkpoint_folder,
+        check_resume_options,
+        chosen_checkpoint,
+        default_trainer,
+        fit,
+        restore_weights,
+        resume_checkpoint,
+    )
 
     if ckpt not in ("best", "last"):
         raise ConfigError(f"ckpt={ckpt!r} is invalid: must be best or last")
@@ -144,8 +171,16 @@ def train(
     out = Path(dest)
     folds = data.split.fold_list()
     fold_dir = {f: (out if f is None else out / f"fold_{f}") for f in folds}
+    check_resume_options(ckpt_path, resume)
+    if ckpt_path is not None and len(folds) > 1:
+        raise ConfigError(
+            f"ckpt_path='{ckpt_path}' continues one model, but {len(folds)} folds are trained: continue the run with "
+            "resume=auto (every fold from its own checkpoints/last.ckpt), or train one fold (data.split.folds=[<i>])"
+        )
+    finished = {f for f in folds if resume == "auto" and (fold_dir[f] / "model" / f"{KIND}_config.json").is_file()}
     for f in folds:
-        check_overwrite(fold_dir[f] / "model", KIND, overwrite)
+        if f not in finished:
+            check_overwrite(fold_dir[f] / "model", KIND, overwrite)
     table = read_table(data.annotations)
     found: Items = build_items(table, data.bags, label_column=data.label_column, labels=data.labels, level=data.level)
     in_dim = bag_width(data.bags, [s for it in found.items for s in it.slides])
@@ -162,6 +197,13 @@ def train(
 
     rows, preds, model_dirs = [], [], []
     for f in folds:
+        if f in finished:  # resume=auto: a fold of the interrupted run that had finished
+            row, fold_pred = _finished_fold(fold_dir[f])
+            rows.append(row)
+            preds.append(fold_pred)
+            model_dirs.append(str(fold_dir[f] / "model"))
+            log.info("fold %s: finished by the interrupted run; kept (%s)", f, fold_dir[f] / "model")
+            continue
         tf = time.time()
         L.seed_everything(int(seed), workers=True, verbose=False)
         sp = data.split
@@ -202,11 +244,13 @@ def train(
         )
         module.net.in_mean[:], module.net.in_std[:] = dm.feature_stats()  # standardise with the training bags' stats
         trainer = trainer_factory(fold_dir[f]) if trainer_factory else default_trainer(fold_dir[f], epochs, monitor, monitor_mode)
-        check_checkpoint_folder(trainer, None, overwrite)
-        fit(trainer, module, dm)
+        resume_from = resume_checkpoint(trainer, ckpt_path, resume)
+        check_checkpoint_folder(trainer, resume_from, overwrite)
+        fit(trainer, module, dm, resume_from)
         chosen = chosen_checkpoint(trainer, ckpt)
         restore_weights(module, chosen)
         row: dict[str, Any] = {"fold": f if f is not None else -1}
+        fold_preds: list[pd.DataFrame] = []
         row.update({f"n_{s}": len(dm.of_split(s)) for s in ("train", "val", "test")})
         for split in eval_splits:
             if not dm.has_split(split):
@@ -215,13 +259,22 @@ def train(
             m = module.last_metrics.get(split, {})
             row.update({f"{split}/{k}": v for k, v in m.items() if k != "confusion"})
             row[f"{split}/confusion"] = str(m.get("confusion"))
-            preds.append(_fold_predictions(dm, module, split, f))
+            fold_preds.append(_fold_predictions(dm, module, split, f))
         row.update(
             {"epochs": trainer.current_epoch, "seconds": round(time.time() - tf, 1), "model_dir": str(fold_dir[f] / "model")}
         )
+        fold_pred = pd.concat(fold_preds, ignore_index=True) if fold_preds else pd.DataFrame()
+        preds.append(fold_pred)
         if trainer.is_global_zero:
+            if len(fold_pred):
+                write_parquet(fold_pred, fold_dir[f] / FOLD_PREDICTIONS)
             meta = {**model_meta(data, model, in_dim, found.classes, f), "metrics": {k: nan_to_none(v) for k, v in row.items()}}
-            meta["training"] = {"checkpoint": chosen, "seed": seed, "epochs": trainer.current_epoch}
+            meta["training"] = {
+                "checkpoint": chosen,
+                "seed": seed,
+                "epochs": trainer.current_epoch,
+                "resumed_from": str(resume_from) if resume_from else None,
+            }
             save_model_folder(fold_dir[f] / "model", KIND, module.net.state_dict(), meta, overwrite=overwrite)
         model_dirs.append(str(fold_dir[f] / "model"))
         rows.append(row)
@@ -260,4 +313,4 @@ def format_summary(result: dict, metrics: Sequence[str] = ("val/auroc", "val/bal
     return ", ".join(parts) or "no metrics"
 
 
-__all__ = ["KIND", "FOLD_METRICS", "model_meta", "load_mil_model", "train", "format_summary"]
+__all__ = ["KIND", "FOLD_PREDICTIONS", "FOLD_METRICS", "model_meta", "load_mil_model", "train", "format_summary"]

@@ -24,12 +24,15 @@ class QCMask:
         mpp: um/px of the mask grid (level-0 px per mask px = ``mpp / slide.mpp``).
         name: method name (for reports).
         parts: named component masks at the same mpp (e.g. ``{"otsu": ..., "blur": ...}``).
+        detector: how the mask was made when a method has several ways (e.g. Otsu's ``otsu-saturation`` on a
+            brightfield slide, ``triangle-brightness`` on a dark-background one), else None.
     """
 
     mask: np.ndarray
     mpp: float
     name: str = "qc"
     parts: dict = field(default_factory=dict)
+    detector: str | None = None
 
     def __post_init__(self):
         if self.mask.ndim != 2:

@@ -9,16 +9,48 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
 
 from histolight.errors import HistolightError
 from histolight.qc.base import QCMask
-from histolight.qc.registry import qc_role
+from histolight.qc.registry import build_qc, qc_role
 
 #: Long side (px) of the QC part masks kept for the report.
 REPORT_MASK_PX = 1024
+
+
+@dataclass
+class Precomputed:
+    """A QC mask already computed for a slide, used as a QC method (:meth:`histolight.wsi.Slide.qc` keeps these)."""
+
+    mask: QCMask
+    role: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.mask.name
+
+    def __call__(self, slide) -> QCMask:
+        return self.mask
+
+
+def apply_qc(slide, method: Any, *, tile_mpp: float | None = None, key: str = "method") -> list[Precomputed]:
+    """Run the QC ``method`` spec (names, dicts, QC objects; :func:`~histolight.qc.registry.build_qc`) on ``slide``
+    now; its masks, each with its role, to combine later with :func:`run_qc`."""
+    out = []
+    for m in build_qc(method, tile_mpp=tile_mpp, key=key):
+        r = _checked(m, m(slide))
+        out.append(Precomputed(r, qc_role(m, r.name)))
+    return out
+
+
+def _checked(method: Any, r: Any) -> QCMask:
+    if not isinstance(r, QCMask):
+        raise HistolightError(f"QC method {method!r} returned {type(r).__name__}, expected histolight.qc.QCMask")
+    return r
 
 
 @dataclass
@@ -30,6 +62,8 @@ class QCResult:
         tissue_fraction: tissue share of the slide's area, 0-1 (needs a ``tissue`` method such as Otsu).
         blur_burden: blurred share of the tissue, 0-1 (:func:`blur_burden`; needs a ``tissue`` and a ``blur`` method).
         names: the methods' mask names, in order.
+        tissue_detector: what found the tissue (the ``detector`` of the tissue masks, e.g. ``otsu-saturation``, or
+            their names), None without a tissue method.
         preview: ``tissue_background`` / ``blur`` masks (``H x W`` bool) shrunk to at most :data:`REPORT_MASK_PX`
             px on the long side (for reports).
     """
@@ -39,6 +73,7 @@ class QCResult:
     blur_burden: float | None = None
     names: list[str] = field(default_factory=list)
     preview: dict = field(default_factory=dict)
+    tissue_detector: str | None = None
 
 
 def blur_burden(blur: np.ndarray, background: np.ndarray) -> float:
@@ -72,9 +107,7 @@ def run_qc(slide, methods: Sequence[Callable]) -> QCResult:
         return QCResult()
     masks: list[tuple[str | None, QCMask]] = []
     for m in methods:
-        r = m(slide)
-        if not isinstance(r, QCMask):
-            raise HistolightError(f"QC method {m!r} returned {type(r).__name__}, expected histolight.qc.QCMask")
+        r = _checked(m, m(slide))
         masks.append((qc_role(m, r.name), r))
     finest = min((m for _, m in masks), key=lambda m: m.mpp)
     shape = finest.mask.shape
@@ -94,4 +127,12 @@ def run_qc(slide, methods: Sequence[Callable]) -> QCResult:
         if v is not None
     }
     names = [m.name for _, m in masks]
-    return QCResult(QCMask(combined, finest.mpp, "+".join(names)), tissue_fraction, burden, names, preview)
+    detectors = [m.detector or m.name for r, m in masks if r == "tissue"]
+    return QCResult(
+        QCMask(combined, finest.mpp, "+".join(names)),
+        tissue_fraction,
+        burden,
+        names,
+        preview,
+        "+".join(dict.fromkeys(detectors)) or None,
+    )

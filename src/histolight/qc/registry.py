@@ -2,7 +2,13 @@
 
 Register a method with :func:`register_qc` (a class/factory, or a ``"module:attr"`` string that is
 imported only when used). Factories whose signature accepts ``tile_mpp`` receive the extraction's
-tile um/px (the blur QC uses it for its default working mpp).
+tile um/px (the blur QC uses it for its default working mpp); QC *objects* in a spec that have a
+``for_tile_mpp(tile_mpp)`` method are replaced by its result, so ``GaussianV2()`` passed as an object works at
+4x the tile um/px like ``"blur"`` does.
+
+Spawned worker processes start with the built-in registry only: :func:`capture_qc` takes the entries a spec
+uses (:class:`QCPlugins`, picklable when the factories are module-level) and ``build_qc(..., plugins=...)``
+re-registers them in the worker.
 
 >>> build_qc(["otsu", {"name": "blur", "sigma": 2}], tile_mpp=0.5)
 [Otsu(...), GaussianV2(...)]
@@ -14,6 +20,7 @@ import difflib
 import importlib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from histolight.errors import ConfigError
@@ -27,6 +34,7 @@ QC_REGISTRY: dict[str, Callable | str] = {
     "blur": "histolight.qc.blur:GaussianV2",
     "gaussian": "histolight.qc.blur:GaussianV2",
     "gaussian_v2": "histolight.qc.blur:GaussianV2",
+    "gaussian_v1": "histolight.qc.blur:Gaussian",
     "segment": "histolight.qc.segment:Segment",
 }
 
@@ -119,15 +127,50 @@ def validate_qc_spec(spec: Any, key: str = "qc") -> list:
     return out
 
 
-def build_qc(spec: Any, *, tile_mpp: float | None = None, key: str = "qc") -> list[Callable]:
-    """QC callables from ``spec`` (see module docstring). Callables in the list pass through unchanged.
+@dataclass
+class QCPlugins:
+    """Registry entries a QC spec uses (``name -> factory or "module:attr"``; ``alias -> names``), carried to worker
+    processes; :meth:`install` adds the missing ones to this process's registry."""
+
+    methods: dict = field(default_factory=dict)
+    aliases: dict = field(default_factory=dict)
+
+    def install(self) -> None:
+        for name, f in self.methods.items():
+            QC_REGISTRY.setdefault(name, f)
+        for name, ms in self.aliases.items():
+            QC_ALIASES.setdefault(name, list(ms))
+
+
+def capture_qc(spec: Any, key: str = "qc") -> QCPlugins:
+    """The registry entries that ``spec`` uses (checked as :func:`validate_qc_spec`), for :func:`build_qc` in a
+    worker process that never saw :func:`register_qc` / :func:`register_qc_alias` calls of this one."""
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    names = [i if isinstance(i, str) else i.get("name") for i in items if isinstance(i, (str, dict))]
+    aliases = {n: list(QC_ALIASES[n]) for n in names if n in QC_ALIASES}
+    used = [x if isinstance(x, str) else x["name"] for x in validate_qc_spec(spec, key) if isinstance(x, (str, dict))]
+    return QCPlugins({n: QC_REGISTRY[n] for n in used if n in QC_REGISTRY}, aliases)
+
+
+def bind_tile_mpp(method: Any, tile_mpp: float | None) -> Any:
+    """``method.for_tile_mpp(tile_mpp)`` when the QC object has it (e.g. :class:`~histolight.qc.blur.GaussianV2`:
+    a copy working at 4x the tile um/px unless its ``mpp`` was set), else ``method``."""
+    bind = getattr(method, "for_tile_mpp", None)
+    return bind(tile_mpp) if tile_mpp is not None and callable(bind) else method
+
+
+def build_qc(spec: Any, *, tile_mpp: float | None = None, key: str = "qc", plugins: QCPlugins | None = None) -> list[Callable]:
+    """QC callables from ``spec`` (see module docstring). QC objects in the list pass through, bound to ``tile_mpp``
+    (:func:`bind_tile_mpp`). ``plugins`` (from :func:`capture_qc` in the parent process) are registered first.
 
     Raises :class:`ConfigError` naming ``key`` for unknown names or bad options.
     """
+    if plugins is not None:
+        plugins.install()
     methods = []
     for item in validate_qc_spec(spec, key):
         if callable(item) and not isinstance(item, (str, dict)):
-            methods.append(item)
+            methods.append(bind_tile_mpp(item, tile_mpp))
             continue
         if isinstance(item, str):
             name, opts = item, {}
@@ -152,6 +195,6 @@ def qc_role(method: Any, name: str | None = None) -> str | None:
     n = (name or getattr(method, "name", "") or "").lower()
     if n in ("otsu", "segment", "tissue"):
         return "tissue"
-    if n in ("blur", "gaussian", "gaussian_v2"):
+    if n in ("blur", "gaussian", "gaussian_v1", "gaussian_v2"):
         return "blur"
     return None

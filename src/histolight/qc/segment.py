@@ -135,7 +135,7 @@ class Segment:
     def generate_rois(
         self,
         slide,
-        min_area_mm2: float = 0.01,
+        min_area_mm2: float | None = None,
         min_hole_mm2: float | None = None,
         simplify_tolerance: float | None = None,
     ):

@@ -1,10 +1,12 @@
 """ROIs: labelled polygons in base px, read/written as Slideflow CSV and QuPath GeoJSON."""
 
 from histolight.roi.core import (
+    DETECTION_TYPES,
     ROI,
     ROI_EXTENSIONS,
     clean_geometry,
     clip_to_slide,
+    log_repairs,
     nest_holes,
     rasterize_rois,
     read_csv_rois,
@@ -18,10 +20,12 @@ from histolight.roi.core import (
 )
 
 __all__ = [
+    "DETECTION_TYPES",
     "ROI",
     "ROI_EXTENSIONS",
     "clean_geometry",
     "clip_to_slide",
+    "log_repairs",
     "nest_holes",
     "rasterize_rois",
     "read_csv_rois",

@@ -2,7 +2,8 @@
 
 Read and write Slideflow CSV (``roi_name,x_base,y_base[,label]``, one vertex per row) and QuPath
 GeoJSON (Feature / FeatureCollection / list of features; Polygon and MultiPolygon with holes;
-label from ``properties.classification.name``, name from ``properties.name``).
+label from ``properties.classification.name``, name from ``properties.name``; QuPath detection objects --
+cells, detections, tiles -- are skipped unless ``include_detections``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from shapely.validation import explain_validity, make_valid
 from histolight.errors import ROIError
 from histolight.io.atomic import atomic_write_text
 from histolight.io.tables import json_default
+from histolight.viz import label_color
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,11 @@ def _polygonal(geom) -> Polygon | MultiPolygon | None:
     return polys[0] if len(polys) == 1 else MultiPolygon(polys)
 
 
-def clean_geometry(geom, where: str) -> Polygon | MultiPolygon:
-    """Repair invalid geometry with ``make_valid``; raise :class:`ROIError` naming ``where`` if no area is left."""
+def clean_geometry(geom, where: str, repairs: list[tuple[str, str]] | None = None) -> Polygon | MultiPolygon:
+    """Repair invalid geometry with ``make_valid``; raise :class:`ROIError` naming ``where`` if no area is left.
+
+    Each repair is logged as a warning, or, with ``repairs``, appended to it as ``(where, reason)`` so a file
+    reader can report all of a file's repairs in one warning (:func:`log_repairs`)."""
     if geom.is_empty:
         raise ROIError(f"{where}: empty geometry")
     if not geom.is_valid:
@@ -98,12 +103,32 @@ def clean_geometry(geom, where: str) -> Polygon | MultiPolygon:
         fixed = _polygonal(make_valid(geom))
         if fixed is None or fixed.area <= 0:
             raise ROIError(f"{where}: invalid geometry ({reason}) that cannot be repaired into an area")
-        log.warning("%s: repaired invalid geometry (%s)", where, reason)
+        if repairs is None:
+            log.warning("%s: repaired invalid geometry (%s)", where, reason)
+        else:
+            repairs.append((where, reason))
         geom = fixed
     geom = _polygonal(geom)
     if geom is None or geom.area <= 0:
         raise ROIError(f"{where}: geometry has zero area")
     return geom
+
+
+def log_repairs(path: str | os.PathLike, repairs: Sequence[tuple[str, str]], shown: int = 3) -> None:
+    """One warning for all polygons of file ``path`` repaired by :func:`clean_geometry`: the count and the
+    first ``shown`` ROIs with the reason (a real QuPath export can hold hundreds of self-intersections)."""
+    if not repairs:
+        return
+    prefix = f"{path}: "
+    examples = "; ".join(f"{w.removeprefix(prefix)} ({r})" for w, r in repairs[:shown])
+    more = f"; and {len(repairs) - shown} more" if len(repairs) > shown else ""
+    log.warning(
+        "%s: repaired %d invalid polygon(s) with make_valid (the area is kept, self-intersections are split), e.g. %s%s",
+        path,
+        len(repairs),
+        examples,
+        more,
+    )
 
 
 def nest_holes(rois: Sequence[ROI]) -> list[ROI]:
@@ -238,16 +263,18 @@ def read_csv_rois(path: str | os.PathLike, nest: bool = True) -> list[ROI]:
             descs[name] = row[ci["roi_desc"]].strip() or None
     if not rings:
         raise ROIError(f"{path}: the ROI file has a header but no vertices")
-    rois = []
+    rois: list[ROI] = []
+    repairs: list[tuple[str, str]] = []
     for name, pts in rings.items():
         where = f"{path}: ROI '{name}'"
         if len(pts) < 3:
             log.warning("%s: only %d vertices (a polygon needs 3): ignored", where, len(pts))
             continue
         try:
-            rois.append(ROI(name, clean_geometry(Polygon(pts), where), labels.get(name), descs.get(name)))
+            rois.append(ROI(name, clean_geometry(Polygon(pts), where, repairs), labels.get(name), descs.get(name)))
         except ROIError as e:
             log.warning("%s: ignored", e)
+    log_repairs(path, repairs)
     return nest_holes(rois) if nest else rois
 
 
@@ -316,8 +343,26 @@ def _label_of(props: dict) -> str | None:
     return None
 
 
-def read_geojson_rois(path: str | os.PathLike, nest: bool = True) -> list[ROI]:
-    """Read QuPath GeoJSON. Non-areal geometries (points, lines) are skipped with a warning."""
+#: QuPath object types that are detections, not annotations: ``properties.objectType`` (QuPath >= 0.3) or the
+#: feature ``id`` of QuPath 0.2 exports (``PathCellObject``, ...)
+DETECTION_TYPES = ("cell", "detection", "tile")
+_LEGACY_TYPES = {"PathCellObject": "cell", "PathDetectionObject": "detection", "PathTileObject": "tile"}
+
+
+def _detection_type(feat: dict, props: dict) -> str | None:
+    """``cell`` / ``detection`` / ``tile`` for a QuPath detection object, None for annotations and plain features."""
+    t = props.get("objectType") or props.get("object_type")
+    if isinstance(t, str) and t.lower() in DETECTION_TYPES:
+        return t.lower()
+    return _LEGACY_TYPES.get(str(feat.get("id")))
+
+
+def read_geojson_rois(path: str | os.PathLike, nest: bool = True, include_detections: bool = False) -> list[ROI]:
+    """Read QuPath GeoJSON annotations. Non-areal geometries (points, lines) are skipped with a warning.
+
+    QuPath detection objects (cells, detections, tiles: ``objectType`` or the QuPath 0.2 feature id) are not
+    regions of interest: they are skipped with one warning per file unless ``include_detections``. Polygons
+    repaired by :func:`clean_geometry` are reported in one warning per file."""
     path = Path(path)
     text = path.read_text(encoding="utf-8-sig")
     if not text.strip():
@@ -326,10 +371,18 @@ def read_geojson_rois(path: str | os.PathLike, nest: bool = True) -> list[ROI]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ROIError(f"{path}: not valid JSON ({e})") from None
-    rois = []
+    rois: list[ROI] = []
+    repairs: list[tuple[str, str]] = []
+    skipped: dict[str, int] = {}
     for k, feat in enumerate(_features(obj, path)):
         props = feat.get("properties") or {}
-        name = str(props.get("name") or feat.get("id") or f"roi_{k}")
+        kind = _detection_type(feat, props)
+        if kind is not None and not include_detections:
+            skipped[kind] = skipped.get(kind, 0) + 1
+            continue
+        fid = feat.get("id")
+        fid = None if str(fid).startswith("Path") and str(fid).endswith("Object") else fid  # QuPath 0.2: the type
+        name = str(props.get("name") or fid or f"roi_{k}")
         where = f"{path}: ROI '{name}' (feature {k})"
         geom = feat.get("geometry")
         if not geom:
@@ -345,22 +398,28 @@ def read_geojson_rois(path: str | os.PathLike, nest: bool = True) -> list[ROI]:
             log.warning("%s: %s geometry has no area: ignored", where, getattr(g, "geom_type", "empty"))
             continue
         try:
-            g = clean_geometry(g, where)
+            g = clean_geometry(g, where, repairs)
         except ROIError as e:
             log.warning("%s: ignored", e)
             continue
         rois.append(ROI(name, g, _label_of(props), props.get("description"), props))
+    log_repairs(path, repairs)
+    if skipped:
+        log.warning(
+            "%s: skipped %d detection object(s) (%s): only QuPath annotations are read as ROIs; set "
+            "include_detections=true (config key dataset.include_detections) to read cells and detections as ROIs",
+            path,
+            sum(skipped.values()),
+            ", ".join(f"{n} {t}" for t, n in sorted(skipped.items())),
+        )
     if not rois:
         log.warning("%s: no polygon ROIs found", path)
     return nest_holes(rois) if nest else rois
 
 
 def _color(label: str | None) -> list[int]:
-    palette = {"tumor": [200, 0, 0], "stroma": [150, 200, 150], "necrosis": [50, 50, 50], "tissue": [20, 120, 200]}
-    if label in palette:
-        return palette[label]
-    h = abs(hash(label)) if label else 0
-    return [(h >> 0) & 255, (h >> 8) & 255, (h >> 16) & 255]
+    """QuPath classification colour: the label's colour in every histolight picture (:func:`histolight.viz.label_color`)."""
+    return list(label_color(label))
 
 
 def rois_to_geojson(rois: Sequence[ROI]) -> dict:
@@ -393,8 +452,14 @@ def write_geojson_rois(rois: Sequence[ROI], path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def read_rois(path: str | os.PathLike, slide_dims: tuple[int, int] | None = None, nest: bool = True) -> list[ROI]:
-    """Read ROIs from ``.csv`` (Slideflow) or ``.geojson``/``.json`` (QuPath); clip to ``slide_dims`` (w, h) if given."""
+def read_rois(
+    path: str | os.PathLike,
+    slide_dims: tuple[int, int] | None = None,
+    nest: bool = True,
+    include_detections: bool = False,
+) -> list[ROI]:
+    """Read ROIs from ``.csv`` (Slideflow) or ``.geojson``/``.json`` (QuPath); clip to ``slide_dims`` (w, h, base px)
+    if given. ``include_detections``: also read QuPath cell/detection objects as ROIs (see :func:`read_geojson_rois`)."""
     path = Path(path)
     if not path.exists():
         raise ROIError(f"{path}: ROI file not found")
@@ -402,7 +467,7 @@ def read_rois(path: str | os.PathLike, slide_dims: tuple[int, int] | None = None
     if ext == ".csv":
         rois = read_csv_rois(path, nest=nest)
     elif ext in (".geojson", ".json"):
-        rois = read_geojson_rois(path, nest=nest)
+        rois = read_geojson_rois(path, nest=nest, include_detections=include_detections)
     else:
         raise ROIError(f"{path}: unknown ROI file type {ext!r} (expected .csv, .geojson or .json)")
     if slide_dims is not None:

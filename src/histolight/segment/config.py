@@ -79,9 +79,15 @@ def parse_loss(loss: Any) -> dict[str, float]:
 class SegmentConfig:
     """Settings of a segmentation model (data sampling, network, loss, optimiser, inference).
 
-    Units: ``mpp`` in um/px (resolution of thumbnails, masks and inference); ``size`` in px at
-    ``mpp`` (training crop side, a multiple of 32); ``infer_tile_px`` the inference (and validation)
-    tile side (null = ``size``; larger tiles use CPUs and GPUs better); ``edge_sigma`` in px at ``mpp``.
+    Units: ``mpp`` in um/px (resolution of thumbnails or patches, masks and inference); ``size`` in px at
+    ``mpp`` (training crop side, a multiple of 32); ``infer_tile_px`` sets the px per inference (and validation)
+    forward pass, ``infer_batch_size * infer_tile_px**2`` (null = ``size``), in tiles of at most ``size`` px (larger
+    values batch more of them: same prediction, better use of CPUs and GPUs); ``edge_sigma`` in px at ``mpp``.
+
+    Patch mode (``patches=true``, :mod:`histolight.segment.patches`): crops are read from the slides at ``mpp``
+    instead of thumbnails; ``val_windows`` fixed validation windows of ``tile_px`` px per validation slide,
+    colour statistics over ``stats_crops`` crops, and ``cache_patches`` > 0 pre-samples that many training
+    patches into an HDF5 cache (:mod:`histolight.segment.patch_cache`) reused every epoch (0 = read on the fly).
     """
 
     # ---- what to segment (data group)
@@ -99,6 +105,11 @@ class SegmentConfig:
     val_split: Any = "val"
     val_fraction: float = 0.2
     allow_patient_leakage: bool = False
+    # ---- patch mode (data=seg_patches, histolight.segment.patches): crops read from the slides at mpp
+    patches: bool = False
+    val_windows: int = 16
+    stats_crops: int = 64
+    cache_patches: int = 0
     # ---- network (model group)
     arch: str = "Unet"
     encoder_name: str = "resnet34"
@@ -178,6 +189,13 @@ class SegmentConfig:
             self.allow_patient_leakage,
             "must be true or false",
         )
+        check(
+            isinstance(self.patches, bool), "patches", self.patches, "must be true (crops from the slides) or false (thumbnails)"
+        )
+        for key in ("val_windows", "stats_crops", "cache_patches"):
+            v = getattr(self, key)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, v, "must be an integer >= 0")
+        check(not self.patches or self.stats_crops > 0, "stats_crops", self.stats_crops, "must be > 0 with patches=true")
         self.augment = validate_augment(self.augment, prefix="augment")
         self._check_network()
         self.optimizer, self.scheduler = check_optim(self.optimizer, self.scheduler, self.scheduler_interval, self.warmup_epochs)
@@ -337,7 +355,8 @@ class SegmentConfig:
 
     @property
     def tile_px(self) -> int:
-        """Inference / validation tile side in px (``infer_tile_px``, else ``size``)."""
+        """Inference / validation tile budget side in px (``infer_tile_px``, else ``size``): ``infer_batch_size`` times
+        its square px per forward pass, in tiles of at most ``size`` px (:meth:`SegmentModel._tiled`)."""
         return int(self.infer_tile_px or self.size)
 
     @property
@@ -401,6 +420,10 @@ DATA_FIELDS = (
     "val_split",
     "val_fraction",
     "allow_patient_leakage",
+    "patches",
+    "val_windows",
+    "stats_crops",
+    "cache_patches",
 )
 MODEL_FIELDS = (
     "arch",

@@ -7,6 +7,10 @@ On-disk format (one pair of files per slide in the export folder)::
                             mask   uint8            binary:     (H, W), 1 = inside an ROI (of ``labels`` if given)
                                                     multiclass: (H, W), 0 = background, i + 1 = labels[i]
                                                     multilabel: (N, H, W), channel i = labels[i] (0/1)
+                                                    multiclass with ``mask_layout="channels"``: (N, H, W) like
+                                                    multilabel (Slideflow's documented "(N, W, H)" masks, rows
+                                                    first as in the thumbnail); the class-index map is the
+                                                    compact default (``mask_layout="index"``)
     <dest>/<slide>.json   sidecar: format, slide, mpp, base_mpp, mode, labels, slide_dims (w, h base px),
                           thumb_size (w, h px), mask_shape, mask_encoding, label_pixels, roi_file,
                           roi_sha1 and slide_stat (used to tell when a cached export is stale)
@@ -72,6 +76,10 @@ def _slide_stat(path: Path) -> list:
     return [st.st_size, int(st.st_mtime)]
 
 
+#: multiclass mask layouts: the class-index map (H, W) or one channel per label (N, H, W)
+MASK_LAYOUTS = ("index", "channels")
+
+
 def mask_encoding(mode: str) -> str:
     return {
         "binary": "uint8 (H, W): 1 = foreground",
@@ -95,6 +103,7 @@ def export_slide(
     labels: Sequence[str] | None = None,
     mode: str = "binary",
     overwrite: bool = False,
+    mask_layout: str = "index",
 ) -> dict:
     """Export slide ``name`` of ``dataset`` (thumbnail at ``mpp`` um/px + ROI mask) into ``dest``.
 
@@ -112,6 +121,7 @@ def export_slide(
         "mpp": float(mpp),
         "mode": mode,
         "labels": list(labels) if labels else None,
+        "mask_layout": mask_layout,
         "roi_file": str(roi_path) if roi_path else None,
         "roi_sha1": _sha1(roi_path),
         "slide_stat": _slide_stat(slide_path),
@@ -139,6 +149,9 @@ def export_slide(
             "n_rois": len(rois),
             "label_pixels": _label_pixels(mask, mode, labels),
         }
+        if mask_layout == "channels" and mode == "multiclass":
+            mask = np.stack([mask == i + 1 for i in range(len(labels))]).astype(np.uint8)
+            meta.update(mask_shape=list(mask.shape), mask_encoding=mask_encoding("multilabel"))
     warning = None
     if roi_path is None:
         warning = "no ROI file: the whole slide is background in its mask"
@@ -170,6 +183,7 @@ def export_cohort(
     report_dir: str | os.PathLike | None = None,
     summary_name: str = "export_report.csv",
     progress: bool = True,
+    mask_layout: str = "index",
 ) -> CohortResult:
     """Export thumbnails and ROI masks of every slide on the cohort runner (:func:`histolight.cohort.run_per_slide`).
 
@@ -183,6 +197,8 @@ def export_cohort(
         slides: restrict to these slide names.
         workers: slide worker processes.
         report_dir: folder of the summary CSV (``summary_name``) and of the slide claims; None = neither.
+        mask_layout: multiclass masks as the class-index map ``(H, W)`` (``index``, compact, the default) or one 0/1
+            channel per label ``(N, H, W)`` (``channels``: Slideflow's documented layout); training reads both.
 
     Returns: the run's :class:`~histolight.cohort.CohortResult` (table columns ``file``, ``n_rois``, ``warning``).
     """
@@ -192,7 +208,18 @@ def export_cohort(
         raise ConfigError(f"mode={mode!r} is invalid: must be one of {list(MODES)}")
     if mode != "binary" and not labels:
         raise ConfigError(f"mode '{mode}' needs a list of labels")
-    fn = functools.partial(export_slide, dataset=dataset, mpp=mpp, dest=str(dest), labels=labels, mode=mode, overwrite=overwrite)
+    if mask_layout not in MASK_LAYOUTS:
+        raise ConfigError(f"mask_layout={mask_layout!r} is invalid: must be one of {list(MASK_LAYOUTS)}")
+    fn = functools.partial(
+        export_slide,
+        dataset=dataset,
+        mpp=mpp,
+        dest=str(dest),
+        labels=labels,
+        mode=mode,
+        overwrite=overwrite,
+        mask_layout=mask_layout,
+    )
     names = list(slides) if slides is not None else dataset.names
     return run_per_slide(
         names,
@@ -215,14 +242,15 @@ def export_thumbs_and_masks(
     overwrite: bool = False,
     slides: Sequence[str] | None = None,
     strict: bool = False,
+    mask_layout: str = "index",
 ) -> dict[str, Path]:
     """Export thumbnails and ROI masks (Slideflow's ``sf.segment.export_thumbs_and_masks``): :func:`export_cohort`
-    in this process, without a summary file.
+    in this process, without a summary file (``mask_layout``: see :func:`export_cohort`).
 
     Returns: ``{slide: npz path}`` of the slides exported or reused; failing slides are logged and left out, or,
     with ``strict``, raise a :class:`HistolightError` listing them.
     """
-    res = export_cohort(dataset, mpp, dest, labels, mode, overwrite, slides)
+    res = export_cohort(dataset, mpp, dest, labels, mode, overwrite, slides, mask_layout=mask_layout)
     if strict and res.failed:
         raise HistolightError(f"export failed for {len(res.failed)} slide(s): {res.failed}")
     t = res.table
@@ -239,6 +267,8 @@ def load_thumb_mask(path: str | os.PathLike) -> ThumbMask:
         image, mask = z["image"], z["mask"]
     side = path.with_suffix(".json")
     meta = json.loads(side.read_text()) if side.exists() else {}
+    if meta.get("mask_layout") == "channels" and meta.get("mode") == "multiclass":  # back to the class-index map
+        mask = np.where(mask.any(0), mask.argmax(0) + 1, 0).astype(np.uint8)
     return ThumbMask(path.stem, image, mask, meta)
 
 

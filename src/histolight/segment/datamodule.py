@@ -50,7 +50,7 @@ def _pad_to(image: np.ndarray, mask: np.ndarray, h: int, w: int) -> tuple[np.nda
     return image, mask, valid
 
 
-def _sample(image, mask, valid, cfg: SegmentConfig) -> dict:
+def to_sample(image, mask, valid, cfg: SegmentConfig) -> dict:
     """To tensors: image float (3, H, W) in [0, 1]; mask int64 or uint8; weight float (H, W)."""
     if cfg.edge_weight > 0:
         weight = edge_weight_map(mask, cfg.edge_weight, cfg.edge_sigma) * valid
@@ -63,6 +63,15 @@ def _sample(image, mask, valid, cfg: SegmentConfig) -> dict:
         "mask": m,
         "weight": torch.from_numpy(np.ascontiguousarray(weight, np.float32)),
     }
+
+
+def augment_sample(transform, image: np.ndarray, mask: np.ndarray, valid: np.ndarray, mode: str):
+    """Apply an albumentations ``transform`` to ``(image, mask, valid)``: every mask channel and the validity map get
+    the image's geometry (colour and stain touch the image only). Returns the augmented triple."""
+    chans = list(mask) if mask.ndim == 3 else [mask]
+    r = transform(image=image, masks=[*chans, valid])
+    ms = r["masks"]
+    return r["image"], (np.stack(ms[:-1]) if mode == "multilabel" else ms[0]), ms[-1]
 
 
 class CropDataset(Dataset):
@@ -120,14 +129,8 @@ class CropDataset(Dataset):
         k = int(rng.integers(len(self.items)))
         image, mask, valid = self.crop(k, rng)
         if self.transform is not None:
-            # masks as a list of 2-D arrays: every channel and the validity map get the same geometry
-            chans = list(mask) if mask.ndim == 3 else [mask]
-            r = self.transform(image=image, masks=[*chans, valid])
-            image = r["image"]
-            ms = r["masks"]
-            mask = np.stack(ms[:-1]) if self.cfg.mode == "multilabel" else ms[0]
-            valid = ms[-1]
-        out = _sample(image, mask, valid, self.cfg)
+            image, mask, valid = augment_sample(self.transform, image, mask, valid, self.cfg.mode)
+        out = to_sample(image, mask, valid, self.cfg)
         out["name"] = self.items[k].name
         return out
 
@@ -146,7 +149,7 @@ class WholeDataset(Dataset):
         it = self.items[i]
         h, w = it.shape
         image, mask, valid = _pad_to(it.image, it.mask, math.ceil(h / 32) * 32, math.ceil(w / 32) * 32)
-        out = _sample(image, mask, valid, self.cfg)
+        out = to_sample(image, mask, valid, self.cfg)
         out["weight"] = torch.from_numpy(valid.astype(np.float32))  # metrics: plain validity, no edge weighting
         out["name"] = it.name
         return out
@@ -192,11 +195,21 @@ class SegmentDataModule(L.LightningDataModule):
         self.val_items = list(val_items)
         self.seed = seed
 
+    #: validation samples per batch (whole thumbnails differ in size: one at a time)
+    val_batch_size = 1
+
+    def train_dataset(self) -> Dataset:
+        """This epoch's training samples (subclasses read them elsewhere, e.g. :mod:`histolight.segment.patches`)."""
+        return CropDataset(self.train_items, self.cfg, self.cfg.crops_per_epoch, augment=True)
+
+    def val_dataset(self) -> Dataset | None:
+        """The validation samples (None = no validation)."""
+        return WholeDataset(self.val_items, self.cfg) if self.val_items else None
+
     def train_dataloader(self):
-        ds = CropDataset(self.train_items, self.cfg, self.cfg.crops_per_epoch, augment=True)
         nw = self.cfg.num_workers
         return DataLoader(
-            ds,
+            self.train_dataset(),
             batch_size=self.cfg.batch_size,
             shuffle=False,
             num_workers=nw,
@@ -207,8 +220,25 @@ class SegmentDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self):
-        if not self.val_items:
+        ds = self.val_dataset()
+        if ds is None or len(ds) == 0:
             return []
-        return DataLoader(
-            WholeDataset(self.val_items, self.cfg), batch_size=1, shuffle=False, num_workers=0, collate_fn=_collate_pad
-        )
+        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, num_workers=0, collate_fn=_collate_pad)
+
+
+class DatasetsDataModule(SegmentDataModule):
+    """A data module over given datasets (patch mode, :mod:`histolight.segment.patches` and
+    :mod:`histolight.segment.patch_cache`): ``train`` draws new samples every epoch; ``val`` samples are all of one
+    size (``val_batch_size`` per batch)."""
+
+    val_batch_size = 4
+
+    def __init__(self, cfg: SegmentConfig, train: Dataset, val: Dataset | None = None):
+        super().__init__(cfg, [], [])
+        self._train, self._val = train, val
+
+    def train_dataset(self) -> Dataset:
+        return self._train
+
+    def val_dataset(self) -> Dataset | None:
+        return self._val

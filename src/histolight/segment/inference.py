@@ -8,6 +8,11 @@ that border each other share a band of ``overlap * tile`` px (the blend band; 0.
 the extra pixels are a thin band per seam, not a fraction of every tile: on a 1024 x 1024 image with 256 px tiles
 and batch 8, 2 x 2 tiles of 544 px (1.13x the pixels of one pass) instead of 6 x 6 tiles of 256 px (2.25x).
 
+``max_side`` caps the tile side: a segmentation model passes its training crop (``SegmentConfig.size``), because a
+network trained on small crops predicts differently on larger tiles (its BatchNorm statistics were learnt on
+feature maps dominated by the crop borders: a U-Net trained on 64 px crops of synthetic nuclei scored Dice 0.18 with
+one 512 px tile and 0.99 with 64 px tiles, same weights); ``tile`` then only sets how many tiles share a pass.
+
 **Blending**: along each axis a tile's weight is 1 except in the bands shared with its neighbours, where a raised
 cosine hands over to the neighbour (complementary ramps over the actual shared interval); sides on the image border
 are not tapered. Weights are separable and normalised by their sums, so they form a partition of unity: no seams,
@@ -113,16 +118,22 @@ class TileLayout:
         return self.n_tiles * self.th * self.tw / (ceil_to(self.height, 32) * ceil_to(self.width, 32))
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: float, batch_size: int = 8, multiple: int = 32) -> TileLayout:
+def plan_tiles(
+    height: int, width: int, tile: int, overlap: float, batch_size: int = 8, multiple: int = 32, max_side: int | None = None
+) -> TileLayout:
     """The tile grid for an ``height x width`` image (see the module docstring): the fewest pixels through the network
-    with at most ``batch_size * tile**2`` px per forward pass and neighbours sharing ``overlap * tile`` px."""
+    with at most ``batch_size * tile**2`` px per forward pass, tile sides of at most ``max_side`` px (None = no limit)
+    and neighbours sharing ``overlap`` of the tile side (``overlap * min(tile, max_side)`` px)."""
     if not 0 <= overlap < 0.5:
         raise ValueError(f"overlap={overlap} must be in [0, 0.5) (a fraction of the tile)")
     tile = max(multiple, ceil_to(tile, multiple))
     budget = max(1, batch_size) * tile * tile
-    margin = int(math.ceil(overlap * tile / 2))
+    cap = max(multiple, (max_side // multiple) * multiple) if max_side else None
+    side = min(tile, cap) if cap else tile
+    margin = int(math.ceil(overlap * side / 2))
     best = None
-    for max_h in range(ceil_to(height, multiple), multiple - 1, -multiple):  # every row-tile height, tallest first
+    top = ceil_to(height, multiple) if cap is None else min(ceil_to(height, multiple), cap)
+    for max_h in range(top, multiple - 1, -multiple):  # every row-tile height, tallest first
         rows = _fit(height, max_h, margin, multiple)
         if rows is None:
             break
@@ -131,13 +142,14 @@ def plan_tiles(height: int, width: int, tile: int, overlap: float, batch_size: i
             if th < max_h:
                 continue
             break  # shorter tiles only add bands from here
-        cols = _fit(width, (budget // th) // multiple * multiple, margin, multiple)
+        max_w = (budget // th) // multiple * multiple
+        cols = _fit(width, max_w if cap is None else min(max_w, cap), margin, multiple)
         if cols is not None and (best is None or len(ys) * len(cols[1]) * th * cols[0] < best[0]):
             best = (len(ys) * len(cols[1]) * th * cols[0], th, ys, *cols)
     if best is None:  # the bands do not fit the budget: tiles of the given side
         (th, ys), (tw, xs) = (
-            _axis(height, math.ceil(height / tile), margin, multiple),
-            _axis(width, math.ceil(width / tile), margin, multiple),
+            _axis(height, math.ceil(height / side), margin, multiple),
+            _axis(width, math.ceil(width / side), margin, multiple),
         )
     else:
         _, th, ys, tw, xs = best
@@ -155,6 +167,7 @@ def iter_tiled_logits(
     batch_size: int = 8,
     multiple: int = 32,
     pad_value: float = 1.0,
+    max_side: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Blend ``forward`` over the tiles of :func:`plan_tiles`, reading the image a band of rows at a time.
 
@@ -163,13 +176,13 @@ def iter_tiled_logits(
         read_rows: ``read_rows(r0, r1) -> (3, r1 - r0, width)`` float tensor of image rows ``r0 <= r < r1`` (network
             input units, e.g. [0, 1]) on the network's device; called once per tile row, top to bottom.
         height, width: image size in px.
-        tile, overlap, batch_size, multiple: see :func:`plan_tiles`.
+        tile, overlap, batch_size, multiple, max_side: see :func:`plan_tiles`.
         pad_value: fill for padding (1.0 = white in [0, 1] units).
 
     Yields ``(y0, logits)``: ``(C, n, width)`` float32 blended outputs of rows ``y0 .. y0 + n``, in order, covering
     every row once; memory is one band of tile rows.
     """
-    lay = plan_tiles(height, width, tile, overlap, batch_size, multiple)
+    lay = plan_tiles(height, width, tile, overlap, batch_size, multiple, max_side)
     wys, tot_y = _ramps(list(lay.ys), lay.th, lay.padded_h)
     wxs, tot_x = _ramps(list(lay.xs), lay.tw, lay.padded_w)
     carry, done, wx_t = None, 0, {}
@@ -209,13 +222,13 @@ def tiled_logits(
     batch_size: int = 8,
     multiple: int = 32,
     pad_value: float = 1.0,
+    max_side: int | None = None,
 ) -> torch.Tensor:
     """Blend ``forward`` over the tiles of ``image`` (``(3, H, W)`` float tensor on the network's device): the
     in-memory form of :func:`iter_tiled_logits` (same tiles and weights). Returns ``(C, H, W)`` float32."""
     _, H, W = image.shape
-    parts = [
-        o for _, o in iter_tiled_logits(forward, lambda a, b: image[:, a:b], H, W, tile, overlap, batch_size, multiple, pad_value)
-    ]
+    rows = iter_tiled_logits(forward, lambda a, b: image[:, a:b], H, W, tile, overlap, batch_size, multiple, pad_value, max_side)
+    parts = [o for _, o in rows]
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 

@@ -14,13 +14,17 @@ channel 0 = background; multilabel ``(N, H, W)``. ``output='labels'`` gives uint
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning.pytorch as L
 import numpy as np
 import torch
 
+from histolight import viz
 from histolight.segment.config import SegmentConfig
 from histolight.segment.inference import single_pass_logits, tiled_logits
 from histolight.segment.losses import SegmentLoss
@@ -35,45 +39,28 @@ OUTPUTS = ("proba", "logits", "labels")
 # ---------------------------------------------------------------------------------------------- colours / overlays
 
 
-def palette(n: int) -> np.ndarray:
-    """``(n, 3)`` uint8 colours: class 0 black, then tumor-red, stroma-green, necrosis-grey, ..."""
-    base = [
-        (0, 0, 0),
-        (220, 30, 30),
-        (40, 170, 60),
-        (90, 90, 90),
-        (30, 90, 220),
-        (230, 160, 20),
-        (160, 40, 200),
-        (20, 190, 190),
-        (240, 120, 160),
-    ]
-    out = [base[i] if i < len(base) else tuple(int(v) for v in np.random.default_rng(i).integers(0, 255, 3)) for i in range(n)]
-    return np.array(out, np.uint8)
+def palette(class_names: Sequence[str]) -> np.ndarray:
+    """``(n, 3)`` uint8 colours of ``class_names`` from the shared label palette (:func:`histolight.viz.palette`)."""
+    return viz.palette(class_names)
 
 
-def colorize(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Class map ``(H, W)`` (or multilabel ``(N, H, W)``) -> RGB ``(H, W, 3)`` uint8."""
-    if labels.ndim == 3:  # multilabel: mix the label colours
-        pal = palette(labels.shape[0] + 1)[1:].astype(np.float32)
-        cnt = labels.sum(0, keepdims=True).clip(1, None)
-        rgb = np.tensordot(labels.astype(np.float32), pal, axes=(0, 0)) / cnt.transpose(1, 2, 0)
-        return rgb.astype(np.uint8)
-    return palette(max(n_classes, int(labels.max()) + 1))[labels]
+def colorize(labels: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """Class map ``(H, W)`` (or multilabel ``(N, H, W)``) -> RGB ``(H, W, 3)`` uint8 (:func:`histolight.viz.colorize`)."""
+    return viz.colorize(labels, class_names)
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float = 0.45) -> np.ndarray:
-    """Image with the predicted classes blended in (background untouched)."""
-    rgb = colorize(labels, n_classes)
-    fg = (labels.any(0) if labels.ndim == 3 else labels > 0)[..., None]
-    out = image.astype(np.float32) * (1 - alpha * fg) + rgb.astype(np.float32) * alpha * fg
-    return out.clip(0, 255).astype(np.uint8)
+def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.6) -> np.ndarray:
+    """Image ``(H, W, 3)`` with the predicted classes blended in, background untouched (:func:`histolight.viz.blend_labels`)."""
+    fg = labels.any(0) if labels.ndim == 3 else labels > 0
+    return viz.blend_labels(image, colorize(labels, class_names), fg, alpha)
 
 
-def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """``[image | truth | prediction]`` side by side with 4 px white gaps."""
-    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([image, gap, colorize(truth, n_classes), gap, colorize(pred, n_classes)], 1)
+def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """``[image | truth | prediction]`` side by side under titles, with the colour legend below."""
+    key = viz.legend_image(viz.label_colors(class_names))
+    return viz.panels(
+        [(image, "image"), (colorize(truth, class_names), "truth"), (colorize(pred, class_names), "prediction")], key
+    )
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -195,7 +182,7 @@ class SegmentModel(L.LightningModule):
         c = self.config
         for i in range(batch["image"].shape[0]):
             img, mask, weight = batch["image"][i], batch["mask"][i], batch["weight"][i]
-            logits = tiled_logits(self.net, img, c.tile_px, c.overlap, c.infer_batch_size)
+            logits = tiled_logits(self.net, img, c.tile_px, c.overlap, c.infer_batch_size, max_side=c.size)
             loss = self.loss_fn(logits[None], mask[None], weight[None])
             self._val_loss_sum += float(loss)
             self._val_loss_n += 1
@@ -226,7 +213,7 @@ class SegmentModel(L.LightningModule):
                     pr, tr = pr[:, :hv, :wv], tr[:, :hv, :wv]
                 else:
                     pr, tr = pr[:hv, :wv], tr[:hv, :wv]
-                self._overlays.append((batch["name"][i], panel(im, tr, pr, c.n_classes)))
+                self._overlays.append((batch["name"][i], panel(im, tr, pr, c.class_names)))
 
     def _want_overlays(self) -> bool:
         if self.n_overlays <= 0 or self.overlay_every <= 0 or self.trainer is None or self.trainer.sanity_checking:
@@ -352,7 +339,8 @@ class SegmentModel(L.LightningModule):
 
         Args:
             image: the image, already at ``config.mpp`` um/px.
-            tile_px: tile side (default ``config.infer_tile_px``, else ``config.size``; a multiple of 32).
+            tile_px: px per forward pass ``batch_size * tile_px**2`` (default ``config.infer_tile_px``, else
+                ``config.size``; a multiple of 32), in tiles of at most ``config.size`` px (:meth:`_tiled`).
             overlap: tile overlap as a fraction of the tile (default ``config.overlap``).
             batch_size: tiles per forward pass (default ``config.infer_batch_size``).
             output: ``proba`` (default), ``logits`` or ``labels``.
@@ -360,19 +348,34 @@ class SegmentModel(L.LightningModule):
         Returns: exactly ``H x W`` outputs: binary ``(H, W)``, multiclass ``(N + 1, H, W)``,
         multilabel ``(N, H, W)`` (see the module docstring for labels).
         """
-        c = self.config
-        tile = int(tile_px or c.tile_px)
+        tile = int(tile_px or self.config.tile_px)
         if tile % 32:
             raise ValueError(f"tile_px={tile} must be a multiple of 32")
+        return self._finish(self._tiled(self._prepare(image), tile, overlap, batch_size), output)
+
+    def _tiled(self, x: torch.Tensor, tile: int, overlap: float | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """Logits ``(C, H, W)`` of the ``(3, H, W)`` input ``x`` in eval mode, tiled and blended.
+
+        Tiles are at most ``config.size`` px (the training crop) on a side: the BatchNorm statistics of the network
+        were learnt on feature maps of such crops (at 64 px the deepest maps are 2 x 2, all border), and larger tiles
+        shift its deep features away from them (issue 11 item 8: a model trained on 64 px crops then marks most of a
+        512 px tile as foreground). ``tile`` (``infer_tile_px``) sets the pixels per forward pass
+        (``batch_size * tile**2``): beyond the crop size it puts more crops in a pass, and the prediction is the same.
+        """
+        c = self.config
         was = self.training
         self.eval()
         try:
-            logits = tiled_logits(
-                self.net, self._prepare(image), tile, c.overlap if overlap is None else overlap, batch_size or c.infer_batch_size
+            return tiled_logits(
+                self.net,
+                x,
+                tile,
+                c.overlap if overlap is None else overlap,
+                batch_size or c.infer_batch_size,
+                max_side=c.size,
             )
         finally:
             self.train(was)
-        return self._finish(logits, output)
 
     @torch.no_grad()
     def run_forward(self, image: np.ndarray, output: str = "proba") -> np.ndarray:
@@ -385,6 +388,51 @@ class SegmentModel(L.LightningModule):
             self.train(was)
         return self._finish(logits, output)
 
+    def iter_slide_inference(
+        self,
+        slide,
+        output: str = "proba",
+        strip_px: int | None = None,
+        tile_px: int | None = None,
+        overlap: float | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Segment a whole slide at ``config.mpp`` strip by strip, yielding each strip's prediction as it is made.
+
+        Each strip of ``strip_px`` rows (default ``max(2 * tile, 1024)``) is read with half a tile of context rows
+        above and below (``slide.read``), segmented with the tiles of :meth:`run_tiled_inference` and cropped, so
+        memory is one strip whatever the slide size.
+
+        Yields ``(y0, rows)``, top to bottom, covering the slide's grid at ``config.mpp`` (``slide.size_at_mpp``,
+        ``H x W``): ``rows`` are ``(C, n, W)`` float32 for ``proba``/``logits`` (binary: ``C = 1``), ``(n, W)`` uint8
+        (binary 0/1, multiclass class index) or ``(N, n, W)`` uint8 (multilabel) for ``labels``.
+        """
+        from tqdm.auto import tqdm
+
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r} is invalid: must be one of {list(OUTPUTS)}")
+        c = self.config
+        mpp = c.mpp
+        W, H = slide.size_at_mpp(mpp)
+        ds = mpp / slide.mpp
+        tile = int(tile_px or c.tile_px)
+        halo = min(tile, c.size) // 2
+        strip = int(strip_px or max(2 * tile, 1024))
+        context = None
+        n = self.normalizer
+        if n is not None and getattr(n, "use_context", False):
+            context = slide.thumbnail(max_size=2048)
+        for y0 in tqdm(range(0, H, strip), desc=f"segment {getattr(slide, 'name', '')}", leave=False, disable=not progress):
+            y1 = min(H, y0 + strip)
+            r0, r1 = max(0, y0 - halo), min(H, y1 + halo)
+            img = slide.read((0.0, r0 * ds), (W * ds, (r1 - r0) * ds), mpp, out_size=(W, r1 - r0))
+            logits = self._tiled(self._prepare(img, context), tile, overlap, batch_size)[:, y0 - r0 : y1 - r0]
+            if output == "labels":
+                yield y0, self.to_labels(self.activation(logits)).cpu().numpy()
+            else:
+                yield y0, (logits if output == "logits" else self.activation(logits)).cpu().numpy()
+
     @torch.no_grad()
     def run_slide_inference(
         self,
@@ -396,56 +444,26 @@ class SegmentModel(L.LightningModule):
         batch_size: int | None = None,
         progress: bool = False,
     ) -> np.ndarray:
-        """Segment a whole slide at ``config.mpp``, reading it in horizontal strips (bounded memory).
+        """Segment a whole slide at ``config.mpp``, reading it in horizontal strips (:meth:`iter_slide_inference`).
 
-        Each strip of ``strip_px`` rows is read with ``tile_px // 2`` rows of context above and below
-        (``slide.read``), segmented with :meth:`run_tiled_inference` and cropped, so memory is one
-        strip plus the output, whatever the slide size.
+        ``slide``: a slide object or the path of a slide file (opened with :func:`histolight.wsi.open_slide`).
 
         Returns: the slide's grid at ``config.mpp`` (``slide.size_at_mpp``): binary ``(H, W)``,
         multiclass ``(N + 1, H, W)``, multilabel ``(N, H, W)`` (float32 probabilities, or uint8 labels).
         """
-        from tqdm.auto import tqdm
+        if isinstance(slide, (str, os.PathLike)):
+            from histolight.wsi import open_slide
 
-        c = self.config
-        mpp = c.mpp
-        W, H = slide.size_at_mpp(mpp)
-        ds = mpp / slide.mpp
-        tile = int(tile_px or c.tile_px)
-        halo = tile // 2
-        strip = int(strip_px or max(2 * tile, 1024))
-        context = None
-        n = self.normalizer
-        if n is not None and getattr(n, "use_context", False):
-            context = slide.thumbnail(max_size=2048)
-        ch = 1 if self.mode == "binary" else c.n_out
+            with contextlib.closing(open_slide(slide)) as s:
+                return self.run_slide_inference(s, output, strip_px, tile_px, overlap, batch_size, progress)
+        W, H = slide.size_at_mpp(self.config.mpp)
+        ch = 1 if self.mode == "binary" else self.config.n_out
         if output == "labels":
             out = np.zeros((H, W) if self.mode != "multilabel" else (ch, H, W), np.uint8)
         else:
             out = np.zeros((ch, H, W), np.float32)
-        for y0 in tqdm(range(0, H, strip), desc=f"segment {getattr(slide, 'name', '')}", leave=False, disable=not progress):
-            y1 = min(H, y0 + strip)
-            r0, r1 = max(0, y0 - halo), min(H, y1 + halo)
-            img = slide.read((0.0, r0 * ds), (W * ds, (r1 - r0) * ds), mpp, out_size=(W, r1 - r0))
-            was = self.training
-            self.eval()
-            try:
-                logits = tiled_logits(
-                    self.net,
-                    self._prepare(img, context),
-                    tile,
-                    c.overlap if overlap is None else overlap,
-                    batch_size or c.infer_batch_size,
-                )
-            finally:
-                self.train(was)
-            logits = logits[:, y0 - r0 : y1 - r0]
-            if output == "labels":
-                out[..., y0:y1, :] = self.to_labels(self.activation(logits)).cpu().numpy()
-            elif output == "logits":
-                out[:, y0:y1] = logits.cpu().numpy()
-            else:
-                out[:, y0:y1] = self.activation(logits).cpu().numpy()
+        for y0, rows in self.iter_slide_inference(slide, output, strip_px, tile_px, overlap, batch_size, progress):
+            out[..., y0 : y0 + rows.shape[-2], :] = rows
         return out[0] if (self.mode == "binary" and output != "labels") else out
 
 

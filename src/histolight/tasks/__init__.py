@@ -24,6 +24,8 @@ TASKS: dict[str, str] = {
     "generate_rois": "histolight.tasks.generate_rois:run",
     "train_mil": "histolight.tasks.train_mil:run",
     "predict_mil": "histolight.tasks.predict_mil:run",
+    "compare": "histolight.tasks.compare:run",
+    "report": "histolight.tasks.report:run",
 }
 
 

@@ -44,7 +44,13 @@ def load_dataset(cfg: DictConfig) -> Dataset:
     d = dataset_config(cfg)
     ensure_demo_from_config(d)
     return Dataset(
-        d.slides, rois=d.rois, annotations=d.annotations, mpp_override=d.mpp_override, recursive=d.recursive, name=d.name
+        d.slides,
+        rois=d.rois,
+        annotations=d.annotations,
+        mpp_override=d.mpp_override,
+        recursive=d.recursive,
+        name=d.name,
+        include_detections=d.include_detections,
     )
 
 
@@ -70,8 +76,67 @@ def opt_list(key: str, v: Any) -> list[str] | None:
 
 def check_model_path(v: Any, hint: str) -> None:
     """``v`` names an existing file or folder; ``hint`` says what kind (for the error message)."""
-    check(isinstance(v, str) and v.strip() not in ("", "???"), "model", v, f"must be {hint}")
+    check(isinstance(v, str) and v.strip() != "", "model", v, f"must be {hint}")
     check(Path(v).exists(), "model", v, f"does not exist (expected {hint})")
+
+
+#: per model kind (``<kind>_config.json``): what it is, which tasks take it, and what writes one
+MODEL_KINDS = {
+    "segment": ("a segmentation model", "task=segment / task=generate_rois", "experiment=seg_multiclass writes <run>"),
+    "classifier": ("a tile classifier", "task=predict / task=features", "experiment=tile_classifier writes <run>/model"),
+    "mil": ("a MIL model", "task=predict_mil", "task=train_mil writes one"),
+}
+
+
+def _kind_in(folder: Path) -> str | None:
+    from histolight.errors import HistolightError
+    from histolight.training.artifacts import read_model_folder
+
+    try:
+        return read_model_folder(folder).kind if folder.is_dir() else None
+    except HistolightError:
+        return None
+
+
+def resolve_model(path: str, kind: str, task: str) -> str:
+    """``task.model`` for a task that takes a ``kind`` model (``segment``, ``classifier``, ``mil``).
+
+    A training run folder whose ``model/`` holds that kind resolves to ``<run>/model``; a folder holding another
+    kind of model is a :class:`ConfigError` saying what it is and which task takes it. Files (a ``.ckpt``, a config
+    JSON) and anything else are returned as given, for the loader to check.
+    """
+    p = Path(path).expanduser()
+    here, sub = _kind_in(p), _kind_in(p / "model")
+    if here == kind or (here is None and sub is None):
+        return path
+    if here is None and sub == kind:
+        log.info("task.model=%s is a training run: using its model folder %s", path, p / "model")
+        return str(p / "model")
+    found = here or sub
+    what, takes, _ = MODEL_KINDS[found]
+    want, _, how = MODEL_KINDS[kind]
+    where = "" if here else f" (in {p / 'model'})"
+    raise ConfigError(
+        f"task.model='{path}' is {what}{where}: {takes} takes it. task={task} needs {want} ({how}): set task.model to one"
+    )
+
+
+def tile_source(cfg: DictConfig, tiles_root: str, tile_px: int, tile_um: Any, user: str) -> Path:
+    """The tile folder ``task=extract`` writes for the dataset at this geometry
+    (:func:`histolight.io.tilestore.tile_folder`); a :class:`ConfigError` naming the folder and the command that fills
+    it when it holds no TFRecords. ``user`` (e.g. ``the model``) says whose geometry it is."""
+    from histolight.io.tilestore import find_tfrecords, tile_folder
+
+    name = dataset_config(cfg).name
+    d = tile_folder(tiles_root, name, tile_px, tile_um)
+    if not (d.is_dir() and find_tfrecords(d)):
+        um = tile_um if isinstance(tile_um, str) else f"{tile_um:g}"
+        raise ConfigError(
+            f"no tiles in {d}: {user} reads {tile_px} px / {um if isinstance(tile_um, str) else um + ' um'} tiles of "
+            f"dataset '{name}'. Extract them first: histolight task=extract task.tile_px={tile_px} task.tile_um={um} "
+            "(with the same dataset and paths options), or give task.tfrecords=<folder of .tfrecords>"
+        )
+    return d
 
 
 def _check_area(key: str, v: Any) -> None:
@@ -83,18 +148,19 @@ class RoiOptions(PerSlideOptions):
     """ROI generation options (``task=segment``, ``task=generate_rois``), see :func:`histolight.segment.rois.masks_to_rois`.
 
     Attributes:
-        min_area_mm2: drop ROIs smaller than this (mm^2).
+        min_area_mm2: drop ROIs smaller than this (mm^2; null = 25 prediction pixels, scaled with the model's mpp).
         min_hole_mm2: fill holes smaller than this (mm^2; null = ``min_area_mm2``).
         simplify_tolerance: outline simplification in base px (null = half a prediction pixel).
     """
 
-    min_area_mm2: float = 0.01
+    min_area_mm2: float | None = None
     min_hole_mm2: float | None = None
     simplify_tolerance: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        _check_area("min_area_mm2", self.min_area_mm2)
+        if self.min_area_mm2 is not None:
+            _check_area("min_area_mm2", self.min_area_mm2)
         if self.min_hole_mm2 is not None:
             _check_area("min_hole_mm2", self.min_hole_mm2)
         tol = self.simplify_tolerance

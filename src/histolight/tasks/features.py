@@ -22,7 +22,7 @@ from histolight.classify.data import check_on_corrupt
 from histolight.cohort import PerSlideOptions
 from histolight.config.schema import check, from_config, is_pos_int
 from histolight.errors import ConfigError
-from histolight.tasks.common import dataset_config
+from histolight.tasks.common import resolve_model, tile_source
 from histolight.units import parse_tile_um
 
 
@@ -79,7 +79,7 @@ def extractor_spec(cfg: DictConfig, t: FeaturesTaskConfig) -> dict:
     if node is None:
         if not t.model:
             raise ConfigError("no extractor: choose one with extractor=<name> (conf/extractor/), or set task.model")
-        spec: dict = {"name": t.model}
+        spec: dict = {"name": resolve_model(t.model, "classifier", "features")}
     else:
         spec = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if v is not None}  # type: ignore[union-attr]
         if not spec.get("name"):
@@ -91,7 +91,6 @@ def extractor_spec(cfg: DictConfig, t: FeaturesTaskConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     from histolight.features import build_feature_extractor, extract_features
-    from histolight.io.tilestore import tile_folder
     from histolight.tasks.common import load_dataset
     from histolight.utils.device import resolve_device
 
@@ -122,7 +121,7 @@ def run(cfg: DictConfig) -> dict:
         if src is None:
             if px is None or um is None:
                 raise ConfigError(f"task.tfrecords=null needs task.tile_px and task.tile_um for {ext.name} (the tile folder)")
-            src = tile_folder(t.tiles_root, dataset_config(cfg).name, px, um)
+            src = tile_source(cfg, t.tiles_root, px, um, f"the extractor {ext.name}")
         res = extract_features(target, src, t.outdir, **kw, verify=t.verify, on_corrupt=t.on_corrupt)
     print(f"features ({ext.name}, D={ext.num_features}) from {src}: {res.summary_line()} -> {t.outdir}")
     tiles = int(res.table["tiles"].fillna(0).sum()) if "tiles" in res.table else 0

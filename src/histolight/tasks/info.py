@@ -31,11 +31,14 @@ class InfoTask(PerSlideOptions):
 
 
 def format_info(df: pd.DataFrame) -> str:
-    """Human-readable table of :meth:`~histolight.dataset.Dataset.info`: readable slides, then warnings and failures."""
+    """Human-readable table of :meth:`~histolight.dataset.Dataset.info`: every slide that could be described (size,
+    mpp, ...; a slide that failed only on its ROI file too, with its ``status``), then warnings and failures."""
     failed = df["status"] == "failed"
-    ok = df[~failed].drop(columns=["status", "reason", "seconds", "warning", "path", "roi_file"], errors="ignore")
+    described = df["width"].notna()
+    drop = ["reason", "seconds", "warning", "path", "roi_file"] + ([] if (failed & described).any() else ["status"])
+    ok = df[described].drop(columns=drop, errors="ignore")
     warn = df[~failed & df["warning"].notna()]
-    lines = [f"{len(df)} slide(s): {len(ok)} readable, {int(failed.sum())} failed", ""]
+    lines = [f"{len(df)} slide(s): {int((described & ~failed).sum())} readable, {int(failed.sum())} failed", ""]
     if len(ok):
         lines.append(ok.astype(object).where(ok.notna(), "-").to_string(index=False))
     if len(warn):

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from histolight.cohort import PerSlideOptions
 from histolight.config.schema import check, from_config, is_pos_int
-from histolight.tasks.common import dataset_config, load_dataset, opt_list, output_dir
+from histolight.tasks.common import load_dataset, opt_list, output_dir, resolve_model, tile_source
 
 
 @dataclass
@@ -71,13 +71,13 @@ class PredictTask(PerSlideOptions):
 def run(cfg: DictConfig) -> dict:
     from histolight.classify.predict import evaluate_slides, load_classifier, predict_slides
     from histolight.io.atomic import atomic_write_json
-    from histolight.io.tilestore import tile_folder
     from histolight.utils.device import resolve_device
 
     t = from_config(PredictTask, cfg.task, "task")
+    t.model = resolve_model(t.model, "classifier", "predict")
     out, device = output_dir(cfg), resolve_device(t.device)
     model = load_classifier(t.model, device, t.trust_checkpoint)
-    src = t.tfrecords or tile_folder(t.tiles_root, dataset_config(cfg).name, model.tile_px, model.tile_um)
+    src = t.tfrecords or tile_source(cfg, t.tiles_root, model.tile_px, model.tile_um, f"the model {t.model}")
     kw = {"batch_size": t.batch_size, "num_workers": t.num_workers, "heatmaps": t.heatmaps, "heatmap_scale": t.heatmap_scale}
     kw.update(verify=t.verify, on_corrupt=t.on_corrupt, trust_checkpoint=t.trust_checkpoint)
     res, pred = predict_slides(t.model, src, out, slides=t.slides, device=device, workers=t.workers, **kw)

@@ -4,7 +4,9 @@
     python run.py task=predict_mil task.model=<run>/fold_0/model task.bags=<other bags> dataset=folder ...
 
 Writes ``predictions.parquet`` (per slide: tiles, class probabilities, prediction, label when known),
-``attention/<slide>.parquet`` and ``heatmaps/<slide>.png`` (formats: :mod:`histolight.mil.predict`), ``slides.csv``.
+``attention/<slide>.parquet``, ``heatmaps/<slide>.png``, ``montages/<slide>.png`` (the top-attended tiles) (formats:
+:mod:`histolight.mil.predict`), ``slides.csv``. With ``task.roi_label`` (e.g. necrosis), each slide's share of its
+top-10% attention tiles lying in that class's ROIs (``top_roi_share``; mean over slides in the result).
 """
 
 from __future__ import annotations
@@ -30,12 +32,18 @@ class PredictMILTask(PerSlideOptions):
     label_table: str | None = None
     label_column: str | None = None
     heatmaps: bool = True
+    montage_tiles: int = 16
+    roi_label: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         check_model_path(self.model, "a MIL model folder (task=train_mil writes <run>/fold_<i>/model)")
         self.slides = opt_list("slides", self.slides)
         check(isinstance(self.heatmaps, bool), "heatmaps", self.heatmaps, "must be true or false")
+        ok = isinstance(self.montage_tiles, int) and not isinstance(self.montage_tiles, bool) and self.montage_tiles >= 0
+        check(ok, "montage_tiles", self.montage_tiles, "an integer >= 0 (0 = no montage)")
+        ok = self.roi_label is None or (isinstance(self.roi_label, str) and self.roi_label != "")
+        check(ok, "roi_label", self.roi_label, "null or a ROI label (e.g. necrosis)")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -56,6 +64,14 @@ def run(cfg: DictConfig) -> dict:
         table = read_table(source)
         labels = dict(zip(table["slide"], table[t.label_column].astype(str))) if t.label_column in table else None
     mpp = {n: ds.mpp_for(n) for n in paths}
-    res, pred = predict(t.model, names, output_dir(cfg), bags=bags, slide_paths=paths, mpp=mpp, labels=labels, workers=t.workers)
+    rois = {n: str(ds.roi_path(n)) for n in names if t.roi_label and n in ds.names and ds.roi_path(n) is not None}
+    opts = {"montage_tiles": t.montage_tiles if t.heatmaps else 0, "roi_paths": rois, "roi_label": t.roi_label}
+    res, pred = predict(
+        t.model, names, output_dir(cfg), bags=bags, slide_paths=paths, mpp=mpp, labels=labels, workers=t.workers, **opts
+    )
+    out = res.metrics()
+    if "top_roi_share" in pred:
+        out["top_roi_share_mean"] = float(pred["top_roi_share"].mean())
+        print(f"predict_mil: {out['top_roi_share_mean']:.1%} of the top-10% attention tiles lie in {t.roi_label} ROIs")
     print(f"predict_mil: {res.summary_line()}; predictions in {output_dir(cfg) / 'predictions.parquet'}")
-    return res.metrics()
+    return out

@@ -5,18 +5,22 @@
 Per slide, in ``<run>/segment/``: the prediction aligned to the slide, its ``.pred.json`` sidecar, an overlay PNG
 and ROIs (format: :mod:`histolight.segment.outputs`). One row per slide in ``<run>/segment_report.csv``.
 ``task.trust_checkpoint=true`` (a legacy pickle from a trusted source) first saves the model as ``<run>/model``.
+``task.out_mpp=<um/px>|base`` also writes the prediction at that resolution as a pyramidal TIFF (streamed);
+``task.images=<files, wildcards or a CSV/TSV list>`` segments image files instead (``task.images_mpp``, else
+assumed at the model's mpp; masks at the image size, :mod:`histolight.segment.images`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig
 
 from histolight.config import from_config
-from histolight.config.schema import check, is_pos_int
-from histolight.tasks.common import RoiOptions, check_model_path, load_dataset, opt_list, output_dir, select_slides
+from histolight.config.schema import check, is_pos_int, is_pos_num
+from histolight.tasks.common import RoiOptions, check_model_path, load_dataset, opt_list, output_dir, resolve_model, select_slides
 
 
 @dataclass
@@ -34,6 +38,9 @@ class SegmentTask(RoiOptions):
     device: str = "auto"
     strip_px: int | None = None
     trust_checkpoint: bool = False
+    out_mpp: Any = None
+    images: Any = None
+    images_mpp: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -44,20 +51,29 @@ class SegmentTask(RoiOptions):
         self.roi_formats = opt_list("roi_formats", self.roi_formats) or []
         check(all(f in ("csv", "geojson") for f in self.roi_formats), "roi_formats", self.roi_formats, "entries: csv, geojson")
         check(self.strip_px is None or is_pos_int(self.strip_px), "strip_px", self.strip_px, "must be null or an integer >= 1")
+        ok = self.out_mpp is None or self.out_mpp == "base" or is_pos_num(self.out_mpp)
+        check(ok, "out_mpp", self.out_mpp, "must be null, 'base' or a positive number of um/px")
+        self.images = opt_list("images", self.images)
+        check(self.images_mpp is None or is_pos_num(self.images_mpp), "images_mpp", self.images_mpp, "must be null or um/px > 0")
 
 
 def run(cfg: DictConfig) -> dict:
+    from histolight.segment.images import segment_images
     from histolight.segment.io import save_trusted_copy
     from histolight.segment.outputs import segment_slides
 
     t = from_config(SegmentTask, cfg.task, "task")
-    ds = load_dataset(cfg)
+    t.model = resolve_model(t.model, "segment", "segment")
     out = output_dir(cfg)
-    res = segment_slides(
-        ds,
-        str(save_trusted_copy(t.model, out / "model")) if t.trust_checkpoint else t.model,
-        out / "segment",
-        select_slides(ds, t.slides, t.split),
+    model = str(save_trusted_copy(t.model, out / "model")) if t.trust_checkpoint else t.model
+    if t.images:  # image files instead of the dataset's slides; full-resolution masks at the image size by default
+        run_on = functools.partial(segment_images, t.images, mpp=t.images_mpp, out_mpp=t.out_mpp or "base")
+    else:
+        ds = load_dataset(cfg)
+        run_on = functools.partial(segment_slides, ds, slides=select_slides(ds, t.slides, t.split), out_mpp=t.out_mpp)
+    res = run_on(
+        model=model,
+        out=out / "segment",
         output=t.output,
         overlay=t.overlay,
         rois=t.rois,

@@ -1,21 +1,26 @@
 """``task=train_mil``: slide-level MIL models from feature bags (:func:`histolight.mil.train`), k-fold by patient.
 
     python run.py task=train_mil data=bags model=mil_attention data.bags=<bags> data.label_column=<column>
-    python run.py experiment=mil_demo                      # demo: necrosis-rich slides (see experiments/mil_demo.md)
+    python run.py experiment=mil_demo                      # demo: slides -> bags -> 5-fold CV (experiments/mil_demo.md)
+    python run.py experiment=mil_demo resume=auto hydra.run.dir=outputs/<date>/<run>   # continue a killed run
 
 Outputs in the run folder: ``fold_<i>/model`` (``mil_config.json`` + ``weights.safetensors``), ``folds.csv``
-(one row per fold), ``predictions.parquet``, ``skipped.csv``, ``metrics.json`` (mean and sd over folds).
+(one row per fold), ``predictions.parquet``, ``skipped.csv``, ``metrics.json`` (mean and sd over folds), ``roc.csv``
+and ``attention_examples/`` (heatmaps of a few out-of-fold slides), also logged to the run's loggers (W&B: metrics,
+ROC curve, images; the runs of a multirun share one W&B group). With ``task.build_bags`` (``task=features``
+options) the bags are built into ``data.bags`` first; slides whose bag exists are skipped.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
 from histolight.config.schema import check, from_config
-from histolight.errors import ConfigError
+from histolight.errors import ConfigError, HistolightError
 
 
 @dataclass
@@ -28,6 +33,8 @@ class TrainMILTask:
     ckpt: str = "best"
     overwrite: bool = False
     demo_labels: float | None = None
+    build_bags: Any = None
+    attention_examples: int = 4
 
     def __post_init__(self):
         check(isinstance(self.monitor, str) and "/" in self.monitor, "monitor", self.monitor, "a logged metric, e.g. val/loss")
@@ -38,15 +45,37 @@ class TrainMILTask:
         check(
             ok, "demo_labels", self.demo_labels, "null or the necrosis fraction (0-1) above which a demo slide is high_necrosis"
         )
+        ok = isinstance(self.attention_examples, int) and not isinstance(self.attention_examples, bool)
+        check(ok and self.attention_examples >= 0, "attention_examples", self.attention_examples, "an integer >= 0")
+        if self.build_bags is not None:
+            from histolight.tasks.features import FeaturesTaskConfig
+
+            check(isinstance(self.build_bags, dict), "build_bags", self.build_bags, "null or task=features options")
+            from_config(FeaturesTaskConfig, self.build_bags, "task.build_bags")
+
+
+def build_bags(cfg: DictConfig, bags: str) -> None:
+    """Run ``task=features`` with the options ``cfg.task.build_bags`` into ``bags`` (existing bags are kept)."""
+    from histolight.tasks import features
+
+    fcfg = copy.deepcopy(cfg)
+    with open_dict(fcfg):
+        fcfg.task = fcfg.task.build_bags
+        fcfg.task.outdir = str(bags)
+    m = features.run(fcfg)
+    if m.get("n_failed"):
+        raise HistolightError(f"building the bags in '{bags}' failed for {m['n_failed']} slide(s); see {m.get('summary')}")
 
 
 def run(cfg: DictConfig) -> dict:
     from histolight.mil.config import BagDataConfig, MILModelConfig
+    from histolight.training.trainer import check_resume_options
 
     for group, example in (("data", "data=bags"), ("model", "model=mil_attention"), ("trainer", "trainer=cpu")):
         if cfg.get(group) is None:
             raise ConfigError(f"task=train_mil needs a {group} config: add {example} (or experiment=mil_demo)")
     task = from_config(TrainMILTask, cfg.task, "task")
+    check_resume_options(cfg.get("ckpt_path"), cfg.get("resume"))
     from histolight.tasks.common import load_dataset, output_dir
 
     if task.demo_labels is not None:  # the demo's label table, from its ground-truth masks
@@ -58,26 +87,41 @@ def run(cfg: DictConfig) -> dict:
             cfg.data.annotations = str(path)
     data = from_config(BagDataConfig, cfg.data, "data")
     model = from_config(MILModelConfig, cfg.model, "model")
+    if task.build_bags is not None:
+        build_bags(cfg, data.bags)
 
+    from histolight.mil.report import attention_examples, log_run
     from histolight.mil.training import format_summary, train
     from histolight.training.trainer import build_trainer
+
+    trainers: list = []
 
     def fold_trainer(folder):  # the run's trainer, callbacks and loggers, writing into the fold's folder
         fcfg = copy.deepcopy(cfg)
         with open_dict(fcfg):
             fcfg.paths.output_dir = str(folder)
-        return build_trainer(fcfg)
+        trainers.append(build_trainer(fcfg))
+        return trainers[-1]
 
+    out = output_dir(cfg)
     res = train(
         data,
         model,
-        output_dir(cfg),
+        out,
         trainer_factory=fold_trainer,
         seed=cfg.get("seed") or 0,
         ckpt=task.ckpt,
         monitor=task.monitor,
         monitor_mode=task.monitor_mode,
         overwrite=task.overwrite,
+        resume=cfg.get("resume"),
+        ckpt_path=cfg.get("ckpt_path"),
     )
+    images = []
+    if task.attention_examples:
+        ds = load_dataset(cfg)
+        images = attention_examples(out, ds, data.bags, task.attention_examples)
+    if trainers:
+        log_run(trainers[-1].loggers, out, res, images)
     print(f"train_mil ({model.name}, {res['n_folds']} fold(s), {res['n_items']} {data.level}s): {format_summary(res)}")
     return {k: v for k, v in res.items() if k not in ("folds", "model_dirs")}

@@ -7,7 +7,9 @@
 
 Outputs in the run folder: the model (``segment_config.json`` + ``weights.safetensors``; load with
 ``histolight.segment.load_model_and_config(<run dir>)``), ``checkpoints/``, ``overlays/`` (validation image |
-truth | prediction), ``metrics.json``. Returns the best checkpoint's validation metrics (``val/miou``, ...).
+truth | prediction), ``metrics.json``; with ``task.evaluate`` (default in patch mode, ``data=seg_patches``)
+``evaluation/`` (per slide / class TP FP TN FN, Dice, IoU on the validation and test slides, confusion matrix,
+panels); with ``task.save_inputs`` (``debug=inputs``) ``inputs/`` (augmented training batches). Returns the best checkpoint's validation metrics (``val/miou``, ...).
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ class TrainSegTask:
     overwrite: bool = False
     n_overlays: int = 3
     overlay_every: int = 5
+    evaluate: bool | None = None
+    save_inputs: int = 0
 
     def __post_init__(self):
+        check(self.evaluate in (None, True, False), "evaluate", self.evaluate, "must be null (patch mode only), true or false")
         check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be min or max")
         check(isinstance(self.overwrite, bool), "overwrite", self.overwrite, "must be true or false")
-        for k in ("n_overlays", "overlay_every"):
+        for k in ("n_overlays", "overlay_every", "save_inputs"):
             v = getattr(self, k)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, k, v, "must be an integer >= 0 (0 = none)")
 
@@ -65,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
     check_overwrite(out, KIND, task.overwrite)
     ds = load_dataset(cfg)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    opts = {k: getattr(task, k) for k in ("overwrite", "n_overlays", "overlay_every")}
+    opts = {k: getattr(task, k) for k in ("overwrite", "n_overlays", "overlay_every", "evaluate", "save_inputs")}
     metrics = train(
         scfg,
         ds,
@@ -81,4 +86,7 @@ def run(cfg: DictConfig) -> dict:
     print(
         f"Segmentation model: {out}  (val/miou {m['val/miou']:.4f}, val/mdice {m['val/mdice']:.4f}, {metrics['train_time_s']} s)"
     )
+    held = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/") and "/dice_" in k}
+    if held:
+        print(f"Held-out evaluation ({out}/evaluation): {held}")
     return metrics

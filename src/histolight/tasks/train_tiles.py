@@ -89,6 +89,6 @@ def run(cfg: DictConfig) -> dict:
         ckpt_path=resume_from,
         **opts,
     )
-    summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("bal_acc", "auroc", "/acc")) and v is not None)
-    print(f"train_tiles: {summary}; model in {metrics['model_dir']}")
-    return metrics
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("bal_acc", "auroc", "/acc")) and v is not None)
+    # the wrapper's closing line: "task train_tiles finished in N s: tile classifier <model> (val/bal_acc 0.61, ...)"
+    return {**metrics, "result": f"tile classifier {metrics['model_dir']} ({summary})"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from histolight.cohort import failure_exit_code
+from histolight.config.files import repo_root
 from histolight.errors import ConfigError, HistolightError
 from histolight.utils.diagnose import environment_error
 from histolight.utils.instantiate import finish_wandb
@@ -42,10 +42,11 @@ def metric_value(metrics: dict | None, name: str | None) -> float | None:
 
 
 def known_top_level_keys() -> list[str] | None:
-    """The config groups (the folders of ``$HISTOLIGHT_ROOT/conf``) and the keys of its ``config.yaml``; None when
-    that folder is not found (a config composed elsewhere is not checked)."""
-    conf = Path(os.environ.get("HISTOLIGHT_ROOT", ".")) / "conf"
-    if not (conf / "config.yaml").is_file():
+    """The config groups (the folders of ``conf/``, :func:`histolight.config.files.repo_root`) and the keys of its
+    ``config.yaml``; None when that folder is not found (a config composed elsewhere is not checked)."""
+    try:
+        conf = repo_root() / "conf"
+    except ConfigError:
         return None
     keys = [str(k) for k in OmegaConf.load(conf / "config.yaml") if k != "defaults"]
     return sorted(p.name for p in conf.iterdir() if p.is_dir()) + keys
@@ -87,6 +88,28 @@ def slide_outcome(name: str, cfg: DictConfig, metrics: dict) -> tuple[str, int]:
     return line, code
 
 
+def failure_lines(summary: str | None, limit: int = 10) -> list[str]:
+    """``  <slide>: <reason>`` for the failed slides of a per-slide task's summary CSV (the first ``limit``, then
+    where the rest are); [] when the CSV cannot be read. Reasons are cut to their first line (tracebacks are in the
+    log)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(summary) if summary else None
+    except (OSError, ValueError):
+        return []
+    if df is None or not {"slide", "status", "reason"} <= set(df.columns):
+        return []
+    bad = df[df["status"] == "failed"]
+    lines = [
+        f"  {r.slide}: {str(r.reason).strip().splitlines()[0] if str(r.reason).strip() else '?'}"
+        for r in bad.head(limit).itertuples()
+    ]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more: see {summary}")
+    return lines
+
+
 def execute(cfg: DictConfig) -> float | None:
     """Run ``cfg.task.name``; return ``cfg.optimized_metric`` from its result dict (None if unset).
 
@@ -104,10 +127,14 @@ def execute(cfg: DictConfig) -> float | None:
         fn = get_task(name)
         metrics = fn(cfg) or {}
         out = Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".")
-        log.info("task %s finished in %.1f s; outputs in %s", name, time.time() - t0, out)
+        finish_wandb(exit_code=0)  # W&B's run summary before our closing lines, not after them
+        result = f": {metrics['result']}" if isinstance(metrics.get("result"), str) else ""
+        log.info("task %s finished in %.1f s%s; outputs in %s", name, time.time() - t0, result, out)
         if "n_failed" in metrics:
             line, code = slide_outcome(name, cfg, metrics)
             (log.error if code else log.info)(line)
+            for bad in failure_lines(metrics.get("summary")):
+                log.error(bad)
             if code:
                 if is_multirun():
                     raise SlidesFailedError(line)

@@ -51,10 +51,16 @@ def build_trainer(cfg: Any):
     """The Lightning ``Trainer`` of a Hydra run: ``cfg.trainer`` (see :func:`trainer_config`), the ``callbacks``
     group and the ``logger`` group (a W&B logger gets the sweep's group/name in a multirun)."""
     from histolight.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
+    from histolight.utils.logs import quiet_lightning
     from histolight.utils.wandb import with_sweep_settings
 
+    quiet_lightning()
     loggers = instantiate_loggers(with_sweep_settings(cfg.get("logger"), cfg))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    if os.environ.get("SLURM_JOB_ID"):  # launcher=slurm: save last.ckpt when warned of preemption / the time limit
+        from histolight.training.preemption import PreemptionCheckpoint
+
+        callbacks.append(PreemptionCheckpoint(LAST))
     return instantiate(trainer_config(cfg.trainer), callbacks=callbacks, logger=loggers or False)
 
 
@@ -80,6 +86,9 @@ def default_trainer(
     import lightning.pytorch as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from histolight.utils.logs import quiet_lightning
+
+    quiet_lightning()
     callbacks = list(callbacks or [])
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         folder = Path(dest) / "checkpoints"
@@ -175,13 +184,19 @@ def check_resume_options(ckpt_path: Any, resume: Any) -> None:
 
 def resume_checkpoint(trainer: Any, ckpt_path: Any = None, resume: Any = None) -> Path | None:
     """The checkpoint this run continues from: ``ckpt_path``, or with ``resume='auto'`` the ``last.ckpt`` of the
-    trainer's checkpoint folder when it exists (None: train from the start). Checked before any work."""
+    trainer's checkpoint folder when it exists (None: train from the start). Checked before any work. In a SLURM job
+    the scheduler requeued (:func:`histolight.training.preemption.requeued`), ``resume=None`` acts as ``auto``."""
     check_resume_options(ckpt_path, resume)
     if ckpt_path is not None:
         return Path(ckpt_path)
+    from histolight.training.preemption import requeued
+
+    folders = [Path(cb.dirpath) for cb in _checkpoint_callbacks(trainer) if cb.dirpath and (cb.save_last or cb.filename == LAST)]
+    if resume is None and folders and requeued():  # a SLURM job requeued after preemption continues where it stopped
+        log.info("requeued SLURM job (SLURM_RESTART_COUNT=%s): resume=auto", os.environ["SLURM_RESTART_COUNT"])
+        resume = "auto"
     if resume != "auto":
         return None
-    folders = [Path(cb.dirpath) for cb in _checkpoint_callbacks(trainer) if cb.dirpath and (cb.save_last or cb.filename == LAST)]
     if not folders:
         raise ConfigError(
             "resume=auto needs a checkpoint callback that saves last.ckpt into a set folder "

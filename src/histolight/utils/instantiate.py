@@ -48,6 +48,9 @@ def instantiate_loggers(group: Any) -> list:
                 log.info("W&B: no API key found, logging offline; upload later with `wandb sync <run dir>/wandb/offline-run-*`")
             Path(node.get("save_dir") or ".").mkdir(parents=True, exist_ok=True)
         loggers.append(instantiate(node, **kw))
+    from histolight.utils.logs import drop_wandb_anonymous
+
+    drop_wandb_anonymous(loggers)
     return loggers
 
 

@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 #: training tasks that continue from a checkpoint (``ckpt_path`` / ``resume=auto``)
-RESUMABLE_TASKS = ("train_seg", "train_tiles")
+RESUMABLE_TASKS = ("train_seg", "train_tiles", "train_mil")
 #: environment variables that carry a process's rank in a distributed run (Lightning, torchrun, SLURM)
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 #: what a run folder may hold and still count as empty (a run that stopped at startup leaves these)

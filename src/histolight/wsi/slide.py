@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from histolight.errors import MissingMPPError, SlideError
+from histolight.wsi.pixels import resize_area, resize_picture, rgba_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +69,6 @@ def level_origin(level_px: int, downsample: float) -> int:
     return int(math.ceil(level_px * downsample - 1e-6))
 
 
-def resize_area(img: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-    """Resize ``img`` to ``(w, h)``: area interpolation when shrinking, bilinear when enlarging."""
-    w, h = int(size_wh[0]), int(size_wh[1])
-    if img.shape[1] == w and img.shape[0] == h:
-        return img
-    shrink = w <= img.shape[1] and h <= img.shape[0]
-    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def resize_picture(img: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-    """Resize ``img`` to ``(w, h)`` for a picture (QC masks, reports, previews), cheaply: halvings by 2x2 averaging
-    while it is at least twice the size, then bilinear. Close to :func:`resize_area`, several times faster for
-    non-integer factors, not pixel-identical to it (so never used for tiles)."""
-    w, h = int(size_wh[0]), int(size_wh[1])
-    while img.shape[1] >= 2 * w and img.shape[0] >= 2 * h and min(img.shape[:2]) >= 4:
-        hh, ww = img.shape[0] // 2, img.shape[1] // 2
-        img = cv2.resize(img[: 2 * hh, : 2 * ww], (ww, hh), interpolation=cv2.INTER_AREA)  # exact 2x: the fast path
-    if img.shape[1] == w and img.shape[0] == h:
-        return img
-    return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-
-
 @dataclass(frozen=True)
 class ReadPlan:
     """How one read is served: a box of **level px** at one pyramid level, then a resize to the output size.
@@ -135,6 +113,11 @@ class BaseSlide:
     level_downsamples: tuple[float, ...]
     _file_mpp: float | None
     _mpp_note: str = ""
+    #: False: every read chooses level 0 (Slideflow's ``enable_downsample=False``, for slides whose downsampled levels
+    #: are missing or unreliable); reads of an explicit level (:meth:`read_region`) are unaffected.
+    enable_downsample: bool = True
+    #: QC masks applied with :meth:`qc` (kept on this object; extraction of it drops what they mask too).
+    qc_applied: tuple = ()
 
     def __init__(self, mpp: float | None = None):
         if mpp is not None:
@@ -184,8 +167,11 @@ class BaseSlide:
         return self.mpp * self.level_downsamples[level]
 
     def best_level_for_downsample(self, downsample: float) -> int:
-        """Deepest level whose downsample is <= ``downsample`` (never upsamples from a coarser level)."""
+        """Deepest level whose downsample is <= ``downsample`` (never upsamples from a coarser level); always 0 when
+        :attr:`enable_downsample` is False."""
         best = 0
+        if not self.enable_downsample:
+            return best
         for i, ds in enumerate(self.level_downsamples):
             if ds <= downsample * (1 + 1e-3):
                 best = i
@@ -379,6 +365,33 @@ class BaseSlide:
         """``(w, h)`` in level px of the stored JPEG tiles :meth:`stored_jpeg` can return at ``level``, or None."""
         return None
 
+    # ------------------------------------------------------------------ QC kept on the slide
+    def qc(self, method="otsu", *, tile_mpp: float | None = None):
+        """Apply QC ``method`` to this slide and keep its mask (Slideflow's ``WSI.qc``); returns the combined mask.
+
+        ``method``: a QC name (``'otsu'``, ``'blur'``, ``'gaussian'``, any registered name), a dict with ``name``, a
+        QC object such as ``histolight.qc.GaussianV2()``, or a list of these. ``tile_mpp`` (um/px of the tiles to be
+        extracted) sets the blur QC's default working resolution (4x it). Calls add up; :meth:`remove_qc` clears them.
+        Extracting this slide object (:func:`histolight.extract.extract_slide`) drops what the kept masks drop,
+        besides its own ``qc``. Returns a :class:`histolight.qc.QCMask` (``H x W`` bool, True = drop, at its
+        ``mpp`` um/px) combining every kept mask; :attr:`qc_result` has the tissue fraction and blur burden.
+        """
+        from histolight.qc.combine import apply_qc, run_qc  # QC is a layer below; names resolve in its registry
+
+        self.qc_applied = (*self.qc_applied, *apply_qc(self, method, tile_mpp=tile_mpp))
+        self.qc_result = run_qc(self, self.qc_applied)
+        return self.qc_result.mask
+
+    @property
+    def qc_mask(self):
+        """The combined mask of the QC kept with :meth:`qc` (a :class:`histolight.qc.QCMask`), or None."""
+        return self.qc_result.mask if self.qc_applied else None
+
+    def remove_qc(self) -> None:
+        """Forget the QC masks kept by :meth:`qc`."""
+        self.qc_applied = ()
+        self.qc_result = None
+
     # ------------------------------------------------------------------ misc
     def describe(self) -> dict:
         """Summary dict used by ``task=info``."""
@@ -443,12 +456,13 @@ class Slide(BaseSlide):
         fast: read tiled-JPEG TIFF pyramids (Aperio SVS, generic tiled TIFF) directly from their stored tiles
             (:mod:`histolight.wsi.tiff_tiles`: OpenSlide's pixels, several times faster) when the file allows it;
             OpenSlide otherwise. ``tile_reader`` is the direct reader or None, ``tile_reader_note`` says why.
+        enable_downsample: False reads every region from level 0 (see :attr:`BaseSlide.enable_downsample`).
 
     Raises:
         SlideError: the file is missing, unsupported or corrupt (message has OpenSlide's reason).
     """
 
-    def __init__(self, path: str | os.PathLike, mpp: float | None = None, fast: bool = True):
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None, fast: bool = True, enable_downsample: bool = True):
         import openslide
 
         self.path = str(path)
@@ -472,6 +486,7 @@ class Slide(BaseSlide):
         bg = props.get("openslide.background-color")
         self._background = tuple(int(bg[i : i + 2], 16) for i in (0, 2, 4)) if bg and len(bg) == 6 else (255, 255, 255)
         super().__init__(mpp)
+        self.enable_downsample = bool(enable_downsample)
         self.tile_reader, self.tile_reader_note = None, "disabled (fast=False)"
         if fast:
             from histolight.wsi.tiff_tiles import open_tile_reader
@@ -565,19 +580,6 @@ class Slide(BaseSlide):
         if osr is not None:
             osr.close()
             self._osr = None
-
-
-def rgba_to_rgb(rgba: np.ndarray, background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
-    """Composite an ``H x W x 4`` uint8 RGBA array over ``background``. Passes RGB through."""
-    if rgba.ndim == 3 and rgba.shape[2] == 3:
-        return rgba
-    rgb = rgba[..., :3]
-    a = rgba[..., 3]
-    if a.min() == 255:
-        return cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2RGB)  # drops alpha (a vectorised copy)
-    af = a[..., None].astype(np.float32) / 255.0
-    bg = np.asarray(background, np.float32)
-    return (rgb.astype(np.float32) * af + bg * (1 - af) + 0.5).astype(np.uint8)
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
