@@ -10,7 +10,8 @@
 # The node: this machine's hostname, CPUs=$(nproc), RealMemory = 90% of MemTotal (MB); one partition `debug`
 # (default, no time limit). No cgroups (proctrack/linuxproc, task/none), select/cons_tres with CPUs as the only
 # consumable (memory requests are checked against RealMemory, not enforced). Requeued jobs start again after
-# 20 s (cred_expire; Slurm's default is 120 s). No accounting daemon: `sacct` answers nothing and submitit tracks
+# 20 s (cred_expire; Slurm's default is 120 s); a killed or requeued job gets SIGKILL 1 s after SIGTERM (KillWait; default
+# 30 s: submitit ignores SIGTERM, so a requeued job would otherwise run on). No accounting daemon: `sacct` answers nothing and submitit tracks
 # jobs by their result files. State, logs and pid files: $SLURM_LOCAL_DIR
 # (default /var/spool/histolight-slurm); the config: /etc/slurm/slurm.conf (Debian's default path).
 set -euo pipefail
@@ -54,7 +55,7 @@ SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 ReturnToService=2
 JobRequeue=1
-KillWait=5
+KillWait=1
 MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=30

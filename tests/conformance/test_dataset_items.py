@@ -239,3 +239,18 @@ def test_detections_option_reaches_tile_tables_and_extraction(tiny_demo, tmp_pat
         counts[inc] = (grid, res.n_tiles)
     assert counts[False][0] == counts[False][1] == 25  # 5 x 5 tiles of 64 base px in the 320 px annotation
     assert counts[True][0] == counts[True][1] == 50  # and as many in the cell
+
+
+def test_dataset_tfrecord_report_reads_the_extracted_folder(tiny_demo, tmp_path):
+    """Slideflow's ``dataset.tfrecord_report()``: the report on the dataset's own TFRecords, in that folder."""
+    ds = _dataset(tiny_demo).filter({"slide": ["demo_000"]})
+    out = str(tmp_path / "tiles")
+    res = ds.extract_tiles(PX, UM, outdir=out, qc=None, grayspace_fraction=1, workers=1, progress=False, report=False)
+    rep = ds.tfrecord_report(PX, UM, outdir=out, progress=False)
+    folder = tmp_path / "tiles" / "demo" / f"{PX}px_{UM}um"
+    assert rep.html == folder / "tfrecord_report.html" and rep.pdf is None
+    t = pd.read_csv(folder / "tfrecord_report.csv").set_index("slide")
+    assert list(t.index) == ["demo_000"] and t.loc["demo_000", "status"] == "done"
+    assert t.loc["demo_000", "n_tiles"] == res.n_tiles > 0 and t.loc["demo_000", "tile_px"] == f"{PX}x{PX}"
+    other = ds.tfrecord_report(PX, UM, tmp_path / "r", outdir=out, progress=False)
+    assert other.html == tmp_path / "r" / "tfrecord_report.html"

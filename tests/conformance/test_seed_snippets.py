@@ -253,6 +253,9 @@ def test_qc_segment_masks_and_slide_rois(ds, seg_models):
         ):
             m = seg(wsi)
             assert m.mask.shape == (48, 64) and m.mask.dtype == bool  # a QC mask at the model's 8 um/px
+        kept = wsi.qc(qc.Segment(seg_models["binary"]))  # ``wsi.qc(segmenter)``: the slide keeps the mask
+        np.testing.assert_array_equal(kept.mask, qc.Segment(seg_models["binary"])(wsi).mask)
+        wsi.remove_qc()
         rois = qc.Segment(seg_models["multiclass"]).generate_rois(wsi, min_area_mm2=0)
     assert all(isinstance(r, ROI) and r.label in LABELS for r in rois)
 

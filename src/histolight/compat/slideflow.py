@@ -90,6 +90,28 @@ class SlideflowDataset:
         )
         return self.filter(names_in(split, "train")), self.filter(names_in(split, "val"))
 
+    def tfrecord_report(
+        self,
+        tile_px: int,
+        tile_um: Any,
+        dest: str | os.PathLike | None = None,
+        pdf: bool = False,
+        *,
+        outdir: str = "tiles",
+        **kwargs,
+    ):
+        """Slideflow's ``dataset.tfrecord_report()``: a report on this dataset's TFRecords in
+        ``<outdir>/<dataset name>/<tile_px>px_<tile_um>um`` (``outdir`` as given to :meth:`extract_tiles`), written to
+        ``dest`` (default: that TFRecords folder) by :func:`histolight.extract.tfreport.tfrecord_report`.
+
+        ``pdf=True`` also prints it to PDF (needs Chromium); other keywords (``samples``, ``verify``, ``workers``,
+        ``title``, ``progress``) go to that function. Returns its ``TFRecordReport`` (result, ``html``, ``pdf``)."""
+        from histolight.extract.tfreport import tfrecord_report
+        from histolight.io.tilestore import tile_folder
+
+        folder = tile_folder(outdir, self.name, tile_px, tile_um)
+        return tfrecord_report(folder, folder if dest is None else dest, pdf=pdf, **kwargs)
+
     def generate_rois(self, model, dest=None, overwrite: bool = False, **kwargs):
         """Write ROIs predicted by a segmentation model (a model folder or a loaded model) as Slideflow CSV +
         QuPath GeoJSON per slide (see :func:`histolight.segment.rois.generate_dataset_rois`)."""

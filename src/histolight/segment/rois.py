@@ -286,8 +286,8 @@ def slide_rois(
     return {
         "status": "done" if rois else "empty",
         "n_rois": len(rois),
-        "n_dropped": rep["n_dropped"],
-        "min_area_mm2": rep["min_area_mm2"],
+        "n_dropped": rep.get("n_dropped"),  # None when a replaced generate_rois does not report its filter
+        "min_area_mm2": rep.get("min_area_mm2"),
         "labels": ",".join(sorted({r.label for r in rois})) or None,
         "files": ",".join(str(f) for f in files),
     }
