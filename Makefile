@@ -46,8 +46,8 @@ test: lint
 	@echo "==> [test] done"
 
 test-fast: install
-	@echo "==> [test-fast] tests not marked slow (pytest -m 'not slow')"
-	$(PYTEST) -m "not slow"
+	@echo "==> [test-fast] tests not marked slow, in 2 processes (pytest -m 'not slow' -n 2)"
+	$(PYTEST) -m "not slow" -n 2
 
 bench: install
 	$(PY) bench/run_all.py --quick
