@@ -340,6 +340,17 @@ def test_requeued_job_resumes_from_last_ckpt(tmp_path, monkeypatch):
     assert resume_checkpoint(trainer) == tmp_path / "last.ckpt"  # requeued: resume=auto
 
 
+def test_requeued_mil_training_continues_its_folds(monkeypatch):
+    """train_mil (k folds, its own resume logic) takes a requeued job as resume=auto, never an explicit choice."""
+    from histolight.training.preemption import resume_when_requeued
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resume_when_requeued(None, None) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert resume_when_requeued(None, None) == "auto"
+    assert resume_when_requeued(None, "x/last.ckpt") is None  # an explicit checkpoint is kept
+
+
 def test_preemption_signal_saves_last_ckpt_then_calls_submitits_handler(tmp_path, monkeypatch):
     import signal
 

@@ -155,6 +155,7 @@ def train(
     from histolight.io.atomic import atomic_write_json
     from histolight.io.tables import nan_to_none, write_parquet
     from histolight.training.artifacts import check_overwrite, save_model_folder
+    from histolight.training.preemption import resume_when_requeued
     from histolight.training.trainer import (
         check_checkpoint_folder,
         check_resume_options,
@@ -172,6 +173,7 @@ def train(
     folds = data.split.fold_list()
     fold_dir = {f: (out if f is None else out / f"fold_{f}") for f in folds}
     check_resume_options(ckpt_path, resume)
+    resume = resume_when_requeued(resume, ckpt_path)  # a requeued SLURM job continues its folds
     if ckpt_path is not None and len(folds) > 1:
         raise ConfigError(
             f"ckpt_path='{ckpt_path}' continues one model, but {len(folds)} folds are trained: continue the run with "

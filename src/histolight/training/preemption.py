@@ -35,6 +35,15 @@ def requeued() -> bool:
         return False
 
 
+def resume_when_requeued(resume: str | None, ckpt_path: str | None) -> str | None:
+    """``resume`` for a run that may be a requeued SLURM job: ``'auto'`` when none was asked for
+    (``resume=None``, no ``ckpt_path``) and the scheduler restarted this job, else ``resume`` unchanged."""
+    if resume is None and ckpt_path is None and requeued():
+        log.info("requeued SLURM job (SLURM_RESTART_COUNT=%s): resume=auto", os.environ["SLURM_RESTART_COUNT"])
+        return "auto"
+    return resume
+
+
 def under_submitit() -> bool:
     """True in a job started by submitit on SLURM (``launcher=slurm``)."""
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
