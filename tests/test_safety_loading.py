@@ -1,9 +1,9 @@
-"""Safe loading: no user-supplied weights file is ever unpickled with code execution unless the user opts in.
+"""Safe loading: no user-supplied weights file is ever unpickled with code execution (there is no opt-in).
 
 A malicious checkpoint here is a real torch checkpoint (tensors under ``state_dict``) that also holds an object
 whose ``__reduce__`` calls ``exec``, which would create a marker file when unpickled. Every entry point that reads
-a weights file is given one and must refuse it, name the file, and never create the marker; the opt-in
-``trust_checkpoint=True`` is shown to be what it says (it does run the file's code).
+a weights file is given one and must refuse it, name the file, say how to convert a trusted file, and never create
+the marker.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from histolight.errors import ConfigError, HistolightError
 from tests.conftest import ROOT
 
 LABELS = ["tumor", "stroma", "necrosis"]
-REFUSED = r"cannot be loaded safely \(it holds a [\w.]*exec object\).*trust_checkpoint"
+REFUSED = r"cannot be loaded safely \(it holds a [\w.]*exec object\).*give histolight the new file"
 #: unpickling in src/ that is not of user files: the cohort runner's per-slide function, sent by its own parent process
 INTERNAL_PICKLES = {"cohort.py"}
 
@@ -105,7 +105,7 @@ def _execute(overrides: list[str], out: Path, caplog) -> tuple[int, str]:
 # ---------------------------------------------------------------------------------------------- the library API
 
 
-def test_weights_readers_refuse_and_the_opt_in_runs_the_code(tmp_path, marker):
+def test_weights_readers_refuse_with_no_way_around(tmp_path, marker):
     from histolight.io.weights import read_checkpoint, read_state_dict
 
     evil = _evil_file(tmp_path / "evil.ckpt", marker)
@@ -113,16 +113,14 @@ def test_weights_readers_refuse_and_the_opt_in_runs_the_code(tmp_path, marker):
         with pytest.raises(HistolightError, match=REFUSED) as ei:
             read(evil)
         assert str(evil) in str(ei.value) and "nothing in it was run" in str(ei.value)
-    with pytest.raises(HistolightError, match=r"set model.trust_checkpoint=true"):
-        read_state_dict(evil, opt_in="model.trust_checkpoint=true")
+        with pytest.raises(TypeError):  # no opt-in argument exists
+            read(evil, trust_checkpoint=True)
     assert not marker.exists()
-    # the opt-in is real: it unpickles fully, so the file's code runs (this is why it is off by default)
-    assert torch.equal(read_state_dict(evil, trust_checkpoint=True)["w"], torch.zeros(2))
-    assert marker.exists()
-    marker.unlink()
 
 
-def test_a_trusted_legacy_whole_model_pickle_loads_with_the_opt_in(tmp_path):
+def test_a_legacy_whole_model_pickle_is_refused_and_its_conversion_loads(tmp_path):
+    from safetensors.torch import save_file
+
     from histolight.classify.module import create_timm_model
     from histolight.io.weights import read_state_dict
 
@@ -130,8 +128,10 @@ def test_a_trusted_legacy_whole_model_pickle_loads_with_the_opt_in(tmp_path):
     torch.save(net, tmp_path / "whole.pt")  # an old habit: the pickled module, not its state dict
     with pytest.raises(HistolightError, match=r"cannot be loaded safely \(it holds a timm.*object\)"):
         read_state_dict(tmp_path / "whole.pt")
-    sd = read_state_dict(tmp_path / "whole.pt", trust_checkpoint=True)
-    assert torch.equal(sd["fc.weight"], net.fc.weight)
+    # the conversion SECURITY.md shows, done by the user outside histolight for a file they trust
+    obj = torch.load(tmp_path / "whole.pt", map_location="cpu", weights_only=False)
+    save_file(obj.state_dict(), tmp_path / "weights.safetensors")
+    assert torch.equal(read_state_dict(tmp_path / "weights.safetensors")["fc.weight"], net.fc.weight)
 
 
 def test_classifier_entry_points_refuse(tmp_path, marker):
@@ -147,12 +147,12 @@ def test_classifier_entry_points_refuse(tmp_path, marker):
     # model.checkpoint_path (pretrained weights of a classifier or a timm backbone), and its config key
     with pytest.raises(ConfigError, match=rf"model.checkpoint_path=.* is invalid: .*{REFUSED}"):
         create_timm_model("resnet10t", 2, checkpoint_path=str(evil))
-    with pytest.raises(ConfigError, match=r"set model.trust_checkpoint=true"):
+    with pytest.raises(ConfigError, match=rf"model.checkpoint_path=.* is invalid: .*{REFUSED}"):
         TileClassifier("resnet10t", LABELS, checkpoint_path=str(evil))
     opt = {"_target_": "torch.optim.AdamW", "_partial_": True}
-    assert TimmModelConfig(name="resnet10t", optimizer=opt).trust_checkpoint is False
-    with pytest.raises(ValueError, match="trust_checkpoint='yes' is invalid"):
-        TimmModelConfig(name="resnet10t", optimizer=opt, trust_checkpoint="yes")
+    with pytest.raises(TypeError):  # the removed opt-in is not a model option
+        TimmModelConfig(name="resnet10t", optimizer=opt, trust_checkpoint=True)
+    assert not marker.exists()
 
 
 def test_segmentation_entry_points_refuse(tmp_path, marker):
@@ -169,12 +169,9 @@ def test_segmentation_entry_points_refuse(tmp_path, marker):
             Segment(path)
     # model.encoder_weights: pretrained encoder weights at the start of training
     cfg = SegmentConfig(labels=None, mpp=8, size=64, encoder_name="resnet18", encoder_weights=str(evil))
-    with pytest.raises(
-        ConfigError, match=rf"encoder_weights=.*{REFUSED.replace('trust_checkpoint', 'model.trust_checkpoint=true')}"
-    ):
+    with pytest.raises(ConfigError, match=rf"encoder_weights=.*{REFUSED}"):
         SegmentModel(cfg, load_pretrained=True)
-    with pytest.raises(ValueError, match="trust_checkpoint=1 is invalid"):
-        Segment(folder, trust_checkpoint=1)
+    assert not marker.exists()
 
 
 def test_model_folder_weights_must_be_a_file_of_the_folder(tmp_path):
@@ -215,8 +212,8 @@ def test_safetensors_everywhere(tmp_path):
 
 
 def test_torch_load_only_in_io_weights():
-    """Every torch.load in src/ passes weights_only=True, except the one opt-in in io/weights.py; nothing else
-    unpickles (but the cohort runner's own inter-process messages)."""
+    """Every torch.load in src/ passes weights_only=True (there is no opt-in); nothing else unpickles (but the cohort
+    runner's own inter-process messages)."""
     src = ROOT / "src" / "histolight"
     bad = []
     for p in sorted(src.rglob("*.py")):
@@ -228,7 +225,7 @@ def test_torch_load_only_in_io_weights():
                 bad.append(f"{p.relative_to(src)}:{node.lineno} pickle.{node.func.attr}")
             if owner == "torch" and node.func.attr == "load":
                 kw = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
-                if kw.get("weights_only") is not True and p != src / "io" / "weights.py":
+                if kw.get("weights_only") is not True:
                     bad.append(f"{p.relative_to(src)}:{node.lineno} torch.load without weights_only=True")
     assert not bad, bad
 
@@ -247,7 +244,7 @@ def test_predict_task_refuses(tmp_path, marker, caplog):
     for model in (evil, folder):
         ov = ["task=predict", f"task.model={model}", f"task.tfrecords={tmp_path}", "dataset=folder", f"dataset.slides={tmp_path}"]
         code, err = _execute(ov, tmp_path / "out", caplog)
-        assert code == 1 and str(model) in err and "cannot be loaded safely" in err and "task.trust_checkpoint=true" in err
+        assert code == 1 and str(model) in err and "cannot be loaded safely" in err and "give histolight the new file" in err
 
 
 def test_features_task_refuses(tmp_path, marker, caplog):
@@ -265,24 +262,5 @@ def test_segmentation_tasks_refuse(task, tmp_path, marker, slides, caplog):
     dest = [f"task.dest={tmp_path / 'rois'}"] if task == "generate_rois" else []
     for model in (evil, folder):
         code, err = _execute([f"task={task}", f"task.model={model}", *dest, *slides], tmp_path, caplog)
-        assert code == 1 and "cannot be loaded safely" in err and "task.trust_checkpoint=true" in err, err
+        assert code == 1 and "cannot be loaded safely" in err and "give histolight the new file" in err, err
     assert not (tmp_path / "rois").exists() and not (tmp_path / "segment").exists()
-
-
-@pytest.mark.slow
-def test_segment_task_trusts_a_legacy_model_only_when_asked(tmp_path, slides, caplog):
-    from histolight.segment import load_model_and_config
-
-    folder = _seg_folder(tmp_path / "model")
-    model, _ = load_model_and_config(folder)
-    torch.save(model.net, folder / "weights.pt")  # a legacy whole-module pickle
-    meta = json.loads((folder / "segment_config.json").read_text())
-    (folder / "segment_config.json").write_text(json.dumps({**meta, "weights": "weights.pt"}))
-    code, err = _execute(["task=segment", f"task.model={folder}", *slides], tmp_path / "refused", caplog)
-    assert code == 1 and "cannot be loaded safely" in err
-    run = tmp_path / "trusted"
-    code, err = _execute(["task=segment", f"task.model={folder}", "task.trust_checkpoint=true", *slides], run, caplog)
-    assert code == 0, err
-    assert (run / "model" / "weights.safetensors").exists() and len(list((run / "segment").glob("*.pred.png"))) == 3
-    converted, _ = load_model_and_config(run / "model")  # the safe copy, loaded without any opt-in
-    assert torch.equal(converted.net.mean, model.net.mean)

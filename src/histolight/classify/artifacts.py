@@ -12,7 +12,7 @@ In memory a classifier's description is one flat dict (:func:`make_model_config`
 ``geometry``, ``normalizer``, ``input_norm``, ``metrics``, ``training``); :func:`read_model_config` flattens
 either layout back. :func:`load_model` accepts the folder, its config JSON, or a Lightning ``.ckpt`` written by
 ``task=train_tiles`` (which embeds the flat config under ``checkpoint['histolight']``). Weights are read safely
-(:mod:`histolight.io.weights`); ``trust_checkpoint=True`` is the opt-in for a trusted legacy pickle.
+(:mod:`histolight.io.weights`).
 """
 
 from __future__ import annotations
@@ -202,18 +202,13 @@ def _check_config(cfg: dict, where: str) -> dict:
     return cfg
 
 
-#: how refusals name the opt-in of the tasks that load a classifier (task=predict, task=features)
-OPT_IN = "trust_checkpoint=True (task.trust_checkpoint=true)"
-
-
-def read_model_config(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
-    """The flat config of a model folder (either layout), its config JSON, or a ``task=train_tiles`` ``.ckpt``
-    (``trust_checkpoint``: the opt-in for a ``.ckpt`` that needs code execution to unpickle)."""
+def read_model_config(path: str | os.PathLike) -> dict:
+    """The flat config of a model folder (either layout), its config JSON, or a ``task=train_tiles`` ``.ckpt``."""
     p = Path(path)
     if p.suffix == ".ckpt":
         from histolight.io.weights import read_checkpoint
 
-        ck = read_checkpoint(p, trust_checkpoint=trust_checkpoint, opt_in=OPT_IN)
+        ck = read_checkpoint(p)
         if "histolight" not in ck:
             raise HistolightError(f"checkpoint '{p}' has no histolight model config (not written by task=train_tiles)")
         return _check_config(ck["histolight"], str(p))
@@ -221,24 +216,23 @@ def read_model_config(path: str | os.PathLike, trust_checkpoint: bool = False) -
     return _check_config(dict(mf.meta) if mf.legacy else from_artifact(mf.meta), str(mf.folder))
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trust_checkpoint: bool = False) -> LoadedModel:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild a classifier from a model folder / its config JSON / a ``.ckpt`` (no training config needed).
 
-    Weights are read safely: a pickle that needs code execution is refused (naming the file) unless
-    ``trust_checkpoint`` (only for a legacy file from a trusted source)."""
+    Weights are read safely: a pickle that needs code execution is refused (naming the file)."""
     from histolight.classify.module import create_timm_model
     from histolight.io.weights import load_matching, read_state_dict
 
     p = Path(path)
-    cfg = read_model_config(p, trust_checkpoint)
+    cfg = read_model_config(p)
     label_map = LabelMap.from_dict(cfg["label_map"])
     net = create_timm_model(
         cfg["timm_name"], len(label_map), pretrained=False, drop_rate=cfg.get("drop_rate", 0.0), **cfg.get("model_kwargs", {})
     )
     if p.suffix == ".ckpt":
-        sd = read_state_dict(p, trust_checkpoint=trust_checkpoint, opt_in=OPT_IN)
+        sd = read_state_dict(p)
     else:
-        sd = read_model_folder(p, KIND).state_dict(trust_checkpoint=trust_checkpoint, opt_in=OPT_IN)
+        sd = read_model_folder(p, KIND).state_dict()
     try:
         load_matching(net, sd, source=f"'{path}'", strict=True)
     except HistolightError as e:

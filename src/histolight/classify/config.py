@@ -209,7 +209,6 @@ class TimmModelConfig:
     scheduler_interval: str = "epoch"
     warmup_epochs: int = 0
     model_kwargs: dict = field(default_factory=dict)
-    trust_checkpoint: bool = False
 
     def __post_init__(self):
         from histolight.classify.module import check_timm_name
@@ -219,7 +218,6 @@ class TimmModelConfig:
         except ConfigError as e:
             raise ValueError(str(e).replace("model.name", "name")) from None
         _bool("pretrained", self.pretrained)
-        _bool("trust_checkpoint", self.trust_checkpoint)
         check(
             self.checkpoint_path is None or isinstance(self.checkpoint_path, str),
             "checkpoint_path",

@@ -46,17 +46,16 @@ def check_timm_name(name: str) -> None:
     raise ConfigError(f"model.name={name!r} is not a timm model.{hint} (see timm.list_models())")
 
 
-def load_local_weights(model: nn.Module, path: str, trust_checkpoint: bool = False) -> None:
+def load_local_weights(model: nn.Module, path: str) -> None:
     """Load local weights (timm/torchvision ``.pth``/``.safetensors`` or a histolight checkpoint) into ``model``.
 
-    Read with :func:`histolight.io.weights.read_state_dict` (safe loading; a legacy pickle needing code execution
-    only with ``trust_checkpoint``); tensors whose shape differs (typically the classifier head, for another number
+    Read with :func:`histolight.io.weights.read_state_dict` (safe loading); tensors whose shape differs (typically the classifier head, for another number
     of classes) are skipped and re-initialised; at least one tensor must match.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"model.checkpoint_path={path!r} is invalid: the file does not exist")
     try:
-        sd = read_state_dict(path, trust_checkpoint=trust_checkpoint, opt_in="model.trust_checkpoint=true")
+        sd = read_state_dict(path)
         load_matching(model, sd, source=f"model.checkpoint_path '{path}'")
     except ConfigError:
         raise
@@ -70,17 +69,16 @@ def create_timm_model(
     pretrained: bool = False,
     checkpoint_path: str | None = None,
     drop_rate: float = 0.0,
-    trust_checkpoint: bool = False,
     **kwargs,
 ) -> nn.Module:
     """``timm.create_model(name, pretrained, num_classes, drop_rate)`` plus optional local weights
-    (:func:`load_local_weights`; ``trust_checkpoint``: the opt-in for a legacy pickle)."""
+    (:func:`load_local_weights`)."""
     import timm
 
     check_timm_name(name)
     model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
     if checkpoint_path:
-        load_local_weights(model, str(checkpoint_path), trust_checkpoint)
+        load_local_weights(model, str(checkpoint_path))
     return model
 
 
@@ -197,7 +195,6 @@ class TileClassifier(L.LightningModule):
             False: no download) and ``num_classes=len(classes)``.
         classes: class names, in label-map order.
         checkpoint_path: optional local weights to start from (head skipped when its shape differs).
-        trust_checkpoint: accept a ``checkpoint_path`` pickle that needs code execution (trusted legacy files only).
         drop_rate: dropout before the classifier head.
         freeze: None | ``'backbone'`` | list of parameter-name prefixes to freeze.
         label_smoothing: cross-entropy label smoothing in [0, 1).
@@ -227,10 +224,9 @@ class TileClassifier(L.LightningModule):
         model_kwargs: dict | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        trust_checkpoint: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "model_config", "trust_checkpoint"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "model_config"])
         self.classes = list(classes)
         self.net = create_timm_model(
             model_name,
@@ -238,7 +234,6 @@ class TileClassifier(L.LightningModule):
             pretrained=pretrained,
             checkpoint_path=checkpoint_path,
             drop_rate=drop_rate,
-            trust_checkpoint=trust_checkpoint,
             **(model_kwargs or {}),
         )
         self.n_frozen = apply_freeze(self.net, freeze)

@@ -61,17 +61,16 @@ def check_tile_geometry(tfrecords: Sequence[str], tile_px: int, tile_um: Any) ->
 _MODELS: dict[tuple, LoadedModel] = {}
 
 
-def load_classifier(model: LoadedModel | str | os.PathLike, device: str = "cpu", trust_checkpoint: bool = False) -> LoadedModel:
+def load_classifier(model: LoadedModel | str | os.PathLike, device: str = "cpu") -> LoadedModel:
     """``model`` itself, or the classifier at path ``model`` on ``device``, loaded once per process (the last one is
-    cached, keyed by resolved path, device, modification time and ``trust_checkpoint``): slide workers load it once,
-    not per slide. ``trust_checkpoint``: the opt-in for a legacy pickle (:func:`~histolight.classify.load_model`)."""
+    cached, keyed by resolved path, device and modification time): slide workers load it once, not per slide."""
     if isinstance(model, LoadedModel):
         return model
     p = Path(model).expanduser().resolve()
-    key = (str(p), str(device), p.stat().st_mtime_ns if p.exists() else None, trust_checkpoint)
+    key = (str(p), str(device), p.stat().st_mtime_ns if p.exists() else None)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = load_model(p, device=device, trust_checkpoint=trust_checkpoint)
+        _MODELS[key] = load_model(p, device=device)
     return _MODELS[key]
 
 
@@ -217,13 +216,12 @@ def predict_slide(
     heatmap_scale: int = 4,
     verify: bool = True,
     on_corrupt: str = "skip",
-    trust_checkpoint: bool = False,
 ) -> dict:
     """Per-slide function of :func:`predict_slides`: predict the tiles of slide ``name`` (TFRecords ``files[name]``),
     write ``<out>/parts/<name>.parquet`` and ``<out>/heatmaps/<name>.png`` + ``.json`` (:mod:`~.heatmaps`). Returns
     its summary row: the per-slide aggregate (``n_tiles``, ``n_corrupt``, mean ``prob_<class>``, ``pred``; the first corrupt tile as ``reason``);
     status ``empty`` for a slide without readable tiles."""
-    m = load_classifier(model, device, trust_checkpoint)
+    m = load_classifier(model, device)
     pred, bad = predict_tiles(
         m,
         files[name],
@@ -264,7 +262,6 @@ def predict_slides(
     progress: bool = True,
     verify: bool = True,
     on_corrupt: str = "skip",
-    trust_checkpoint: bool = False,
 ) -> tuple[CohortResult, pd.DataFrame]:
     """Predict every slide of ``tfrecords`` (folder / glob / files) on the cohort runner
     (:func:`histolight.cohort.run_per_slide`), one slide per call, so one corrupt TFRecord fails only its slide.
@@ -276,14 +273,13 @@ def predict_slides(
     ``legend.json`` + ``legend.png`` (:mod:`histolight.classify.heatmaps`).
 
     ``verify``: check every tile's record CRCs; ``on_corrupt``: ``skip`` (a corrupt tile is left out, counted in
-    ``n_corrupt``, the first one in ``reason``) or ``fail`` (it fails its slide). ``trust_checkpoint``: the opt-in
-    for a legacy model pickle (:func:`~histolight.classify.load_model`).
+    ``n_corrupt``, the first one in ``reason``) or ``fail`` (it fails its slide).
 
     Returns: ``(result, predictions)``, predictions indexed by tile id.
     """
     check_on_corrupt(on_corrupt)
     device = resolve_device(device)
-    m = load_classifier(model, device, trust_checkpoint)  # a bad model fails the run here, not every slide
+    m = load_classifier(model, device)  # a bad model fails the run here, not every slide
     paths = find_tfrecords(tfrecords)
     if not paths:
         raise HistolightError(f"no TFRecords found in {tfrecords!r}; run task=extract first or set task.tfrecords")
@@ -308,7 +304,6 @@ def predict_slides(
         heatmap_scale=heatmap_scale,
         verify=verify,
         on_corrupt=on_corrupt,
-        trust_checkpoint=trust_checkpoint,
     )
     res = run_per_slide(names, fn, out_dir=out, workers=workers, summary_name="slides.csv", desc="predict", progress=progress)
     parts = [out / "parts" / f"{n}.parquet" for n, st in zip(res.table["slide"], res.table["status"]) if st == "done"]

@@ -191,7 +191,6 @@ def train(
         label_map.names,
         pretrained=model.pretrained,
         checkpoint_path=model.checkpoint_path,
-        trust_checkpoint=model.trust_checkpoint,
         drop_rate=model.drop_rate,
         freeze=model.freeze,
         label_smoothing=model.label_smoothing,

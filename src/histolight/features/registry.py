@@ -27,7 +27,6 @@ dinov2           ViT from a DINOv2 config (cfg=)             (arch) cfg    DINOv
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -393,7 +392,6 @@ def build_feature_extractor(
     tile_px: int | None = None,
     tile_um: Any = None,
     seed: int = 0,
-    trust_checkpoint: bool | None = None,
     **options: Any,
 ) -> FeatureExtractor:
     """A :class:`FeatureExtractor` by registry name, ``<arch>_imagenet``, or trained-classifier model folder.
@@ -427,7 +425,6 @@ def build_feature_extractor(
     options.pop("ckpt", None)
     dev = torch.device("meta") if str(device) == "meta" else torch.device(resolve_device(str(device)))
     layer_list = [layers] if isinstance(layers, str) else (list(layers) if layers else None)
-    read_opts = {"trust_checkpoint": trust_checkpoint}
     kwargs: dict[str, Any] = {"name": name}
 
     key = ALIASES.get(name, name)
@@ -464,7 +461,7 @@ def build_feature_extractor(
             )
         sd, source, hf_cfg = (None, None, None)
         if weights is not None:
-            sd, source, hf_cfg = read_weights(weights, container="teacher" if key == "dinov2" else None, **read_opts)
+            sd, source, hf_cfg = read_weights(weights, container="teacher" if key == "dinov2" else None)
         build_args: dict[str, Any] = {}
         if entry.takes_hf_config:
             build_args["hf_config"] = hf_cfg
@@ -497,12 +494,7 @@ def build_feature_extractor(
             raise ConfigError(f"unknown option(s) {sorted(options)} for a trained classifier")
         from histolight.classify.artifacts import load_model
 
-        accepted = inspect.signature(load_model).parameters
-        m = load_model(
-            name,
-            device="cpu",
-            **({"trust_checkpoint": trust_checkpoint} if "trust_checkpoint" in accepted and trust_checkpoint else {}),
-        )
+        m = load_model(name, device="cpu")
         arch = archs.Arch(archs.TimmFeatures(m.net), m.net)
         tile_px, tile_um, normalizer = m.tile_px, m.tile_um, m.normalizer
         info = ExtractorInfo(

@@ -16,7 +16,6 @@ exactly what was dropped and what was left at its initial value.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -24,12 +23,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from histolight.errors import HistolightError
+from histolight.io.weights import read_checkpoint, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +39,14 @@ class WeightsMismatch(HistolightError):
     """A checkpoint does not fit the extractor's architecture (the message lists every offending key)."""
 
 
-def _read_file(path: Path, **options: Any) -> dict[str, torch.Tensor]:
-    from histolight.io.weights import read_state_dict
-
-    accepted = inspect.signature(read_state_dict).parameters
-    return read_state_dict(path, **{k: v for k, v in options.items() if k in accepted and v is not None})
-
-
 def read_weights(
-    src: str | os.PathLike | Mapping[str, torch.Tensor], container: str | None = None, **options: Any
+    src: str | os.PathLike | Mapping[str, torch.Tensor], container: str | None = None
 ) -> tuple[dict[str, torch.Tensor], str, dict | None]:
     """``(tensors, description, hf_config)`` of a weights source (see the module docstring).
 
     ``container``: a top-level key holding the tensors (e.g. ``teacher`` in a DINOv2 training checkpoint).
-    ``options`` are passed on to :func:`~histolight.io.weights.read_state_dict` when it accepts them (e.g. an
-    explicit opt-in for checkpoints that need code execution). ``hf_config`` is the folder's ``config.json``.
+    Files are read by :func:`~histolight.io.weights.read_state_dict` (safely). ``hf_config`` is the folder's
+    ``config.json``.
     """
     if isinstance(src, Mapping):
         return {str(k): v for k, v in src.items() if torch.is_tensor(v)}, "the given state dict", None
@@ -75,17 +67,15 @@ def read_weights(
             )
         sd: dict[str, torch.Tensor] = {}
         for f in files:
-            sd.update(_read_file(f, **options))
+            sd.update(read_state_dict(f))
         return sd, f"'{p}'", hf_cfg
     if not p.is_file():
         raise HistolightError(f"weights '{p}' do not exist (give a weights file, a Hugging Face model folder, or null)")
     if container:
-        from histolight.io.weights import read_checkpoint
-
         ck = read_checkpoint(p)
         if isinstance(ck.get(container), Mapping):
             return {str(k): v for k, v in ck[container].items() if torch.is_tensor(v)}, f"'{p}' [{container}]", None
-    return _read_file(p, **options), f"'{p}'", None
+    return read_state_dict(p), f"'{p}'", None
 
 
 # ---------------------------------------------------------------------------------------------- key maps

@@ -7,10 +7,9 @@
 
 Safety rule: a pickle that needs code execution to load (it names a class or function outside torch's allow-list,
 e.g. an old checkpoint holding a whole model, or a crafted file that would run commands) is refused, naming the
-file and what it holds, without running anything. The one way around it is the explicit opt-in
-``trust_checkpoint=True`` (config key ``task.trust_checkpoint`` / ``model.trust_checkpoint`` where the path is
-given): only for a legacy file from a source you trust, since unpickling it runs code stored in it. This module
-is the only place in histolight that calls ``torch.load``.
+file and what it holds, without running anything; there is no way around it (histolight never unpickles a user's
+file): the message says how to re-save such a file as plain tensors, in your own Python session, from a source you
+trust. This module is the only place in histolight that calls ``torch.load``.
 - :func:`load_matching`: load a state dict into a module whose parameter names differ by a known prefix
   (``net.``, ``model.``, ``module.``, ``encoder.``, ...): the prefix that matches most tensors wins; tensors of
   another shape (e.g. a classifier head for another number of classes) are skipped; missing and unexpected
@@ -41,67 +40,53 @@ PREFIXES = ("module.", "net.", "model.", "encoder.", "backbone.", "_orig_mod.")
 CONTAINERS = ("state_dict", "model_state_dict", "model", "module", "net")
 
 
-#: how the refusal message names the opt-in when the caller does not say which config key holds the path
-OPT_IN = "trust_checkpoint=true"
-
-
-def _refusal(path: Path, e: pickle.UnpicklingError, opt_in: str) -> HistolightError:
+def _refusal(path: Path, e: pickle.UnpicklingError) -> HistolightError:
     """The error for a file the weights-only unpickler refused (naming what it references, when it says)."""
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
     if m is None:  # a damaged file, no pickle at all, or a pickle protocol the weights-only unpickler does not read
         reason = str(e).rpartition("WeightsUnpickler error:")[2].strip().split("\n")[0] or "UnpicklingError"
         return HistolightError(
             f"'{path}' is not a readable torch weights file ({reason}): it is damaged, not a torch file, or a "
-            f"pickle that needs full unpickling (for a legacy file whose author you trust: {opt_in})"
+            "pickle that needs full unpickling, which histolight never does; re-save it as .safetensors"
         )
     return HistolightError(
         f"'{path}' cannot be loaded safely (it holds a {m.group(1)} object): it is a pickle that needs code "
         "execution, and histolight only reads plain tensors (safetensors, or torch.load(weights_only=True)); "
-        "nothing in it was run. Re-save the weights from the trusted source as .safetensors or with "
-        f"torch.save(model.state_dict(), path), or, only if you trust the file's author, set {opt_in} "
-        "(unpickling runs code stored in the file)"
+        "nothing in it was run. If the file comes from a source you trust, load it in your own Python session, "
+        "save its tensors (safetensors.torch.save_file(model.state_dict(), 'weights.safetensors'), or "
+        "torch.save(model.state_dict(), path)) and give histolight the new file"
     )
 
 
-def _torch_load(path: Path, trust_checkpoint: bool, opt_in: str) -> Any:
+def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``; what the weights-only unpickler refuses is refused here too (nothing in the
-    file runs), unless ``trust_checkpoint``: then the file is unpickled fully."""
+    file runs)."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if not trust_checkpoint:
-            raise _refusal(path, e, opt_in) from None
+        raise _refusal(path, e) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise HistolightError(f"'{path}' is not a readable torch weights file ({type(e).__name__}: {e})") from None
-    log.warning("%s: unpickling with code execution (trust_checkpoint=true): use only files from a trusted source", path)
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a full unpickle can raise anything
-        raise HistolightError(f"'{path}' could not be unpickled ({type(e).__name__}: {e})") from None
 
 
-def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False, opt_in: str = OPT_IN) -> dict:
-    """The dict stored in a torch/Lightning checkpoint (``weights_only=True``: tensors and plain Python data).
-
-    ``trust_checkpoint``: allow a pickle that needs code execution (see the module docstring); ``opt_in``: how the
-    refusal names that option (the config key where the path was given, e.g. ``task.trust_checkpoint=true``).
-    """
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The dict stored in a torch/Lightning checkpoint (``weights_only=True``: tensors and plain Python data)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise HistolightError(f"checkpoint '{p}' does not exist")
-    ck = _torch_load(p, trust_checkpoint, opt_in)
+    ck = _torch_load(p)
     if not isinstance(ck, dict):
         raise HistolightError(f"'{p}' holds a {type(ck).__name__}, not a checkpoint dict")
     return ck
 
 
-def read_state_dict(path: str | os.PathLike, *, trust_checkpoint: bool = False, opt_in: str = OPT_IN) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: ``{name: tensor}`` on the CPU.
 
     Accepts ``.safetensors``, and ``.pt/.pth/.bin/.ckpt`` pickles readable with ``weights_only=True``; a dict
     nested under ``state_dict``, ``model_state_dict``, ``model``, ``module`` or ``net`` is unwrapped. Non-tensor
     entries are dropped. Raises :class:`HistolightError` for a missing file, an unsafe pickle (naming the class
-    it references; unless ``trust_checkpoint``, see :func:`read_checkpoint`) or a file without tensors.
+    it references) or a file without tensors.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -114,9 +99,7 @@ def read_state_dict(path: str | os.PathLike, *, trust_checkpoint: bool = False, 
         except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
             raise HistolightError(f"'{p}' is not a readable .safetensors file ({e})") from None
     else:
-        sd = _torch_load(p, trust_checkpoint, opt_in)
-        if isinstance(sd, nn.Module):  # a whole pickled model (trusted legacy file)
-            sd = sd.state_dict()
+        sd = _torch_load(p)
     for _ in range(3):  # e.g. {"model": {"state_dict": {...}}}
         if not isinstance(sd, Mapping):
             break
@@ -219,4 +202,4 @@ def load_matching(
     return report
 
 
-__all__ = ["PREFIXES", "OPT_IN", "LoadReport", "read_checkpoint", "read_state_dict", "load_matching"]
+__all__ = ["PREFIXES", "LoadReport", "read_checkpoint", "read_state_dict", "load_matching"]

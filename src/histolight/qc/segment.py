@@ -36,8 +36,6 @@ class Segment:
         threshold_direction: ``'less'`` drops pixels *not* predicted as tissue/``class_idx``;
             ``'greater'`` drops pixels predicted as it.
         device: torch device for inference (``'auto'``/None = cuda if available, ``'cpu'``, ``'cuda[:n]'``).
-        trust_checkpoint: load a legacy model whose weights are a pickle needing code execution (refused otherwise);
-            only for a file from a trusted source (unpickling runs code stored in it).
     """
 
     name = "segment"
@@ -48,7 +46,6 @@ class Segment:
         class_idx: int | None = None,
         threshold_direction: str = "less",
         device: str | None = None,
-        trust_checkpoint: bool = False,
     ):
         if threshold_direction not in ("less", "greater"):
             raise ValueError(f"threshold_direction={threshold_direction!r} is invalid: must be 'less' or 'greater'")
@@ -58,9 +55,6 @@ class Segment:
         self.class_idx = class_idx
         self.threshold_direction = threshold_direction
         self.device = device
-        if not isinstance(trust_checkpoint, bool):
-            raise ValueError(f"trust_checkpoint={trust_checkpoint!r} is invalid: must be True or False")
-        self.trust_checkpoint = trust_checkpoint
         self._model = None
         self._cache: tuple[str, np.ndarray] | None = None
         cfg = self.config  # loads the model; validates class_idx against it
@@ -78,12 +72,7 @@ class Segment:
     # ------------------------------------------------------------------ model
     @property
     def model(self):
-        if self._model is None and self.trust_checkpoint:
-            from histolight.segment.io import load_model_and_config
-            from histolight.utils.device import resolve_device
-
-            self._model = load_model_and_config(self.model_path, resolve_device(self.device), trust_checkpoint=True)[0]
-        elif self._model is None:
+        if self._model is None:
             from histolight.segment.rois import load_segment_model
 
             self._model = load_segment_model(self.model_path, self.device)  # once per process, shared with other users

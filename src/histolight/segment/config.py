@@ -114,7 +114,6 @@ class SegmentConfig:
     arch: str = "Unet"
     encoder_name: str = "resnet34"
     encoder_weights: str | None = None
-    trust_checkpoint: bool = False  # opt-in to unpickle a legacy encoder_weights file (trusted files only)
     model_kwargs: dict = field(default_factory=dict)
     input_norm: str = "auto"
     # ---- optimisation (model group): Hydra _partial_ nodes (histolight.training.optim)
@@ -290,7 +289,6 @@ class SegmentConfig:
         if not ok:
             close = difflib.get_close_matches(str(name), list(smp.encoders.encoders), n=3)
             check(False, "encoder_name", name, f"unknown encoder (close: {close}); use an smp encoder name or 'tu-<timm model>'")
-        check(isinstance(self.trust_checkpoint, bool), "trust_checkpoint", self.trust_checkpoint, "must be true or false")
         w = self.encoder_weights
         check(
             w is None or isinstance(w, str),
@@ -429,7 +427,6 @@ MODEL_FIELDS = (
     "arch",
     "encoder_name",
     "encoder_weights",
-    "trust_checkpoint",
     "model_kwargs",
     "input_norm",
     "optimizer",

@@ -63,18 +63,13 @@ def _config_for_loading(d: dict, where: str) -> SegmentConfig:
         raise ConfigError(f"invalid segmentation model config {where}: {e}") from None
 
 
-#: how refusals name the opt-in of the tasks that load a segmentation model (task=segment, task=generate_rois)
-OPT_IN = "trust_checkpoint=True (task.trust_checkpoint=true)"
-
-
-def load_model_and_config(path: str | os.PathLike, device: str | torch.device = "cpu", trust_checkpoint: bool = False):
+def load_model_and_config(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a trained model: ``(SegmentModel in eval mode, SegmentConfig)``.
 
     ``path``: a model folder, its ``segment_config.json`` or weights file (``weights.safetensors``, or an older
     folder's ``model.pth``), or a Lightning ``.ckpt``. Makes no network call (the network is built with
     ``encoder_weights=None``); weights are read safely (safetensors or ``torch.load(weights_only=True)``): a
-    pickle that needs code execution is refused, naming the file, unless ``trust_checkpoint`` (the opt-in for a
-    legacy file from a trusted source).
+    pickle that needs code execution is refused, naming the file.
     """
     from histolight.io.weights import load_matching, read_checkpoint, read_state_dict
     from histolight.segment.model import SegmentModel
@@ -83,12 +78,12 @@ def load_model_and_config(path: str | os.PathLike, device: str | torch.device = 
     if not p.exists():
         raise HistolightError(f"segmentation model '{p}' not found (give the training run's folder or its weights file)")
     if p.suffix == ".ckpt":
-        hp = read_checkpoint(p, trust_checkpoint=trust_checkpoint, opt_in=OPT_IN).get("hyper_parameters") or {}
+        hp = read_checkpoint(p).get("hyper_parameters") or {}
         if "config" not in hp:
             raise HistolightError(f"{p}: not a histolight segmentation checkpoint (no 'config' hyperparameter)")
         cfg = _config_for_loading(hp["config"], str(p))
         model = SegmentModel(cfg, load_pretrained=False)
-        sd = read_state_dict(p, trust_checkpoint=trust_checkpoint, opt_in=OPT_IN)
+        sd = read_state_dict(p)
         load_matching(model, sd, source=str(p), strict=True)
     else:
         mf = read_model_folder(p, KIND)
@@ -99,7 +94,7 @@ def load_model_and_config(path: str | os.PathLike, device: str | torch.device = 
         cfg = _config_for_loading(flat, str(mf.folder))
         model = SegmentModel(cfg, load_pretrained=False)
         try:
-            sd = mf.state_dict(trust_checkpoint=trust_checkpoint, opt_in=OPT_IN)
+            sd = mf.state_dict()
             load_matching(model.net, sd, source=str(mf.weights), strict=True)
         except HistolightError as e:
             raise HistolightError(f"{mf.weights} does not match its config ({cfg.arch}/{cfg.encoder_name}): {e}") from None
@@ -108,13 +103,4 @@ def load_model_and_config(path: str | os.PathLike, device: str | torch.device = 
     return model, cfg
 
 
-def save_trusted_copy(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Load the model at ``path`` with ``trust_checkpoint=True`` (a legacy pickle: this runs code stored in it, so only
-    for a file from a trusted source) and save it as the model folder ``dest`` (safetensors, replacing a model
-    there). A run then loads ``dest`` safely, in every worker; returns ``dest``."""
-    model, _ = load_model_and_config(path, "cpu", trust_checkpoint=True)
-    log.warning("legacy model '%s' (trust_checkpoint=true) saved as the safe model folder '%s'", path, dest)
-    return save_model(model, dest, extra={"training": {"converted_from": str(path)}}, overwrite=True)
-
-
-__all__ = ["KIND", "OPT_IN", "to_artifact", "save_model", "load_model_and_config", "save_trusted_copy"]
+__all__ = ["KIND", "to_artifact", "save_model", "load_model_and_config"]

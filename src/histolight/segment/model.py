@@ -76,8 +76,6 @@ class SegmentModel(L.LightningModule):
             and nothing is read from the network.
         n_overlays: validation slides drawn as ``[image | truth | prediction]`` overlays.
         overlay_every: draw overlays every this many epochs (and at the last one); 0 = never.
-        trust_checkpoint: accept ``config.encoder_weights`` that is a pickle needing code execution (a legacy file
-            from a trusted source; :mod:`histolight.io.weights`).
     """
 
     def __init__(
@@ -86,7 +84,6 @@ class SegmentModel(L.LightningModule):
         load_pretrained: bool = False,
         n_overlays: int = 3,
         overlay_every: int = 5,
-        trust_checkpoint: bool = False,
     ):
         super().__init__()
         if isinstance(config, SegmentConfig):
@@ -100,7 +97,7 @@ class SegmentModel(L.LightningModule):
         self.save_hyperparameters({"config": cfg.to_dict(), "n_overlays": n_overlays, "overlay_every": overlay_every})
         self.net = SegmentNet(cfg)
         if load_pretrained and cfg.encoder_weights:
-            load_encoder_weights(self.net, cfg.encoder_weights, cfg.encoder_name, trust_checkpoint)
+            load_encoder_weights(self.net, cfg.encoder_weights, cfg.encoder_name)
         self.loss_fn = SegmentLoss(cfg.mode, cfg.loss_terms, cfg.n_classes, cfg.class_weights, cfg.focal_gamma)
         self.n_overlays = n_overlays
         self.overlay_every = overlay_every

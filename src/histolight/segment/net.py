@@ -60,10 +60,10 @@ def arch_kwargs(arch: str, kwargs: dict) -> dict:
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in ok.items()}
 
 
-def load_encoder_weights(net: SegmentNet, weights: str, encoder_name: str, trust_checkpoint: bool = False) -> None:
+def load_encoder_weights(net: SegmentNet, weights: str, encoder_name: str) -> None:
     """Load pretrained encoder weights: a local file (a state dict, ``.safetensors``, a checkpoint holding
-    ``state_dict``, or a whole SegmentNet / SegmentModel state, read safely by :mod:`histolight.io.weights`; a
-    legacy pickle that needs code execution only with ``trust_checkpoint``), or an smp/timm weights name
+    ``state_dict``, or a whole SegmentNet / SegmentModel state, read safely by :mod:`histolight.io.weights`), or an
+    smp/timm weights name
     (downloads; fails offline with a clear error)."""
     from histolight.io.weights import load_matching, read_state_dict
 
@@ -71,7 +71,7 @@ def load_encoder_weights(net: SegmentNet, weights: str, encoder_name: str, trust
     p = Path(weights).expanduser()
     if p.is_file():
         try:
-            sd = read_state_dict(p, trust_checkpoint=trust_checkpoint, opt_in="model.trust_checkpoint=true")
+            sd = read_state_dict(p)
             rep = load_matching(enc, sd, source=f"model.encoder_weights '{p}'")
         except HistolightError as e:
             raise ConfigError(f"model.encoder_weights={weights!r} is invalid: {e} ({encoder_name} encoder)") from None

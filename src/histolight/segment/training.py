@@ -288,9 +288,7 @@ def train(
         trainer.callbacks.append(SaveInputs(dest / "inputs", save_inputs))
 
     # ---- model, trainer
-    model = SegmentModel(
-        config, load_pretrained=True, trust_checkpoint=config.trust_checkpoint, n_overlays=n_overlays, overlay_every=overlay_every
-    )
+    model = SegmentModel(config, load_pretrained=True, n_overlays=n_overlays, overlay_every=overlay_every)
     model.overlay_dir = dest / "overlays"
     hp = {"segment": config.to_dict(), "artifacts_dir": str(dest.resolve()), **slides}
     log_hyperparams(trainer, {**hp, "run": run_config} if run_config is not None else hp)

@@ -44,7 +44,6 @@ class FeaturesTaskConfig(PerSlideOptions):
     device: str = "auto"
     overwrite: bool = False
     prefetch: bool = True
-    trust_checkpoint: bool = False
     verify: bool = True
     on_corrupt: str = "skip"
     shard_index: int = 0
@@ -84,8 +83,6 @@ def extractor_spec(cfg: DictConfig, t: FeaturesTaskConfig) -> dict:
         spec = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if v is not None}  # type: ignore[union-attr]
         if not spec.get("name"):
             raise ConfigError("extractor.name is missing: a registry name or a trained classifier's model folder")
-    if t.trust_checkpoint:
-        spec["trust_checkpoint"] = True
     return spec
 
 

@@ -6,8 +6,7 @@ For each slide: ``<dest>/<slide>.csv`` (Slideflow) and ``<dest>/<slide>.geojson`
 class. ``dest`` defaults to the dataset's ROI folder; slides that already have ROIs (in the dataset when writing
 there, or any ROI file of the slide in ``dest``: a generated file never sits beside the user's) are skipped (reason
 ``exists``) unless ``task.overwrite=true`` (which replaces the slide's ROI files in ``dest``). One row per slide in
-``<run>/rois_report.csv``. ``task.trust_checkpoint=true`` (a legacy pickle from a trusted source) first saves the
-model as ``<run>/model``.
+``<run>/rois_report.csv``.
 """
 
 from __future__ import annotations
@@ -34,12 +33,10 @@ class GenerateRoisTask(RoiOptions):
     slides: Any = None
     split: Any = None
     device: str = "auto"
-    trust_checkpoint: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         check_model_path(self.model, "a trained model folder (task.model=outputs/<run>)")
-        check(isinstance(self.trust_checkpoint, bool), "trust_checkpoint", self.trust_checkpoint, "must be true or false")
         self.formats = opt_list("formats", self.formats) or []
         ok = bool(self.formats) and all(f in ("csv", "geojson") for f in self.formats)
         check(ok, "formats", self.formats, "must list csv and/or geojson")
@@ -47,14 +44,13 @@ class GenerateRoisTask(RoiOptions):
 
 
 def run(cfg: DictConfig) -> dict:
-    from histolight.segment.io import save_trusted_copy
     from histolight.segment.rois import generate_dataset_rois
 
     t = from_config(GenerateRoisTask, cfg.task, "task")
     ds = load_dataset(cfg)
     res = generate_dataset_rois(
         ds,
-        str(save_trusted_copy(t.model, output_dir(cfg) / "model")) if t.trust_checkpoint else t.model,
+        t.model,
         dest=t.dest,
         overwrite=t.overwrite,
         formats=t.formats,

@@ -6,8 +6,7 @@
 
 Tiles: ``task.tfrecords``, or the tile folder ``<tiles_root>/<dataset.name>/<px>px_<um>um`` of the model's geometry.
 Every tile's record CRCs are checked (``task.verify``) and a corrupt tile is left out and counted (``task.on_corrupt=
-skip``) or fails its slide (``fail``). A model pickle that needs code execution is refused unless
-``task.trust_checkpoint=true``.
+skip``) or fails its slide (``fail``). A model pickle that needs code execution is refused.
 Writes ``slides.csv`` (per slide: status, reason, tile count, corrupt tiles, mean probabilities, predicted class),
 ``predictions.parquet``, ``slides.parquet``, ``heatmaps/<slide>.png`` and, with a label source, ``metrics.json``
 (formats: :func:`histolight.classify.predict.predict_slides`).
@@ -45,7 +44,6 @@ class PredictTask(PerSlideOptions):
     roi_filter_method: Any = "center"
     verify: bool = True
     on_corrupt: str = "skip"
-    trust_checkpoint: bool = False
 
     def __post_init__(self):
         from histolight.classify.data import check_on_corrupt
@@ -63,8 +61,7 @@ class PredictTask(PerSlideOptions):
         ok = self.label_source is None or self.label_source in LABEL_SOURCES
         check(ok, "label_source", self.label_source, f"must be null (no evaluation) or one of {', '.join(LABEL_SOURCES)}")
         self.roi_filter_method = parse_roi_filter_method(self.roi_filter_method)
-        for k in ("verify", "trust_checkpoint"):
-            check(isinstance(getattr(self, k), bool), k, getattr(self, k), "must be true or false")
+        check(isinstance(self.verify, bool), "verify", self.verify, "must be true or false")
         check_on_corrupt(self.on_corrupt)
 
 
@@ -76,10 +73,10 @@ def run(cfg: DictConfig) -> dict:
     t = from_config(PredictTask, cfg.task, "task")
     t.model = resolve_model(t.model, "classifier", "predict")
     out, device = output_dir(cfg), resolve_device(t.device)
-    model = load_classifier(t.model, device, t.trust_checkpoint)
+    model = load_classifier(t.model, device)
     src = t.tfrecords or tile_source(cfg, t.tiles_root, model.tile_px, model.tile_um, f"the model {t.model}")
     kw = {"batch_size": t.batch_size, "num_workers": t.num_workers, "heatmaps": t.heatmaps, "heatmap_scale": t.heatmap_scale}
-    kw.update(verify=t.verify, on_corrupt=t.on_corrupt, trust_checkpoint=t.trust_checkpoint)
+    kw.update(verify=t.verify, on_corrupt=t.on_corrupt)
     res, pred = predict_slides(t.model, src, out, slides=t.slides, device=device, workers=t.workers, **kw)
     n_corrupt = int(res.table["n_corrupt"].fillna(0).sum()) if "n_corrupt" in res.table else 0
     metrics = {**res.metrics(), "n_tiles": len(pred), "n_corrupt": n_corrupt}

@@ -4,7 +4,6 @@
 
 Per slide, in ``<run>/segment/``: the prediction aligned to the slide, its ``.pred.json`` sidecar, an overlay PNG
 and ROIs (format: :mod:`histolight.segment.outputs`). One row per slide in ``<run>/segment_report.csv``.
-``task.trust_checkpoint=true`` (a legacy pickle from a trusted source) first saves the model as ``<run>/model``.
 ``task.out_mpp=<um/px>|base`` also writes the prediction at that resolution as a pyramidal TIFF (streamed);
 ``task.images=<files, wildcards or a CSV/TSV list>`` segments image files instead (``task.images_mpp``, else
 assumed at the model's mpp; masks at the image size, :mod:`histolight.segment.images`).
@@ -37,7 +36,6 @@ class SegmentTask(RoiOptions):
     roi_formats: list = field(default_factory=lambda: ["csv", "geojson"])
     device: str = "auto"
     strip_px: int | None = None
-    trust_checkpoint: bool = False
     out_mpp: Any = None
     images: Any = None
     images_mpp: float | None = None
@@ -45,7 +43,6 @@ class SegmentTask(RoiOptions):
     def __post_init__(self):
         super().__post_init__()
         check_model_path(self.model, "a trained model folder (task.model=outputs/<run>), e.g. from experiment=seg_multiclass")
-        check(isinstance(self.trust_checkpoint, bool), "trust_checkpoint", self.trust_checkpoint, "must be true or false")
         self.slides, self.split = opt_list("slides", self.slides), opt_list("split", self.split)
         check(self.output in ("labels", "proba"), "output", self.output, "must be labels or proba")
         self.roi_formats = opt_list("roi_formats", self.roi_formats) or []
@@ -59,20 +56,18 @@ class SegmentTask(RoiOptions):
 
 def run(cfg: DictConfig) -> dict:
     from histolight.segment.images import segment_images
-    from histolight.segment.io import save_trusted_copy
     from histolight.segment.outputs import segment_slides
 
     t = from_config(SegmentTask, cfg.task, "task")
     t.model = resolve_model(t.model, "segment", "segment")
     out = output_dir(cfg)
-    model = str(save_trusted_copy(t.model, out / "model")) if t.trust_checkpoint else t.model
     if t.images:  # image files instead of the dataset's slides; full-resolution masks at the image size by default
         run_on = functools.partial(segment_images, t.images, mpp=t.images_mpp, out_mpp=t.out_mpp or "base")
     else:
         ds = load_dataset(cfg)
         run_on = functools.partial(segment_slides, ds, slides=select_slides(ds, t.slides, t.split), out_mpp=t.out_mpp)
     res = run_on(
-        model=model,
+        model=t.model,
         out=out / "segment",
         output=t.output,
         overlay=t.overlay,

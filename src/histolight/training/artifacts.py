@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from histolight.errors import HistolightError
-from histolight.io.weights import OPT_IN, read_state_dict
+from histolight.io.weights import read_state_dict
 
 FORMAT = "histolight-model"
 FORMAT_VERSION = 1
@@ -133,10 +133,10 @@ class ModelFolder:
     weights: Path
     legacy: bool = False
 
-    def state_dict(self, trust_checkpoint: bool = False, opt_in: str = OPT_IN) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` on the CPU (safetensors, or a torch pickle read with ``weights_only=True``; a legacy
-        pickle that needs code execution only with ``trust_checkpoint``, see :mod:`histolight.io.weights`)."""
-        return read_state_dict(self.weights, trust_checkpoint=trust_checkpoint, opt_in=opt_in)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` on the CPU (safetensors, or a torch pickle read with ``weights_only=True``; see
+        :mod:`histolight.io.weights`)."""
+        return read_state_dict(self.weights)
 
 
 def _read_json(p: Path) -> dict:
