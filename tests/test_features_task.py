@@ -25,8 +25,9 @@ EXTRACTORS = sorted(p.stem for p in (ROOT / "conf" / "extractor").glob("*.yaml")
 
 def test_every_extractor_config_composes_and_builds(tmp_path):
     from histolight.features import build_feature_extractor
+    from histolight.features.config import FeaturesTaskConfig
     from histolight.features.registry import REGISTRY
-    from histolight.tasks.features import FeaturesTaskConfig, extractor_spec
+    from histolight.tasks.features import extractor_spec
 
     assert set(REGISTRY) <= set(EXTRACTORS) and {"imagenet", "classifier"} <= set(EXTRACTORS)
     for name in EXTRACTORS:

@@ -14,6 +14,7 @@ from histolight.errors import ConfigError
 from histolight.mil.data import BagDataModule, BagDataset, build_items, collate_bags, item_splits, read_bag, read_table
 from histolight.mil.models import MODELS, build_mil_model
 from histolight.mil.module import mil_metrics
+from histolight.mil.training import load_mil_model
 from tests.conftest import ROOT, tiny_demo_overrides
 
 
@@ -132,6 +133,32 @@ def test_models_forward_backward(name, width):
         assert net.eval()(torch.randn(1, 1, width))["logits"].shape == (1, 3)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tile_contributions_add_up_to_the_logits(name):
+    """Where a network's logits are a sum over tiles, ``contributions`` are each tile's exact share (padding 0), and
+    a tile's evidence for a class sums, over the bag plus the bias difference, to that class's log-odds."""
+    from histolight.mil.attention import evidence
+
+    kw = {"hidden": 16, **({"heads": 4, "landmarks": 16} if name == "transmil" else {})}
+    net = build_mil_model(name, 6, 2, **kw).eval()
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 12:] = False
+    with torch.no_grad():
+        out = net(torch.randn(2, 30, 6) * 3, mask)
+    if name in ("max_mlp", "transmil"):  # max pooling / self-attention: no additive reading
+        assert out["contributions"] is None
+        return
+    c = out["contributions"]
+    assert c.shape == (2, 30, 2) and c[1, 12:].abs().sum() == 0
+    assert torch.allclose(c.sum(1) + net.head.bias, out["logits"], atol=1e-5)
+    ev = evidence(c[1, :12].numpy(), 1)
+    bias = float(net.head.bias[1] - net.head.bias[0])
+    logodds = float(out["logits"][1, 1] - out["logits"][1, 0])
+    assert ev.sum() + bias == pytest.approx(logodds, abs=1e-4) and np.allclose(
+        evidence(c[1].numpy(), 0), -evidence(c[1].numpy(), 1)
+    )
+
+
 def test_metrics():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     m = mil_metrics(probs, np.array([0, 1, 1, 1]), ["a", "b"])
@@ -193,6 +220,8 @@ def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
             "model.model_kwargs.hidden=16",
             "trainer.max_epochs=3",
             "optimized_metric=val/auroc_mean",
+            "task.roi_label=necrosis",
+            "task.evidence_class=b",
         ]
     )
     value = execute(cfg)
@@ -201,6 +230,11 @@ def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
     assert value == pytest.approx(folds["val/auroc"].mean())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val/auroc_sd"] == pytest.approx(folds["val/auroc"].std(), abs=1e-9) and metrics["n_items"] == len(table) + 3
+    focus = pd.read_csv(out / "roi_focus.csv")  # the 3 items that are slides of the demo with a ROI file
+    assert sorted(focus["slide"]) == ["demo_000", "demo_001", "demo_002"] and (focus["evidence_class"] == "b").all()
+    assert metrics["oof/top_evidence_share"] == pytest.approx(focus["top_evidence_share"].mean())
+    assert metrics["oof/top_roi_share"] == pytest.approx(focus["top_roi_share"].mean())
+    assert 0 < metrics["oof/roi_share_all"] < 1, "the demo slides have necrosis ROIs among other tissue"
     pred = pd.read_parquet(out / "predictions.parquet")
     assert sorted(pred["id"]) == sorted(pd.read_csv(tmp_path / "labels.csv")["slide"]), "every slide validated once"
     conf = json.loads((out / "fold_1" / "model" / "mil_config.json").read_text())
@@ -217,12 +251,34 @@ def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
     assert pred["top_roi_share"].between(0, 1).all() and share == pytest.approx(pred["top_roi_share"].mean())
     assert sorted(p.name for p in (pout / "montages").glob("*.png")) == ["demo_000.png", "demo_001.png", "demo_002.png"]
     assert np.allclose(pred[["prob_a", "prob_b"]].sum(1), 1) and list(pred["label"]) == ["a", "a", "b"]
+    assert pred["top_evidence_share"].between(0, 1).all() and (pred["evidence_class"] == pred["pred"]).all()
     att = pd.read_parquet(pout / "attention" / "demo_001.parquet")
-    assert list(att.columns) == ["loc_x", "loc_y", "score"] and len(att) == 30 and att["score"].sum() == pytest.approx(1)
+    assert list(att.columns) == ["loc_x", "loc_y", "score", "evidence_a", "evidence_b"] and len(att) == 30
+    assert att["score"].sum() == pytest.approx(1) and np.allclose(att["evidence_a"], -att["evidence_b"])
+    row = pred.set_index("slide").loc["demo_001"]
+    net = load_mil_model(out / "fold_1" / "model")[0].net
+    bias = float(net.head.bias[1] - net.head.bias[0])
+    assert att["evidence_b"].sum() + bias == pytest.approx(np.log(row["prob_b"] / row["prob_a"]), abs=1e-3)
     import cv2
 
     png = cv2.imread(str(pout / "heatmaps" / "demo_001.png"))
-    assert png is not None and png.shape[2] == 3 and max(png.shape[:2]) <= 1024 + 8  # the thumbnail in a thin frame
+    thumb = _slide_thumbnail_shape(tiny_demo, "demo_001")
+    assert png is not None and png.shape[2] == 3  # attention and evidence side by side, each in a thin frame
+    assert 2 * thumb[1] < png.shape[1] <= 2 * (thumb[1] + 2) + 8 and thumb[0] < png.shape[0] < thumb[0] + 200
+
+    from histolight.mil.predict import predict
+
+    with pytest.raises(ConfigError, match=r"evidence_class='nope' is not a class of .* use one of \['a', 'b'\]"):
+        predict(out / "fold_1" / "model", ["demo_001"], tmp_path / "p2", evidence_class="nope")
+    assert not (tmp_path / "p2").exists(), "refused before any slide"
+
+
+def _slide_thumbnail_shape(demo_dir: Path, name: str) -> tuple[int, int]:
+    from histolight.mil.predict import THUMB_PX
+    from histolight.wsi import Slide
+
+    path = next(p for p in (demo_dir / "slides").iterdir() if p.stem == name)
+    return Slide(path).thumbnail(max_size=THUMB_PX).shape[:2]
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "conf" / "model").glob("mil_*.yaml")))
@@ -255,3 +311,17 @@ def test_bad_options_fail_naming_the_key(tmp_path):
         from_config(BagDataConfig, {**base, "split": {"k": 5, "folds": [5]}}, "data")
     with pytest.raises(ConfigError, match=r"name='abmil' is invalid: must be one of"):
         from_config(MILModelConfig, {"name": "abmil", "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True}}, "model")
+
+
+def test_evidence_class_must_be_a_label_before_training(tmp_path):
+    from histolight.config import from_config
+    from histolight.mil.config import BagDataConfig, TrainMILTask
+    from histolight.mil.report import check_evidence_class
+
+    cohort(tmp_path, n_patients=4).to_csv(tmp_path / "labels.csv", index=False)
+    data = from_config(BagDataConfig, {"bags": str(tmp_path), "annotations": str(tmp_path / "labels.csv")}, "data")
+    check_evidence_class("b", data)
+    with pytest.raises(ConfigError, match=r"task.evidence_class='high' is not a label of 'label': use one of \['a', 'b'\]"):
+        check_evidence_class("high", data)
+    with pytest.raises(ConfigError, match=r"roi_label='' is invalid"):
+        from_config(TrainMILTask, {"roi_label": ""}, "task")

@@ -1,5 +1,6 @@
-"""What a MIL model attends to: the top-scoring tiles of a bag, a montage of them read back from the slide, and the
-share of them that lie in the ROIs of one class (is the attention on the tissue that decides the label?).
+"""What a MIL model attends to: the top-scoring tiles of a bag, a montage of them read back from the slide, the
+share of them that lie in the ROIs of one class (is the attention on the tissue that decides the label?), and each
+tile's evidence for a class (which class a tile counts for; attention only says how much it counts).
 
 Tile locations are tile centres in base (level-0) px, ``(N, 2)`` ``(x, y)``; scores are the model's per-tile
 scores ``(N,)`` (:mod:`histolight.mil.models`).
@@ -21,6 +22,18 @@ def top_tiles(scores: np.ndarray, fraction: float | None = None, n: int | None =
     s = np.asarray(scores, np.float64)
     k = n if n is not None else max(1, math.ceil((fraction if fraction is not None else TOP_FRACTION) * len(s)))
     return np.argsort(-s, kind="stable")[: min(k, len(s))]
+
+
+def evidence(contributions: np.ndarray, cls: int) -> np.ndarray:
+    """Each tile's evidence for class ``cls``: its contribution to that logit minus the mean of its contributions to
+    the others, ``(N, C) -> (N,)`` (``contributions`` of :mod:`histolight.mil.models`). Summed over the bag (plus the
+    same difference of the head's biases) it is the slide's ``logit_cls - mean(other logits)``: with two classes,
+    the log-odds of ``cls``. Positive = the tile argues for ``cls``, negative = against."""
+    c = np.asarray(contributions, np.float64)
+    if c.shape[1] < 2:
+        return c[:, cls]
+    others = np.delete(c, cls, axis=1).mean(1)
+    return c[:, cls] - others
 
 
 def roi_share(locs: np.ndarray, scores: np.ndarray, rois: Sequence, label: str, fraction: float = TOP_FRACTION) -> float:
@@ -65,4 +78,4 @@ def montage(
     return out
 
 
-__all__ = ["TOP_FRACTION", "top_tiles", "roi_share", "montage"]
+__all__ = ["TOP_FRACTION", "top_tiles", "evidence", "roi_share", "montage"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from histolight.config.schema import check, check_labels, is_pos_int
+from histolight.config.schema import check, check_labels, from_config, is_pos_int
 from histolight.errors import ConfigError
 from histolight.mil.models import MODELS
 from histolight.training.optim import check_optim
@@ -122,4 +122,40 @@ class MILModelConfig:
         self.optimizer, self.scheduler = check_optim(self.optimizer, self.scheduler, self.scheduler_interval, self.warmup_epochs)
 
 
-__all__ = ["LEVELS", "BagSplitConfig", "BagDataConfig", "MILModelConfig"]
+@dataclass
+class TrainMILTask:
+    """``task`` of ``task=train_mil`` (conf/task/train_mil.yaml)."""
+
+    name: str = "train_mil"
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    ckpt: str = "best"
+    overwrite: bool = False
+    demo_labels: float | None = None
+    build_bags: Any = None
+    attention_examples: int = 4
+    roi_label: str | None = None
+    evidence_class: str | None = None
+
+    def __post_init__(self):
+        check(isinstance(self.monitor, str) and "/" in self.monitor, "monitor", self.monitor, "a logged metric, e.g. val/loss")
+        check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be 'min' or 'max'")
+        check(self.ckpt in ("best", "last"), "ckpt", self.ckpt, "must be 'best' or 'last' (the checkpoint exported)")
+        check(isinstance(self.overwrite, bool), "overwrite", self.overwrite, "must be true or false")
+        ok = self.demo_labels is None or (isinstance(self.demo_labels, float) and 0 < self.demo_labels < 1)
+        check(
+            ok, "demo_labels", self.demo_labels, "null or the necrosis fraction (0-1) above which a demo slide is high_necrosis"
+        )
+        ok = isinstance(self.attention_examples, int) and not isinstance(self.attention_examples, bool)
+        check(ok and self.attention_examples >= 0, "attention_examples", self.attention_examples, "an integer >= 0")
+        for key in ("roi_label", "evidence_class"):
+            value = getattr(self, key)
+            check(value is None or (isinstance(value, str) and value != ""), key, value, "null or a label name")
+        if self.build_bags is not None:
+            from histolight.features.config import FeaturesTaskConfig
+
+            check(isinstance(self.build_bags, dict), "build_bags", self.build_bags, "null or task=features options")
+            from_config(FeaturesTaskConfig, self.build_bags, "task.build_bags")
+
+
+__all__ = ["LEVELS", "BagSplitConfig", "BagDataConfig", "MILModelConfig", "TrainMILTask"]

@@ -1,6 +1,10 @@
 """Multiple-instance networks for slide-level labels from feature bags, written from the papers.
 
-Every network maps a bag of ``N`` tile features ``(N, D)`` to class logits and one score per tile:
+Every network maps a bag of ``N`` tile features ``(N, D)`` to class logits and one score per tile, and where the
+bag logits are a sum over the tiles (mean pooling, attention pooling: a linear head on a weighted mean of tile
+embeddings) also each tile's exact share of every logit, ``contributions`` ``(N, C)``: ``logits = bias +
+contributions.sum(0)`` (``a_i W h_i``: the additive reading of attention MIL, Javed et al., NeurIPS 2022). Attention says how
+much a tile counts, its contribution which class it counts for:
 
 - ``mean_mlp`` / ``max_mlp``: a per-tile MLP ``D -> H``, mean- or max-pooled, then a linear head. Tile score:
   the tile's logit of the predicted class (mean: the bag logits are exactly the mean of these) or the share of
@@ -43,7 +47,8 @@ class MILNet(nn.Module):
         """Bags ``x`` (B, N, D) with ``mask`` (B, N) bool (True = a real tile; None = all) and, for CLAM's
         instance loss during training, ``label`` (B,) long.
 
-        Returns ``{"logits": (B, C), "scores": (B, N) (0 at padding), "instance_loss": scalar tensor}``.
+        Returns ``{"logits": (B, C), "scores": (B, N) (0 at padding), "instance_loss": scalar tensor,
+        "contributions": (B, N, C) (0 at padding) or None for networks whose logits do not add up over tiles}``.
         """
         b, n, _ = x.shape
         x = (x - self.in_mean) / self.in_std
@@ -57,12 +62,24 @@ class MILNet(nn.Module):
                 scores[i] = o["scores"]
             else:
                 scores[i, mask[i]] = o["scores"]
+        contrib = None
+        if all("contributions" in o for o in outs):
+            contrib = x.new_zeros(b, n, outs[0]["logits"].shape[-1])
+            for i, o in enumerate(outs):
+                contrib[i, slice(None) if mask is None else mask[i]] = o["contributions"]
         inst = torch.stack([o.get("instance_loss", x.new_zeros(())) for o in outs]).mean()
-        return {"logits": torch.stack([o["logits"] for o in outs]), "scores": scores, "instance_loss": inst}
+        logits = torch.stack([o["logits"] for o in outs])
+        return {"logits": logits, "scores": scores, "instance_loss": inst, "contributions": contrib}
 
     def forward_bag(self, x: torch.Tensor, label: torch.Tensor | None = None) -> dict:
-        """One bag ``x`` (N, D) -> ``{"logits": (C,), "scores": (N,)[, "instance_loss": scalar]}``."""
+        """One bag ``x`` (N, D) -> ``{"logits": (C,), "scores": (N,)[, "instance_loss": scalar][, "contributions":
+        (N, C)]}``."""
         raise NotImplementedError
+
+
+def _contributions(head: nn.Linear, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each tile's share of ``head(weights @ h)`` without the bias: ``weights_i * W h_i``, ``(N, C)`` (detached)."""
+    return (weights[:, None] * F.linear(h, head.weight)).detach()
 
 
 def _mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -84,11 +101,11 @@ class PoolMLP(MILNet):
         if self.pool == "mean":
             logits = self.head(h.mean(0))
             scores = self.head(h)[:, int(logits.argmax())]
-        else:
-            z, win = h.max(0)
-            logits = self.head(z)
-            scores = torch.bincount(win, minlength=x.shape[0]).to(x.dtype) / h.shape[1]
-        return {"logits": logits, "scores": scores.detach()}
+            weights = h.new_full((h.shape[0],), 1.0 / h.shape[0])
+            return {"logits": logits, "scores": scores.detach(), "contributions": _contributions(self.head, h, weights)}
+        z, win = h.max(0)
+        scores = torch.bincount(win, minlength=x.shape[0]).to(x.dtype) / h.shape[1]
+        return {"logits": self.head(z), "scores": scores.detach()}
 
 
 class GatedAttention(nn.Module):
@@ -116,7 +133,7 @@ class AttentionMIL(MILNet):
     def forward_bag(self, x, label=None):
         h = self.encoder(x)
         a = torch.softmax(self.attention(h), 0)
-        return {"logits": self.head(a @ h), "scores": a.detach()}
+        return {"logits": self.head(a @ h), "scores": a.detach(), "contributions": _contributions(self.head, h, a)}
 
 
 class CLAMSingleBranch(MILNet):
@@ -168,7 +185,7 @@ class CLAMSingleBranch(MILNet):
         h = self.encoder(x)
         raw = self.attention(h)
         a = torch.softmax(raw, 0)
-        out = {"logits": self.head(a @ h), "scores": a.detach()}
+        out = {"logits": self.head(a @ h), "scores": a.detach(), "contributions": _contributions(self.head, h, a)}
         if label is not None and self.training:
             out["instance_loss"] = self._instance_loss(h, raw, int(label))
         return out

@@ -2,12 +2,14 @@
 out-of-fold slides, and both logged to the run's loggers (W&B: summary metrics, a ROC line plot, images).
 
 Reads the run folder of :func:`histolight.mil.train` (``predictions.parquet``: one row per evaluated item, fold,
-split, ``label``, ``prob_<class>``; each fold's ``model``). Writes ``roc.csv`` (``fpr, tpr, threshold``) and
-``attention_examples/{attention,heatmaps}/<slide>.*`` into the run folder.
+split, ``label``, ``prob_<class>``; each fold's ``model``). Writes ``roc.csv`` (``fpr, tpr, threshold``),
+``attention_examples/{attention,heatmaps}/<slide>.*`` and, with a ROI label, ``roi_focus.csv`` and
+``oof_attention/attention/<slide>.parquet`` into the run folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -78,6 +80,65 @@ def attention_examples(run_dir: str | os.PathLike, dataset: Any, bags: str | os.
     return out
 
 
+def check_evidence_class(evidence_class: str | None, data: Any) -> None:
+    """Before training: refuse a ``task.evidence_class`` that is not a label of ``data`` (a
+    :class:`histolight.mil.config.BagDataConfig`: ``data.labels``, else the values of its label column)."""
+    from histolight.errors import ConfigError
+    from histolight.mil.data import read_table
+
+    if evidence_class is None:
+        return
+    labels = data.labels
+    if labels is None:
+        table = read_table(data.annotations)
+        if data.label_column not in table:
+            return  # training names the missing column
+        labels = sorted(table[data.label_column].dropna().astype(str).unique())
+    if evidence_class not in labels:
+        raise ConfigError(
+            f"task.evidence_class={evidence_class!r} is not a label of {data.label_column!r}: use one of {list(labels)}"
+        )
+
+
+def roi_focus(
+    run_dir: str | os.PathLike, dataset: Any, bags: str | os.PathLike, roi_label: str, evidence_class: str | None = None
+) -> dict[str, float]:
+    """Is the attention on the tissue that decides the label? Every out-of-fold slide is predicted by the fold model
+    that validated it (no figures; per-tile attention and evidence in ``<run_dir>/oof_attention/attention``), and
+    its share of top-10% tiles (by attention, and by evidence for ``evidence_class``, default its predicted class)
+    lying in ``roi_label`` ROIs goes into ``<run_dir>/roi_focus.csv``. Items that are not a slide of ``dataset``
+    with a ROI file are left out. Returns the means over slides: ``oof/top_roi_share``, ``oof/top_evidence_share``
+    (models with tile evidence), ``oof/roi_share_all`` (the share of all tiles: the chance level), also added to
+    ``<run_dir>/metrics.json``."""
+    from histolight.io.atomic import atomic_write_json, atomic_write_text
+    from histolight.mil.attention import roi_share
+    from histolight.mil.data import read_bag
+    from histolight.mil.predict import predict_slide
+    from histolight.roi import read_rois
+
+    run, rows = Path(run_dir), []
+    for r in out_of_fold(run).itertuples():
+        roi = dataset.roi_path(r.id) if r.id in dataset.names else None
+        if roi is None:
+            continue
+        model = run / (f"fold_{r.fold}" if r.fold >= 0 else "") / "model"
+        opts = {"roi_paths": {r.id: str(roi)}, "roi_label": roi_label, "evidence_class": evidence_class}
+        res = predict_slide(r.id, model=str(model), bags=str(bags), dest=str(run / "oof_attention"), **opts)
+        locs = read_bag(bags, r.id)[1]
+        everything = roi_share(locs, np.ones(len(locs)), read_rois(roi), roi_label, 1.0)
+        rows.append({"slide": r.id, "fold": r.fold, "label": r.label, **res, "roi_share_all": everything})
+    if not rows:
+        return {}
+    table = pd.DataFrame(rows)
+    atomic_write_text(run / "roi_focus.csv", table.to_csv(index=False))
+    cols = ("top_roi_share", "top_evidence_share", "roi_share_all")
+    means = {f"oof/{c}": float(table[c].mean()) for c in cols if c in table}
+    metrics = run / "metrics.json"
+    if metrics.is_file():
+        atomic_write_json(metrics, {**json.loads(metrics.read_text()), **means})
+    return means
+
+
 def log_run(loggers: Sequence, run_dir: str | os.PathLike, result: dict, images: Sequence[tuple[str, str]] = ()) -> None:
     """Write ``<run_dir>/roc.csv`` and log the run's summary metrics, ROC curve and ``images`` (``[(png, caption)]``)
     to the W&B loggers among ``loggers`` (others keep the files on disk); logging never fails the run."""
@@ -104,4 +165,13 @@ def log_run(loggers: Sequence, run_dir: str | os.PathLike, result: dict, images:
             log.warning("could not log the MIL results to W&B: %s", e)
 
 
-__all__ = ["EXAMPLES", "out_of_fold", "roc_points", "pick_examples", "attention_examples", "log_run"]
+__all__ = [
+    "EXAMPLES",
+    "out_of_fold",
+    "roc_points",
+    "pick_examples",
+    "attention_examples",
+    "check_evidence_class",
+    "roi_focus",
+    "log_run",
+]

@@ -312,6 +312,13 @@ def format_summary(result: dict, metrics: Sequence[str] = ("val/auroc", "val/bal
             parts.append(f"{m} {mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else ""))
     if result.get("oof/auroc") is not None:
         parts.append(f"out-of-fold auroc {result['oof/auroc']:.3f}")
+    if result.get("oof/top_roi_share") is not None:
+        ev = result.get("oof/top_evidence_share")
+        parts.append(
+            f"top-10% tiles in the ROIs: by tile score (attention) {result['oof/top_roi_share']:.1%}"
+            + (f", by evidence {ev:.1%}" if ev is not None else "")
+            + f" (all tiles {result['oof/roi_share_all']:.1%})"
+        )
     return ", ".join(parts) or "no metrics"
 
 

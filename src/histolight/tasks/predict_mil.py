@@ -4,9 +4,11 @@
     python run.py task=predict_mil task.model=<run>/fold_0/model task.bags=<other bags> dataset=folder ...
 
 Writes ``predictions.parquet`` (per slide: tiles, class probabilities, prediction, label when known),
-``attention/<slide>.parquet``, ``heatmaps/<slide>.png``, ``montages/<slide>.png`` (the top-attended tiles) (formats:
-:mod:`histolight.mil.predict`), ``slides.csv``. With ``task.roi_label`` (e.g. necrosis), each slide's share of its
-top-10% attention tiles lying in that class's ROIs (``top_roi_share``; mean over slides in the result).
+``attention/<slide>.parquet`` (attention and each tile's evidence per class), ``heatmaps/<slide>.png``,
+``montages/<slide>.png`` (the top-attended tiles) (formats: :mod:`histolight.mil.predict`), ``slides.csv``. With
+``task.roi_label`` (e.g. necrosis), each slide's share of its top-10% attention tiles, and of its top-10% tiles by
+evidence for ``task.evidence_class`` (default: the predicted class), lying in that class's ROIs (``top_roi_share``,
+``top_evidence_share``; their means in the result).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class PredictMILTask(PerSlideOptions):
     heatmaps: bool = True
     montage_tiles: int = 16
     roi_label: str | None = None
+    evidence_class: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,6 +69,7 @@ def run(cfg: DictConfig) -> dict:
     mpp = {n: ds.mpp_for(n) for n in paths}
     rois = {n: str(ds.roi_path(n)) for n in names if t.roi_label and n in ds.names and ds.roi_path(n) is not None}
     opts = {"montage_tiles": t.montage_tiles if t.heatmaps else 0, "roi_paths": rois, "roi_label": t.roi_label}
+    opts["evidence_class"] = t.evidence_class
     res, pred = predict(
         t.model, names, output_dir(cfg), bags=bags, slide_paths=paths, mpp=mpp, labels=labels, workers=t.workers, **opts
     )
@@ -73,5 +77,10 @@ def run(cfg: DictConfig) -> dict:
     if "top_roi_share" in pred:
         out["top_roi_share_mean"] = float(pred["top_roi_share"].mean())
         print(f"predict_mil: {out['top_roi_share_mean']:.1%} of the top-10% attention tiles lie in {t.roi_label} ROIs")
+    if "top_evidence_share" in pred:
+        out["top_evidence_share_mean"] = float(pred["top_evidence_share"].mean())
+        whose = t.evidence_class or "the predicted class"
+        share = f"{out['top_evidence_share_mean']:.1%}"
+        print(f"predict_mil: {share} of the top-10% tiles by evidence for {whose} lie in {t.roi_label} ROIs")
     print(f"predict_mil: {res.summary_line()}; predictions in {output_dir(cfg) / 'predictions.parquet'}")
     return out

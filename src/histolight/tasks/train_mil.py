@@ -5,8 +5,9 @@
     python run.py experiment=mil_demo resume=auto hydra.run.dir=outputs/<date>/<run>   # continue a killed run
 
 Outputs in the run folder: ``fold_<i>/model`` (``mil_config.json`` + ``weights.safetensors``), ``folds.csv``
-(one row per fold), ``predictions.parquet``, ``skipped.csv``, ``metrics.json`` (mean and sd over folds), ``roc.csv``
-and ``attention_examples/`` (heatmaps of a few out-of-fold slides), also logged to the run's loggers (W&B: metrics,
+(one row per fold), ``predictions.parquet``, ``skipped.csv``, ``metrics.json`` (mean and sd over folds), ``roc.csv``,
+``attention_examples/`` (heatmaps of a few out-of-fold slides) and with ``task.roi_label`` ``roi_focus.csv`` (per
+out-of-fold slide: share of its top-10% tiles by attention / by evidence in those ROIs), also logged to the run's loggers (W&B: metrics,
 ROC curve, images; the runs of a multirun share one W&B group). With ``task.build_bags`` (``task=features``
 options) the bags are built into ``data.bags`` first; slides whose bag exists are skipped.
 """
@@ -14,44 +15,11 @@ options) the bags are built into ``data.bags`` first; slides whose bag exists ar
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from histolight.config.schema import check, from_config
+from histolight.config.schema import from_config
 from histolight.errors import ConfigError, HistolightError
-
-
-@dataclass
-class TrainMILTask:
-    """``task`` of ``task=train_mil`` (conf/task/train_mil.yaml)."""
-
-    name: str = "train_mil"
-    monitor: str = "val/loss"
-    monitor_mode: str = "min"
-    ckpt: str = "best"
-    overwrite: bool = False
-    demo_labels: float | None = None
-    build_bags: Any = None
-    attention_examples: int = 4
-
-    def __post_init__(self):
-        check(isinstance(self.monitor, str) and "/" in self.monitor, "monitor", self.monitor, "a logged metric, e.g. val/loss")
-        check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be 'min' or 'max'")
-        check(self.ckpt in ("best", "last"), "ckpt", self.ckpt, "must be 'best' or 'last' (the checkpoint exported)")
-        check(isinstance(self.overwrite, bool), "overwrite", self.overwrite, "must be true or false")
-        ok = self.demo_labels is None or (isinstance(self.demo_labels, float) and 0 < self.demo_labels < 1)
-        check(
-            ok, "demo_labels", self.demo_labels, "null or the necrosis fraction (0-1) above which a demo slide is high_necrosis"
-        )
-        ok = isinstance(self.attention_examples, int) and not isinstance(self.attention_examples, bool)
-        check(ok and self.attention_examples >= 0, "attention_examples", self.attention_examples, "an integer >= 0")
-        if self.build_bags is not None:
-            from histolight.tasks.features import FeaturesTaskConfig
-
-            check(isinstance(self.build_bags, dict), "build_bags", self.build_bags, "null or task=features options")
-            from_config(FeaturesTaskConfig, self.build_bags, "task.build_bags")
 
 
 def build_bags(cfg: DictConfig, bags: str) -> None:
@@ -68,7 +36,8 @@ def build_bags(cfg: DictConfig, bags: str) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    from histolight.mil.config import BagDataConfig, MILModelConfig
+    from histolight.mil.config import BagDataConfig, MILModelConfig, TrainMILTask
+    from histolight.mil.report import attention_examples, check_evidence_class, log_run, roi_focus
     from histolight.training.trainer import check_resume_options
 
     for group, example in (("data", "data=bags"), ("model", "model=mil_attention"), ("trainer", "trainer=cpu")):
@@ -87,10 +56,10 @@ def run(cfg: DictConfig) -> dict:
             cfg.data.annotations = str(path)
     data = from_config(BagDataConfig, cfg.data, "data")
     model = from_config(MILModelConfig, cfg.model, "model")
+    check_evidence_class(task.evidence_class, data)
     if task.build_bags is not None:
         build_bags(cfg, data.bags)
 
-    from histolight.mil.report import attention_examples, log_run
     from histolight.mil.training import format_summary, train
     from histolight.training.trainer import build_trainer
 
@@ -119,8 +88,9 @@ def run(cfg: DictConfig) -> dict:
     )
     images = []
     if task.attention_examples:
-        ds = load_dataset(cfg)
-        images = attention_examples(out, ds, data.bags, task.attention_examples)
+        images = attention_examples(out, load_dataset(cfg), data.bags, task.attention_examples)
+    if task.roi_label:  # is the attention on the tissue that decides the label? (every out-of-fold slide)
+        res.update(roi_focus(out, load_dataset(cfg), data.bags, task.roi_label, task.evidence_class))
     if trainers:
         log_run(trainers[-1].loggers, out, res, images)
     print(f"train_mil ({model.name}, {res['n_folds']} fold(s), {res['n_items']} {data.level}s): {format_summary(res)}")
