@@ -10,6 +10,7 @@ from histolight.config.schema import check, check_labels, from_config, is_pos_in
 from histolight.errors import ConfigError
 from histolight.mil.models import MODELS
 from histolight.training.optim import check_optim
+from histolight.training.options import CheckpointOptions
 from histolight.training.splits import SPLIT_METHODS
 
 LEVELS = ("slide", "patient")
@@ -123,14 +124,10 @@ class MILModelConfig:
 
 
 @dataclass
-class TrainMILTask:
+class TrainMILTask(CheckpointOptions):
     """``task`` of ``task=train_mil`` (conf/task/train_mil.yaml)."""
 
     name: str = "train_mil"
-    monitor: str = "val/loss"
-    monitor_mode: str = "min"
-    ckpt: str = "best"
-    overwrite: bool = False
     demo_labels: float | None = None
     build_bags: Any = None
     attention_examples: int = 4
@@ -138,10 +135,7 @@ class TrainMILTask:
     evidence_class: str | None = None
 
     def __post_init__(self):
-        check(isinstance(self.monitor, str) and "/" in self.monitor, "monitor", self.monitor, "a logged metric, e.g. val/loss")
-        check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be 'min' or 'max'")
-        check(self.ckpt in ("best", "last"), "ckpt", self.ckpt, "must be 'best' or 'last' (the checkpoint exported)")
-        check(isinstance(self.overwrite, bool), "overwrite", self.overwrite, "must be true or false")
+        super().__post_init__()
         ok = self.demo_labels is None or (isinstance(self.demo_labels, float) and 0 < self.demo_labels < 1)
         check(
             ok, "demo_labels", self.demo_labels, "null or the necrosis fraction (0-1) above which a demo slide is high_necrosis"

@@ -18,35 +18,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from histolight.config.schema import check, from_config
 from histolight.errors import ConfigError
+from histolight.training.options import CheckpointOptions
 
 
 @dataclass
-class TrainTilesTask:
+class TrainTilesTask(CheckpointOptions):
     """``task`` of ``task=train_tiles`` (conf/task/train_tiles.yaml)."""
 
     name: str = "train_tiles"
     monitor: str = "val/bal_acc"
     monitor_mode: str = "max"
-    ckpt: str = "best"
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
     model_dir: str | None = None
-    overwrite: bool = False
     slide_metrics: Any = "auto"
 
     def __post_init__(self):
-        check(
-            isinstance(self.monitor, str) and "/" in self.monitor,
-            "monitor",
-            self.monitor,
-            "must be a logged metric such as val/bal_acc",
-        )
-        check(self.monitor_mode in ("min", "max"), "monitor_mode", self.monitor_mode, "must be 'min' or 'max'")
-        check(
-            self.ckpt in ("best", "last"), "ckpt", self.ckpt, "must be 'best' or 'last' (the checkpoint evaluated and exported)"
-        )
+        super().__post_init__()
         ok = isinstance(self.eval_splits, list) and set(self.eval_splits) <= {"val", "test"}
         check(ok, "eval_splits", self.eval_splits, "must be a list drawn from [val, test]")
-        check(isinstance(self.overwrite, bool), "overwrite", self.overwrite, "must be true or false")
         check(self.slide_metrics in ("auto", True, False), "slide_metrics", self.slide_metrics, "must be auto, true or false")
 
 
