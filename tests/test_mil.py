@@ -127,7 +127,7 @@ def test_models_forward_backward(name, width):
     loss.backward()
     # every parameter learns (CLAM's instance classifier of class 1 only from bags of class 1)
     assert all(p.grad is not None for n, p in net.named_parameters() if "instance_classifiers.1" not in n)
-    if name == "clam_sb":
+    if name.startswith("clam"):
         assert out["instance_loss"] > 0
     with torch.no_grad():  # one tile
         assert net.eval()(torch.randn(1, 1, width))["logits"].shape == (1, 3)
@@ -157,6 +157,19 @@ def test_tile_contributions_add_up_to_the_logits(name):
     assert ev.sum() + bias == pytest.approx(logodds, abs=1e-4) and np.allclose(
         evidence(c[1].numpy(), 0), -evidence(c[1].numpy(), 1)
     )
+
+
+def test_clam_mb_ranks_each_class_by_its_own_branch():
+    import torch.nn.functional as F
+
+    net = build_mil_model("clam_mb", 6, 2, hidden=8, k_sample=1)
+    h = torch.randn(4, 8)
+    a = torch.tensor([[4.0, 1.0], [3.0, 2.0], [2.0, 3.0], [1.0, 4.0]])  # branch 0 ranks tile 0 first, branch 1 tile 3
+    clf = net.instance_classifiers[1]
+    want = F.cross_entropy(clf(h[[3, 0]]), torch.tensor([1, 0]))
+    assert torch.allclose(net._instance_loss(h, a, 1), want)
+    out = net.eval()(torch.randn(1, 9, 6))
+    assert torch.allclose(out["scores"].sum(), torch.tensor(1.0)), "the predicted class's attention"
 
 
 def test_metrics():

@@ -15,6 +15,9 @@ much a tile counts, its contribution which class it counts for:
   clustering: per class an instance classifier learns the ``k_sample`` highest-attention tiles of a bag of that
   class as positive and the ``k_sample`` lowest as negative (with ``subtyping``, the highest-attention tiles of
   other classes' bags as negative too). Loss ``bag_weight * CE(bag) + (1 - bag_weight) * CE(instances)``.
+- ``clam_mb``: CLAM multi-branch: one attention branch and one bag classifier per class (``logit_c = w_c^T sum_i
+  a^c_i h_i + b_c``); class ``c``'s instance classifier learns from the tiles ranked by branch ``c``. Tile score:
+  the predicted class's attention.
 - ``transmil``: TransMIL (Shao et al., NeurIPS 2021): class token + two Nystrom-attention transformer layers with
   the pyramid position encoding generator (PPEG, depth-wise 7/5/3 convolutions over the tokens laid on a
   square). Tile score: the class token's attention over the tiles in the last layer.
@@ -109,13 +112,14 @@ class PoolMLP(MILNet):
 
 
 class GatedAttention(nn.Module):
-    """Gated attention scores: ``(N, H) -> (N,)`` logits ``w^T (tanh(V h) * sigmoid(U h))``."""
+    """Gated attention scores: ``(N, H) -> (N,)`` logits ``w^T (tanh(V h) * sigmoid(U h))`` (``(N, branches)`` with
+    ``branches`` > 1: one row of ``w`` per branch)."""
 
-    def __init__(self, hidden: int, attn_dim: int, dropout: float):
+    def __init__(self, hidden: int, attn_dim: int, dropout: float, branches: int = 1):
         super().__init__()
         self.v = nn.Sequential(nn.Linear(hidden, attn_dim), nn.Tanh(), nn.Dropout(dropout))
         self.u = nn.Sequential(nn.Linear(hidden, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
-        self.w = nn.Linear(attn_dim, 1)
+        self.w = nn.Linear(attn_dim, branches)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.w(self.v(h) * self.u(h)).squeeze(-1)
@@ -164,13 +168,15 @@ class CLAMSingleBranch(MILNet):
         self.instance_classifiers = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(n_classes))
 
     def _instance_loss(self, h: torch.Tensor, a: torch.Tensor, label: int) -> torch.Tensor:
-        """CE of the instance classifiers on the ``k`` top (positive) and bottom (negative) attention tiles."""
+        """CE of the instance classifiers on the ``k`` top (positive) and bottom (negative) attention tiles; ``a``
+        (N,) ranks the tiles for every class, ``a`` (N, C) by class (multi-branch)."""
         k = min(self.k_sample, h.shape[0] // 2)
         if k == 0:
             return h.new_zeros(())
-        top, bottom = torch.topk(a, k).indices, torch.topk(-a, k).indices
         losses = []
         for c, clf in enumerate(self.instance_classifiers):
+            ac = a if a.dim() == 1 else a[:, c]
+            top, bottom = torch.topk(ac, k).indices, torch.topk(-ac, k).indices
             if c == label:
                 inst = torch.cat([h[top], h[bottom]])
                 target = torch.cat([h.new_ones(k), h.new_zeros(k)]).long()
@@ -186,6 +192,27 @@ class CLAMSingleBranch(MILNet):
         raw = self.attention(h)
         a = torch.softmax(raw, 0)
         out = {"logits": self.head(a @ h), "scores": a.detach(), "contributions": _contributions(self.head, h, a)}
+        if label is not None and self.training:
+            out["instance_loss"] = self._instance_loss(h, raw, int(label))
+        return out
+
+
+class CLAMMultiBranch(CLAMSingleBranch):
+    """CLAM-MB: ``C`` gated attention branches ``a^c (N,)`` over shared embeddings ``h (N, H)``, bag embeddings
+    ``z_c = a^c @ h`` and one linear bag classifier per class (``logit_c = w_c . z_c + b_c``, the rows of ``head``);
+    instance clustering as in CLAM-SB with each class's tiles ranked by its own branch."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, attn_dim: int = 128, dropout: float = 0.25, **kw):
+        super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, **kw)
+        self.attention = GatedAttention(hidden, attn_dim, dropout, branches=n_classes)
+
+    def forward_bag(self, x, label=None):
+        h = self.encoder(x)
+        raw = self.attention(h)  # (N, C)
+        a = torch.softmax(raw, 0)
+        logits = (a.T @ h * self.head.weight).sum(1) + self.head.bias
+        contrib = (a * F.linear(h, self.head.weight)).detach()  # a^c_i * w_c . h_i
+        out = {"logits": logits, "scores": a[:, int(logits.argmax())].detach(), "contributions": contrib}
         if label is not None and self.training:
             out["instance_loss"] = self._instance_loss(h, raw, int(label))
         return out
@@ -312,6 +339,7 @@ MODELS: dict[str, tuple[type[MILNet], dict]] = {
     "max_mlp": (PoolMLP, {"pool": "max"}),
     "attention_mil": (AttentionMIL, {}),
     "clam_sb": (CLAMSingleBranch, {}),
+    "clam_mb": (CLAMMultiBranch, {}),
     "transmil": (TransMIL, {}),
 }
 
@@ -333,6 +361,7 @@ __all__ = [
     "PoolMLP",
     "AttentionMIL",
     "CLAMSingleBranch",
+    "CLAMMultiBranch",
     "NystromAttention",
     "TransMIL",
     "MODELS",
