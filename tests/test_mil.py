@@ -248,6 +248,24 @@ def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
     assert metrics["oof/top_evidence_share"] == pytest.approx(focus["top_evidence_share"].mean())
     assert metrics["oof/top_roi_share"] == pytest.approx(focus["top_roi_share"].mean())
     assert 0 < metrics["oof/roi_share_all"] < 1, "the demo slides have necrosis ROIs among other tissue"
+    from histolight.mil.report import roi_focus
+
+    bad = tmp_path / "broken.geojson"
+    bad.write_text("{not json")
+
+    class Cohort:  # demo_002's ROI file cannot be read: noted, the other slides measured
+        names = ["demo_000", "demo_001", "demo_002"]
+
+        @staticmethod
+        def roi_path(name):
+            return bad if name == "demo_002" else tiny_demo / "rois" / f"{name}.csv"
+
+    means = roi_focus(out, Cohort(), bags, "necrosis", "b")
+    again = pd.read_csv(out / "roi_focus.csv").set_index("slide")
+    assert again.loc["demo_002", "status"] == "failed" and "broken.geojson" in again.loc["demo_002", "reason"]
+    assert means["oof/top_roi_share"] == pytest.approx(
+        focus.set_index("slide").loc[["demo_000", "demo_001"], "top_roi_share"].mean()
+    )
     pred = pd.read_parquet(out / "predictions.parquet")
     assert sorted(pred["id"]) == sorted(pd.read_csv(tmp_path / "labels.csv")["slide"]), "every slide validated once"
     conf = json.loads((out / "fold_1" / "model" / "mil_config.json").read_text())

@@ -3,8 +3,8 @@
 Every network maps a bag of ``N`` tile features ``(N, D)`` to class logits and one score per tile, and where the
 bag logits are a sum over the tiles (mean pooling, attention pooling: a linear head on a weighted mean of tile
 embeddings) also each tile's exact share of every logit, ``contributions`` ``(N, C)``: ``logits = bias +
-contributions.sum(0)`` (``a_i W h_i``: the additive reading of attention MIL, Javed et al., NeurIPS 2022). Attention says how
-much a tile counts, its contribution which class it counts for:
+contributions.sum(0)`` (``a_i W h_i``: the additive reading of attention MIL, Javed et al., NeurIPS 2022).
+Attention says how much a tile counts, its contribution which class it counts for:
 
 - ``mean_mlp`` / ``max_mlp``: a per-tile MLP ``D -> H``, mean- or max-pooled, then a linear head. Tile score:
   the tile's logit of the predicted class (mean: the bag logits are exactly the mean of these) or the share of

@@ -107,9 +107,10 @@ def roi_focus(
     that validated it (no figures; per-tile attention and evidence in ``<run_dir>/oof_attention/attention``), and
     its share of top-10% tiles (by attention, and by evidence for ``evidence_class``, default its predicted class)
     lying in ``roi_label`` ROIs goes into ``<run_dir>/roi_focus.csv``. Items that are not a slide of ``dataset``
-    with a ROI file are left out. Returns the means over slides: ``oof/top_roi_share``, ``oof/top_evidence_share``
-    (models with tile evidence), ``oof/roi_share_all`` (the share of all tiles: the chance level), also added to
-    ``<run_dir>/metrics.json``."""
+    with a ROI file are left out; a slide whose ROI file or bag cannot be read gets a ``reason`` row and a warning.
+    Returns the means over slides: ``oof/top_roi_share``, ``oof/top_evidence_share`` (models with tile evidence),
+    ``oof/roi_share_all`` (the share of all tiles: the chance level), also added to ``<run_dir>/metrics.json``."""
+    from histolight.errors import HistolightError
     from histolight.io.atomic import atomic_write_json, atomic_write_text
     from histolight.mil.attention import roi_share
     from histolight.mil.data import read_bag
@@ -123,16 +124,20 @@ def roi_focus(
             continue
         model = run / (f"fold_{r.fold}" if r.fold >= 0 else "") / "model"
         opts = {"roi_paths": {r.id: str(roi)}, "roi_label": roi_label, "evidence_class": evidence_class}
-        res = predict_slide(r.id, model=str(model), bags=str(bags), dest=str(run / "oof_attention"), **opts)
-        locs = read_bag(bags, r.id)[1]
-        everything = roi_share(locs, np.ones(len(locs)), read_rois(roi), roi_label, 1.0)
-        rows.append({"slide": r.id, "fold": r.fold, "label": r.label, **res, "roi_share_all": everything})
+        try:
+            res = predict_slide(r.id, model=str(model), bags=str(bags), dest=str(run / "oof_attention"), **opts)
+            locs = read_bag(bags, r.id)[1]
+            res["roi_share_all"] = roi_share(locs, np.ones(len(locs)), read_rois(roi), roi_label, 1.0)
+        except (HistolightError, OSError, ValueError) as e:  # one unreadable ROI file or bag: noted, the rest measured
+            log.warning("attention focus of %s not measured: %s", r.id, e)
+            res = {"status": "failed", "reason": str(e)}
+        rows.append({"slide": r.id, "fold": r.fold, "label": r.label, **res})
     if not rows:
         return {}
     table = pd.DataFrame(rows)
     atomic_write_text(run / "roi_focus.csv", table.to_csv(index=False))
     cols = ("top_roi_share", "top_evidence_share", "roi_share_all")
-    means = {f"oof/{c}": float(table[c].mean()) for c in cols if c in table}
+    means = {f"oof/{c}": float(table[c].mean()) for c in cols if c in table and table[c].notna().any()}
     metrics = run / "metrics.json"
     if metrics.is_file():
         atomic_write_json(metrics, {**json.loads(metrics.read_text()), **means})
