@@ -4,9 +4,11 @@
   headless Chromium;
 - ``docs/overlay.png``: a segmentation overlay (titled panels and colour legend) of a held-out demo slide by
   ``--model <model folder>`` (for the README: the run of ``make demo``), else by a small U-Net trained here for 6
-  epochs (a few CPU minutes; a rougher prediction than ``make demo``'s).
+  epochs (a few CPU minutes; a rougher prediction than ``make demo``'s);
+- ``docs/mil_heatmap.jpg`` (with ``--mil-run <run of experiment=mil_demo>``): the attention | evidence heatmap of
+  that run's most confidently right ``high_necrosis`` out-of-fold example, scaled to 1400 px wide (JPEG).
 
-    .venv/bin/python scripts/screenshots.py [--model outputs/<date>/<time>] [--out docs]
+    .venv/bin/python scripts/screenshots.py [--model outputs/<date>/<time>] [--mil-run outputs/<date>/<time>] [--out docs]
 
 Needs Chromium for the report (``apt-get install -y chromium``); without it only the overlay is written.
 """
@@ -94,18 +96,49 @@ def overlay_png(ds, model: Path | None, work: Path, dest: Path) -> Path:
     return dest
 
 
+def mil_png(run: Path, dest: Path) -> Path | None:
+    import cv2
+
+    from histolight.mil.report import EXAMPLES, out_of_fold
+
+    pred = out_of_fold(run)
+    pred = pred[pred["label"] == "high_necrosis"].sort_values("prob_high_necrosis", ascending=False)
+    pngs = [run / EXAMPLES / "heatmaps" / f"{s}.png" for s in pred["id"]]
+    png = next((p for p in pngs if p.is_file()), None)
+    if png is None:
+        print(f"no high_necrosis heatmap in {run / EXAMPLES}: docs/mil_heatmap.jpg not regenerated", file=sys.stderr)
+        return None
+    img = cv2.imread(str(png), cv2.IMREAD_COLOR)
+    scale = min(1.0, 1400 / img.shape[1])
+    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else img
+    if not cv2.imwrite(str(dest), img, [cv2.IMWRITE_JPEG_QUALITY, 85]):
+        raise OSError(f"could not write {dest}")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a trained demo segmentation model folder (default: train one)")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where report.png and overlay.png go")
+    ap.add_argument("--mil-run", type=Path, help="a run folder of experiment=mil_demo (writes mil_heatmap.jpg)")
+    ap.add_argument("--only", nargs="+", choices=["report", "overlay", "mil"], help="write only these pictures")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where report.png, overlay.png, mil_heatmap.jpg go")
     args = ap.parse_args(argv)
+    want = set(args.only or ["report", "overlay", "mil"])
     args.out.mkdir(parents=True, exist_ok=True)
-    ds = demo_dataset()
-    with tempfile.TemporaryDirectory(prefix="histolight-shots-") as tmp:
-        work = Path(tmp)
-        for p in (report_png(ds, work, args.out / "report.png"), overlay_png(ds, args.model, work, args.out / "overlay.png")):
-            if p is not None:
-                print(f"wrote {p}")
+    written = []
+    if "mil" in want and args.mil_run is not None:
+        written.append(mil_png(args.mil_run, args.out / "mil_heatmap.jpg"))
+    if want & {"report", "overlay"}:
+        ds = demo_dataset()
+        with tempfile.TemporaryDirectory(prefix="histolight-shots-") as tmp:
+            work = Path(tmp)
+            if "report" in want:
+                written.append(report_png(ds, work, args.out / "report.png"))
+            if "overlay" in want:
+                written.append(overlay_png(ds, args.model, work, args.out / "overlay.png"))
+    for p in written:
+        if p is not None:
+            print(f"wrote {p}")
     return 0
 
 

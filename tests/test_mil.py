@@ -356,3 +356,20 @@ def test_evidence_class_must_be_a_label_before_training(tmp_path):
         check_evidence_class("high", data)
     with pytest.raises(ConfigError, match=r"roi_label='' is invalid"):
         from_config(TrainMILTask, {"roi_label": ""}, "task")
+
+
+def test_evidence_map_colours_by_sign_with_a_robust_scale():
+    from histolight.mil.predict import EVIDENCE_KEY, evidence_map
+
+    thumb = np.full((10, 400, 3), 255, np.uint8)
+    locs = np.stack([np.arange(40) * 10 + 5, np.full(40, 5)], 1).astype(float)  # 40 tile centres, base px
+    values = np.resize([-1.0, 0.0, 1.0], 40)
+    values[39] = 1000.0  # one extreme tile does not wash out the others
+    out = evidence_map(thumb, 1.0, locs, values, 10.0)
+    white, red, blue = (np.asarray(EVIDENCE_KEY[k]) for k in ("none", "for", "against"))
+    px = [out[5, x].astype(int) for x in (5, 15, 25, 395)]
+    assert np.array_equal(px[1], white)
+    assert px[2][0] > px[2][2] and px[0][2] > px[0][0], "red for, blue against"
+    assert np.abs(px[2] - (white + red) // 2).max() <= 1, "1.0 is full colour (the 95th percentile of |value|)"
+    assert np.abs(px[3] - (white + red) // 2).max() <= 1, "the extreme tile is clipped to full colour"
+    assert np.abs(px[0] - (white + blue) // 2).max() <= 1

@@ -114,10 +114,11 @@ EVIDENCE_KEY = {"against": (40, 80, 220), "none": (255, 255, 255), "for": (220, 
 
 def evidence_map(thumb: np.ndarray, downsample: float, locs: np.ndarray, values: np.ndarray, tile_base: float) -> np.ndarray:
     """Like :func:`heatmap` for signed ``values`` (N,) (evidence, log-odds): white at 0, towards red (for) or blue
-    (against) in proportion to ``|value|`` / the largest ``|value|`` of the slide."""
+    (against) in proportion to ``|value|``, full colour from the slide's 95th percentile of ``|value|`` up (a few
+    extreme tiles do not wash out the rest)."""
     v = np.asarray(values, np.float64)
-    m = float(np.abs(v).max()) if len(v) else 0.0
-    t = (v / m if m > 0 else np.zeros_like(v))[:, None]
+    m = float(np.quantile(np.abs(v), 0.95)) if len(v) else 0.0
+    t = (np.clip(v / m, -1, 1) if m > 0 else np.zeros_like(v))[:, None]
     white, pos, neg = (np.asarray(EVIDENCE_KEY[k], np.float64) for k in ("none", "for", "against"))
     colours = np.where(t >= 0, white + t * (pos - white), white - t * (neg - white))
     return _paint(thumb, downsample, locs, colours, tile_base)

@@ -59,9 +59,12 @@ def pick_examples(pred: pd.DataFrame, n: int) -> pd.DataFrame:
     return picked.head(n)
 
 
-def attention_examples(run_dir: str | os.PathLike, dataset: Any, bags: str | os.PathLike, n: int = 4) -> list[tuple[str, str]]:
+def attention_examples(
+    run_dir: str | os.PathLike, dataset: Any, bags: str | os.PathLike, n: int = 4, evidence_class: str | None = None
+) -> list[tuple[str, str]]:
     """Heatmaps of up to ``n`` out-of-fold slides (:func:`pick_examples`), each by the fold model that validated it,
-    into ``<run_dir>/attention_examples``. ``dataset``: a :class:`histolight.dataset.Dataset` (slide files).
+    into ``<run_dir>/attention_examples``, with the evidence for ``evidence_class`` (None = the predicted class).
+    ``dataset``: a :class:`histolight.dataset.Dataset` (slide files).
     Returns ``[(png path, caption)]``; items that are not a slide of ``dataset`` are left out."""
     from histolight.mil.predict import predict_slide
 
@@ -73,7 +76,8 @@ def attention_examples(run_dir: str | os.PathLike, dataset: Any, bags: str | os.
         model = run / (f"fold_{r.fold}" if r.fold >= 0 else "") / "model"
         dest = run / EXAMPLES
         paths, mpp = {r.id: str(dataset.path(r.id))}, {r.id: dataset.mpp_for(r.id)}
-        res = predict_slide(r.id, model=str(model), bags=str(bags), dest=str(dest), slide_paths=paths, mpp=mpp)
+        opts = {"slide_paths": paths, "mpp": mpp, "evidence_class": evidence_class}
+        res = predict_slide(r.id, model=str(model), bags=str(bags), dest=str(dest), **opts)
         png = dest / "heatmaps" / f"{r.id}.png"
         if png.is_file():
             out.append((str(png), f"{r.id} (fold {r.fold}): {r.label}, predicted {res['pred']}"))

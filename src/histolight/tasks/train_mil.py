@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
     )
     images = []
     if task.attention_examples:
-        images = attention_examples(out, load_dataset(cfg), data.bags, task.attention_examples)
+        images = attention_examples(out, load_dataset(cfg), data.bags, task.attention_examples, task.evidence_class)
     if task.roi_label:  # is the attention on the tissue that decides the label? (every out-of-fold slide)
         res.update(roi_focus(out, load_dataset(cfg), data.bags, task.roi_label, task.evidence_class))
     if trainers:
