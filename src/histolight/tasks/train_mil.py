@@ -7,9 +7,9 @@
 Outputs in the run folder: ``fold_<i>/model`` (``mil_config.json`` + ``weights.safetensors``), ``folds.csv``
 (one row per fold), ``predictions.parquet``, ``skipped.csv``, ``metrics.json`` (mean and sd over folds), ``roc.csv``,
 ``attention_examples/`` (heatmaps of a few out-of-fold slides) and with ``task.roi_label`` ``roi_focus.csv`` (per
-out-of-fold slide: share of its top-10% tiles by attention / by evidence in those ROIs), also logged to the run's loggers (W&B: metrics,
-ROC curve, images; the runs of a multirun share one W&B group). With ``task.build_bags`` (``task=features``
-options) the bags are built into ``data.bags`` first; slides whose bag exists are skipped.
+out-of-fold slide: share of its top-10% tiles by attention / by evidence in those ROIs), also logged to the run's
+loggers (W&B: metrics, ROC curve, images; the runs of a multirun share one W&B group). With ``task.build_bags``
+(``task=features`` options) the bags are built into ``data.bags`` first; slides whose bag exists are skipped.
 """
 
 from __future__ import annotations
