@@ -1,4 +1,5 @@
-"""Shared fixtures: repo paths, real slides, a tiny demo cohort, offline W&B in a temp dir."""
+"""Shared fixtures and helpers: repo paths, real slides, a tiny demo cohort, offline W&B in a temp dir, composing and
+running the Hydra config as ``run.py`` does."""
 
 from __future__ import annotations
 
@@ -51,3 +52,30 @@ def demo_cohort(tmp_path_factory) -> Path:
 def tiny_demo_overrides(root: Path) -> list[str]:
     """Hydra overrides pointing dataset=demo at the tiny cohort in ``root``."""
     return [f"paths.demo_dir={root}"] + [f"dataset.demo.{k}={v}" for k, v in TINY_DEMO.items()]
+
+
+def compose_config(overrides, output_dir: Path | None = None, *, hydra_config: bool = False):
+    """``run.py``'s config with ``overrides`` (Hydra's global state reset first); ``output_dir`` sets
+    ``paths.output_dir``; ``hydra_config`` keeps the ``hydra`` node (``hydra.run.dir``, ...)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def run_task(overrides, output_dir: Path) -> int:
+    """Run a task as ``run.py`` does (``logger=none``): its exit status."""
+    from histolight.tasks import execute
+
+    try:
+        execute(compose_config(["logger=none", *overrides], output_dir))
+    except SystemExit as e:
+        return int(e.code)
+    return 0

@@ -35,9 +35,8 @@ from histolight.classify import (
 )
 from histolight.dataset import Dataset
 from histolight.errors import ConfigError, HistolightError
-from tests.conftest import ROOT, tiny_demo_overrides
+from tests.conftest import compose_config, tiny_demo_overrides
 
-CONF = ROOT / "conf"
 PX, UM = 32, 32  # tiny tiles: 64 base px at 0.5 um/px
 CLASSES = ["tumor", "stroma", "necrosis"]
 
@@ -77,15 +76,6 @@ def tiles(tiny_demo, work) -> pd.DataFrame:
     t["split"] = split_patients(t, "annotations", dataset=ds)
     assert info.n_labelled == len(t) > 0
     return t
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def _train_overrides(demo: Path, work: Path, out: Path, *extra: str) -> list[str]:
@@ -460,7 +450,7 @@ def test_train_tiles_task_end_to_end_then_predict(tiny_demo, work, tmp_path):
     from histolight.tasks import get_task
 
     out = tmp_path / "train"
-    cfg = _compose(_train_overrides(tiny_demo, work, out))
+    cfg = compose_config(_train_overrides(tiny_demo, work, out))
     metrics = get_task("train_tiles")(cfg)
     for k in ("val/acc", "val/bal_acc", "val/auroc", "val/loss", "val/n_tiles"):
         assert k in metrics, k
@@ -478,7 +468,7 @@ def test_train_tiles_task_end_to_end_then_predict(tiny_demo, work, tmp_path):
     finish_wandb()
 
     pout = tmp_path / "predict"
-    pcfg = _compose(
+    pcfg = compose_config(
         [
             "task=predict",
             *tiny_demo_overrides(tiny_demo),
@@ -508,7 +498,7 @@ def test_weak_supervision_streaming_slide_metrics(tiny_demo, work, tmp_path):
     ann["grade"] = ["low", "high", "low"]  # train: demo_000/001 (patient p000), val: demo_002
     ann.to_csv(tmp_path / "ann.csv", index=False)
     out = tmp_path / "weak"
-    cfg = _compose(
+    cfg = compose_config(
         _train_overrides(
             tiny_demo,
             work,
@@ -557,7 +547,7 @@ def test_config_mistakes_fail_before_work(tmp_path, override, pattern):
     from histolight.tasks import get_task
 
     demo = tmp_path / "never_generated"
-    cfg = _compose(_train_overrides(demo, tmp_path / "work", tmp_path / "out", override))
+    cfg = compose_config(_train_overrides(demo, tmp_path / "work", tmp_path / "out", override))
     with pytest.raises(ConfigError, match=pattern):
         get_task("train_tiles")(cfg)
     assert not demo.exists() and not (tmp_path / "work").exists()
@@ -566,7 +556,7 @@ def test_config_mistakes_fail_before_work(tmp_path, override, pattern):
 def test_predict_config_needs_a_model(tmp_path):
     from histolight.tasks import get_task
 
-    cfg = _compose(["task=predict", f"paths.output_dir={tmp_path}"])
+    cfg = compose_config(["task=predict", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="model=None is invalid"):
         get_task("predict")(cfg)
 
@@ -574,29 +564,15 @@ def test_predict_config_needs_a_model(tmp_path):
 def test_label_typo_is_a_missing_class_error(tiny_demo, work, tmp_path):
     from histolight.tasks import get_task
 
-    cfg = _compose(_train_overrides(tiny_demo, work, tmp_path / "o", "data.labels=[tumour,stroma,necrosis]", "logger=none"))
+    cfg = compose_config(_train_overrides(tiny_demo, work, tmp_path / "o", "data.labels=[tumour,stroma,necrosis]", "logger=none"))
     with pytest.raises(HistolightError, match=r"\['tumour'\] have no training tiles"):
         get_task("train_tiles")(cfg)
 
 
 def test_slurm_launcher_composes_with_ddp():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="install the [sweep] extra")
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                "experiment=tile_classifier",
-                "launcher=slurm",
-                "trainer=ddp",
-                "trainer.devices=4",
-                "hydra.launcher.gpus_per_node=4",
-                "hydra.launcher.tasks_per_node=4",
-            ],
-            return_hydra_config=True,
-        )
+    overrides = ["experiment=tile_classifier", "launcher=slurm", "trainer=ddp", "trainer.devices=4"]
+    overrides += ["hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4"]
+    cfg = compose_config(overrides, hydra_config=True)
     assert "submitit" in cfg.hydra.launcher._target_.lower()
     assert cfg.task.name == "train_tiles" and cfg.trainer.strategy == "ddp"

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_config
 
 CONF = ROOT / "conf"
 # groups selected in config.yaml (package-global groups and hydra's own are composed too)
@@ -20,12 +18,6 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydr
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def _compose(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
 
 
 CASES = [(g, o) for g in GROUPS for o in options(g)]
@@ -37,7 +29,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="install the [sweep] extra")
     if group == "hparams_search":
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="install the [sweep] extra")
-    cfg = _compose([f"{group}={option}", f"hydra.run.dir={tmp_path}"])
+    cfg = compose_config([f"{group}={option}", f"hydra.run.dir={tmp_path}"], hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     OmegaConf.resolve(cfg.hydra)  # interpolations in hydra's own config resolve
@@ -75,7 +67,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         from histolight.training.optim import configure_optimizers
 
         with open_dict(cfg):
-            cfg.data = _compose(["data=seg"]).data
+            cfg.data = compose_config(["data=seg"], hydra_config=True).data
             cfg.data.mode, cfg.data.labels, cfg.data.size = "multiclass", ["a", "b"], 64
             cfg.model.encoder_name = "resnet18"
         scfg = config_from_hydra(cfg)
@@ -103,7 +95,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
             from histolight.segment.config import config_from_hydra
 
             with open_dict(cfg):
-                cfg.model = _compose(["model=seg_unet"]).model
+                cfg.model = compose_config(["model=seg_unet"], hydra_config=True).model
             assert config_from_hydra(cfg).size == cfg.data.size
         elif option == "bags":
             from histolight.config import from_config

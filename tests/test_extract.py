@@ -338,14 +338,9 @@ def test_config_unknown_key_and_python_api_options():
 
 
 def test_task_config_composes_with_defaults(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from tests.conftest import compose_config
 
-    from tests.conftest import ROOT
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        c = compose("config", overrides=["task=extract", f"paths.root_dir={tmp_path}"])
+    c = compose_config(["task=extract", f"paths.root_dir={tmp_path}"])
     e = load_extract_config(c.task, "task")
     assert (e.tile_px, e.tile_um, e.stride_div, e.roi_method, e.roi_filter_method, e.qc, e.filter_threshold) == (
         256,

@@ -13,11 +13,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_config
 
 pytestmark = pytest.mark.slow
 EXTRACTORS = sorted(p.stem for p in (ROOT / "conf" / "extractor").glob("*.yaml"))
@@ -31,9 +29,7 @@ def test_every_extractor_config_composes_and_builds(tmp_path):
 
     assert set(REGISTRY) <= set(EXTRACTORS) and {"imagenet", "classifier"} <= set(EXTRACTORS)
     for name in EXTRACTORS:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=["task=features", f"extractor={name}", "logger=none"])
+        cfg = compose_config(["task=features", f"extractor={name}", "logger=none"])
         assert "extractor" in cfg and (name == "classifier" or OmegaConf.select(cfg, "extractor.name"))
         if name in ("classifier", "dinov2"):
             continue  # need a model folder / a config file

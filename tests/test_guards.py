@@ -10,20 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
 from histolight.dataset import Dataset
 from histolight.errors import HistolightError, ROIError
 from histolight.utils.run_guard import guard
-from tests.conftest import ROOT, tiny_demo_overrides
+from tests.conftest import ROOT, compose_config, tiny_demo_overrides
 
 
 def _compose(overrides: list[str], run_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config(overrides, hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.run.dir = str(run_dir)
     return cfg

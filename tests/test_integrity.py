@@ -16,14 +16,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from histolight.classify import LabelMap, StreamingTileDataset, TileDataModule, TileDataset, index_tfrecords
 from histolight.errors import ConfigError
 from histolight.io import ImageDecodeError, TFRecordError, TFRecordReader, decode_image, load_index
-from tests.conftest import ROOT
+from tests.conftest import run_task
 
 PX, UM = 64, 32
 N = {"s1": 5, "s2": 3}
@@ -85,19 +82,9 @@ def _truncate(path: Path, record: int) -> int:
 
 
 def _predict(work: Path, out: Path, *extra: str) -> int:
-    from histolight.tasks import execute
-
-    ov = ["logger=none", "task=predict", "dataset=folder", f"dataset.slides={work}", "dataset.name=tiny"]
+    ov = ["task=predict", "dataset=folder", f"dataset.slides={work}", "dataset.name=tiny"]
     ov += [f"paths.work_dir={work}", f"task.model={work / 'model'}", *extra]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=ov)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    try:
-        execute(cfg)
-    except SystemExit as e:
-        return int(e.code)
+    return run_task(ov, out)
     return 0
 
 

@@ -9,22 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
 from histolight.dataset import Dataset
 from histolight.errors import ConfigError
-from tests.conftest import ROOT, tiny_demo_overrides
+from tests.conftest import ROOT, compose_config, tiny_demo_overrides
 
 
 def _compose(overrides: list[str]):
     from histolight.cli import install_override_hints
 
     install_override_hints()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 # ---------------------------------------------------------------------------------------------- required values

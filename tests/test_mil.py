@@ -15,7 +15,7 @@ from histolight.mil.data import BagDataModule, BagDataset, build_items, collate_
 from histolight.mil.models import MODELS, build_mil_model
 from histolight.mil.module import mil_metrics
 from histolight.mil.training import load_mil_model
-from tests.conftest import ROOT, tiny_demo_overrides
+from tests.conftest import ROOT, compose_config, tiny_demo_overrides
 
 
 def write_bag(folder: Path, slide: str, n: int, d: int, shift: float = 0.0, size: tuple[int, int] = (1024, 768)) -> None:
@@ -191,15 +191,6 @@ def test_demo_labels_from_masks(tiny_demo):
         assert row.necrosis_label == (HIGH if row.necrosis_fraction > 0.3 else LOW)
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 @pytest.mark.slow
 def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
     from histolight.tasks import execute
@@ -219,7 +210,7 @@ def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
         "trainer.enable_progress_bar=false",
         "+trainer.enable_model_summary=false",
     ]
-    cfg = _compose(
+    cfg = compose_config(
         [
             "task=train_mil",
             "data=bags",
@@ -273,7 +264,7 @@ def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
     assert conf["data"]["split"]["fold"] == 1 and conf["geometry"]["tile_um"] == 32
 
     pout = tmp_path / "predict"
-    pcfg = _compose(["task=predict_mil", *common, f"paths.output_dir={pout}", f"task.model={out / 'fold_1' / 'model'}"])
+    pcfg = compose_config(["task=predict_mil", *common, f"paths.output_dir={pout}", f"task.model={out / 'fold_1' / 'model'}"])
     pcfg.task.label_table, pcfg.task.label_column = str(tmp_path / "labels.csv"), "label"
     pcfg.task.roi_label, pcfg.task.montage_tiles, pcfg.optimized_metric = "necrosis", 4, "top_roi_share_mean"
     share = execute(pcfg)
@@ -318,7 +309,7 @@ def test_model_configs_compose_build_and_optimise(option, tmp_path):
     from histolight.mil.config import BagDataConfig, MILModelConfig
     from histolight.mil.module import MILModule
 
-    cfg = _compose([f"model={option}", "data=bags", f"data.bags={tmp_path}", f"paths.output_dir={tmp_path}"])
+    cfg = compose_config([f"model={option}", "data=bags", f"data.bags={tmp_path}", f"paths.output_dir={tmp_path}"])
     data = from_config(BagDataConfig, cfg.data, "data")
     assert data.split.method == "kfold" and data.split.fold_list() == [0, 1, 2, 3, 4] and data.annotations
     m = from_config(MILModelConfig, cfg.model, "model")

@@ -12,8 +12,7 @@ import pytest
 from shapely.geometry import box
 
 from histolight.errors import ConfigError
-from tests.conftest import tiny_demo_overrides
-from tests.test_mil import _compose
+from tests.conftest import compose_config, tiny_demo_overrides
 
 
 def test_top_tiles_and_roi_share():
@@ -50,8 +49,8 @@ def test_top_tiles_montage_reads_the_slide():
 
 
 def test_demo_experiment_builds_the_same_bags_as_mil_demo_bags(tmp_path):
-    one = _compose(["experiment=mil_demo", f"paths.output_dir={tmp_path}"])
-    bags = _compose(["experiment=mil_demo_bags", f"paths.output_dir={tmp_path}"])
+    one = compose_config(["experiment=mil_demo", f"paths.output_dir={tmp_path}"])
+    bags = compose_config(["experiment=mil_demo_bags", f"paths.output_dir={tmp_path}"])
     for k in ("model", "source", "tile_px", "tile_um", "outdir", "qc"):
         assert one.task.build_bags[k] == bags.task[k], k
     assert one.data.bags == bags.task.outdir
@@ -64,7 +63,7 @@ def test_mil_runs_of_a_multirun_share_a_wandb_group(monkeypatch, tmp_path):
     from histolight.training.trainer import build_trainer
 
     monkeypatch.setattr(hw, "wandb_sweep_settings", lambda cfg: {"group": f"{cfg.task.name}-sweep", "name": "1:model=mil_mean"})
-    cfg = _compose(["experiment=mil_demo", "logger=wandb", f"paths.output_dir={tmp_path}"])
+    cfg = compose_config(["experiment=mil_demo", "logger=wandb", f"paths.output_dir={tmp_path}"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "fold_0")
     init = build_trainer(cfg).loggers[0]._wandb_init
@@ -102,7 +101,7 @@ def test_compare_ranks_the_runs_of_a_sweep(tmp_path):
         find_runs([tmp_path / "nothing"])
 
     out = tmp_path / "cmp"
-    cfg = _compose(["task=compare", f"task.runs={sweep}", f"paths.output_dir={out}", "optimized_metric=best_value"])
+    cfg = compose_config(["task=compare", f"task.runs={sweep}", f"paths.output_dir={out}", "optimized_metric=best_value"])
     assert execute(cfg) == pytest.approx(0.95)
     md = (out / "comparison.md").read_text()
     assert md.splitlines()[2].startswith("| 1 | attention_mil | model=attention_mil | 0.950 | 0.100 |")
@@ -133,7 +132,7 @@ def test_one_command_from_slides_to_cross_validated_mil(tiny_demo, tmp_path):
         "+trainer.enable_model_summary=false",
         "optimized_metric=oof/auroc",  # 1-2 validation slides per fold: per-fold AUROC is undefined
     ]
-    assert 0 <= execute(_compose(overrides)) <= 1
+    assert 0 <= execute(compose_config(overrides)) <= 1
     names = [f"demo_{i:03d}" for i in range(3)]
     assert all((bags / f"{n}.pt").is_file() and (bags / f"{n}.index.npz").is_file() for n in names)
     conf = json.loads((bags / "bags_config.json").read_text())

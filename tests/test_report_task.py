@@ -10,12 +10,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from histolight.io.tfrecord import TFRecordWriter
-from tests.conftest import ROOT
+from tests.conftest import compose_config, run_task
 
 
 def _jpeg(seed: int, px: int = 32) -> bytes:
@@ -46,29 +43,10 @@ def slideflow_folder(tmp_path) -> Path:
     return d
 
 
-def _compose(overrides: list[str], out: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
-
-
-def _execute(overrides: list[str], out: Path) -> int:
-    from histolight.tasks import execute
-
-    try:
-        execute(_compose(overrides, out))
-    except SystemExit as e:
-        return int(e.code)
-    return 0
-
-
 def test_task_report_on_a_folder_of_tfrecords_without_index_or_table(slideflow_folder, tmp_path):
     before = sorted(p.name for p in slideflow_folder.iterdir())
     out = tmp_path / "out"
-    assert _execute(["task=report", f"task.tfrecords={slideflow_folder}", "task.samples=4"], out) == 2  # corrupt fails
+    assert run_task(["task=report", f"task.tfrecords={slideflow_folder}", "task.samples=4"], out) == 2  # corrupt fails
     t = pd.read_csv(out / "tfrecord_report.csv").set_index("slide")
     assert t.loc["a", "status"] == "done" and t.loc["a", "n_tiles"] == 6 and t.loc["a", "n_locations"] == 6
     assert t.loc["a", "tile_px"] == "32x32"
@@ -81,7 +59,7 @@ def test_task_report_on_a_folder_of_tfrecords_without_index_or_table(slideflow_f
     samples = cv2.imread(str(out / "tfrecord_report" / "a.samples.jpg"))
     assert samples is not None and samples.shape[1] > 4 * 32  # 4 tiles in a row
     assert sorted(p.name for p in slideflow_folder.iterdir()) == before  # nothing written into the user's folder
-    assert _execute(["task=report", f"task.tfrecords={slideflow_folder}", "task.allow_failures=true"], tmp_path / "o2") == 0
+    assert run_task(["task=report", f"task.tfrecords={slideflow_folder}", "task.allow_failures=true"], tmp_path / "o2") == 0
 
 
 def test_task_report_needs_a_source_and_says_so(tmp_path):
@@ -89,9 +67,9 @@ def test_task_report_needs_a_source_and_says_so(tmp_path):
     from histolight.tasks import get_task
 
     with pytest.raises(ConfigError, match="task.tfrecords=null needs task.tile_px and task.tile_um"):
-        get_task("report")(_compose(["task=report", "task.tile_px=null"], tmp_path))
+        get_task("report")(compose_config(["logger=none", "task=report", "task.tile_px=null"], tmp_path))
     with pytest.raises(ConfigError, match="samples=0 is invalid: must be an integer >= 1"):
-        get_task("report")(_compose(["task=report", "task.tfrecords=x", "task.samples=0"], tmp_path))
+        get_task("report")(compose_config(["logger=none", "task=report", "task.tfrecords=x", "task.samples=0"], tmp_path))
 
 
 @pytest.mark.slow  # headless Chromium prints the page (~5-10 s)

@@ -15,12 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from histolight.errors import ConfigError, HistolightError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_task
 
 LABELS = ["tumor", "stroma", "necrosis"]
 REFUSED = r"cannot be loaded safely \(it holds a [\w.]*exec object\).*give histolight the new file"
@@ -85,20 +82,9 @@ def _seg_folder(folder: Path, marker: Path | None = None) -> Path:
 
 def _execute(overrides: list[str], out: Path, caplog) -> tuple[int, str]:
     """Run a task as ``run.py`` does: (exit status, the error lines it logged)."""
-    from histolight.tasks import execute
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="histolight"):
-        try:
-            execute(cfg)
-            code = 0
-        except SystemExit as e:
-            code = int(e.code)
+        code = run_task(overrides, out)
     return code, "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
 
 

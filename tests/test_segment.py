@@ -13,14 +13,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from histolight.errors import ConfigError, SlideError
-from tests.conftest import ROOT, tiny_demo_overrides
+from tests.conftest import compose_config, tiny_demo_overrides
 
-CONF = ROOT / "conf"
 LABELS = ["tumor", "stroma", "necrosis"]
 ENC = "tu-mobilenetv3_small_100"
 TINY = [
@@ -36,11 +33,8 @@ TINY = [
 
 
 def compose_cfg(overrides: list[str], tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides, tmp_path / "out")
     with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "out")
         cfg.paths.work_dir = str(tmp_path / "work")
     return cfg
 

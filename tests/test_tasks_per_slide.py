@@ -12,35 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
-from tests.conftest import ROOT
+from tests.conftest import run_task
 
 LABELS = ["tumor", "stroma", "necrosis"]
 BROKEN = "broken"
 TILE_PX, TILE_UM = 32, 16
-
-
-def _compose(overrides: list[str], out: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
-
-
-def _execute(overrides: list[str], out: Path) -> int:
-    """Run the task as ``run.py`` would; its exit status."""
-    from histolight.tasks import execute
-
-    try:
-        execute(_compose(overrides, out))
-    except SystemExit as e:
-        return int(e.code)
-    return 0
 
 
 def _summary(path: Path) -> dict[str, tuple[str, str]]:
@@ -53,11 +30,11 @@ def _check_outcome(overrides: list[str], out: Path, summary: str, reason: str, g
     """Exit 2 with the broken slide failed (``reason`` in its reason) and the good slides not failed; exit 0 with
     ``task.allow_failures=true`` (run into the same product folders: finished slides are skipped). Returns the first
     run's summary."""
-    assert _execute(overrides, out / "strict") == 2
+    assert run_task(overrides, out / "strict") == 2
     rows = _summary(out / "strict" / summary)
     assert rows[BROKEN][0] == "failed" and reason in rows[BROKEN][1], rows[BROKEN]
     assert {s for s, (st, _) in rows.items() if st != "failed"} == good, rows
-    assert _execute([*overrides, "task.allow_failures=true"], out / "lenient") == 0
+    assert run_task([*overrides, "task.allow_failures=true"], out / "lenient") == 0
     return rows
 
 
@@ -126,13 +103,13 @@ def test_info(slide_cohort, tmp_path):
     t = pd.read_csv(tmp_path / "strict" / "slides.csv").set_index("slide")
     assert (t.loc[sorted(good), "width"] == 1024).all() and (t.loc[sorted(good), "rois"] > 0).all()
     assert rows[BROKEN][0] == "failed"
-    assert _execute(["task=info", "task.max_failed=0.5", *ov], tmp_path / "fraction") == 0  # 1 of 4 failed
-    assert _execute(["task=info", "task.max_failed=0.2", *ov], tmp_path / "fraction") == 2
+    assert run_task(["task=info", "task.max_failed=0.5", *ov], tmp_path / "fraction") == 0  # 1 of 4 failed
+    assert run_task(["task=info", "task.max_failed=0.2", *ov], tmp_path / "fraction") == 2
 
 
 def test_info_in_worker_processes(slide_cohort, tmp_path):
     ov, good = slide_cohort
-    assert _execute(["task=info", "task.workers=2", *ov], tmp_path) == 2
+    assert run_task(["task=info", "task.workers=2", *ov], tmp_path) == 2
     rows = _summary(tmp_path / "slides.csv")
     assert rows[BROKEN][0] == "failed" and {s for s, (st, _) in rows.items() if st == "done"} == good
 
@@ -158,7 +135,7 @@ def test_segment(slide_cohort, seg_model, tmp_path):
 @pytest.mark.slow
 def test_segment_in_worker_processes(slide_cohort, seg_model, tmp_path):
     ov, good = slide_cohort
-    assert _execute(["task=segment", f"task.model={seg_model}", "task.workers=2", *ov], tmp_path) == 2
+    assert run_task(["task=segment", f"task.model={seg_model}", "task.workers=2", *ov], tmp_path) == 2
     rows = _summary(tmp_path / "segment_report.csv")
     assert rows[BROKEN][0] == "failed" and {s for s, (st, _) in rows.items() if st == "done"} == good
 

@@ -530,22 +530,14 @@ def test_normalizer_rules_are_one_rule_with_one_message():
 
 
 def test_both_training_tasks_name_wandb_runs_of_a_sweep(monkeypatch, tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
     import histolight.utils.wandb as hw
     from histolight.training.trainer import build_trainer
-    from tests.conftest import ROOT
+    from tests.conftest import compose_config
 
     assert hw.wandb_sweep_settings(None) == {}  # not a multirun
     monkeypatch.setattr(hw, "wandb_sweep_settings", lambda cfg: {"group": f"{cfg.task.name}-sweep", "name": "0:x=1"})
     for exp in ("tile_classifier", "seg_binary"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"experiment={exp}", "logger=wandb", "trainer.max_epochs=1"])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / exp)
+        cfg = compose_config([f"experiment={exp}", "logger=wandb", "trainer.max_epochs=1"], tmp_path / exp)
         trainer = build_trainer(cfg)
         init = trainer.loggers[0]._wandb_init
         assert init["group"] == f"{cfg.task.name}-sweep" and init["name"] == "0:x=1"
