@@ -271,6 +271,7 @@ def test_train_mil_kfold_then_predict_mil(tiny_demo, tmp_path):
     pred = pd.read_parquet(pout / "predictions.parquet")
     assert list(pred["slide"]) == ["demo_000", "demo_001", "demo_002"] and (pred["n_tiles"] == 30).all()
     assert pred["top_roi_share"].between(0, 1).all() and share == pytest.approx(pred["top_roi_share"].mean())
+    assert ((0 < pred["roi_share_all"]) & (pred["roi_share_all"] < 1)).all(), "the chance level: necrosis among other tissue"
     assert sorted(p.name for p in (pout / "montages").glob("*.png")) == ["demo_000.png", "demo_001.png", "demo_002.png"]
     assert np.allclose(pred[["prob_a", "prob_b"]].sum(1), 1) and list(pred["label"]) == ["a", "a", "b"]
     assert pred["top_evidence_share"].between(0, 1).all() and (pred["evidence_class"] == pred["pred"]).all()

@@ -28,10 +28,9 @@ def evidence(contributions: np.ndarray, cls: int) -> np.ndarray:
     """Each tile's evidence for class ``cls``: its contribution to that logit minus the mean of its contributions to
     the others, ``(N, C) -> (N,)`` (``contributions`` of :mod:`histolight.mil.models`). Summed over the bag (plus the
     same difference of the head's biases) it is the slide's ``logit_cls - mean(other logits)``: with two classes,
-    the log-odds of ``cls``. Positive = the tile argues for ``cls``, negative = against."""
+    the log-odds of ``cls``. Positive = the tile argues for ``cls``, negative = against. Needs ``C >= 2`` (MIL
+    training refuses one class)."""
     c = np.asarray(contributions, np.float64)
-    if c.shape[1] < 2:
-        return c[:, cls]
     others = np.delete(c, cls, axis=1).mean(1)
     return c[:, cls] - others
 

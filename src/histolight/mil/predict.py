@@ -14,7 +14,8 @@ Per slide (one bag each, whole bag, on the cohort runner)::
     <dest>/montages/<slide>.png         the ``montage_tiles`` highest-scoring tiles, read back from the slide
     <dest>/predictions.parquet          slide, status, n_tiles, prob_<class>..., pred (+ label when known), and with
                                         ``roi_label``: top_roi_share = share of the top 10% tiles by score whose
-                                        centre lies in a ROI of that class (histolight.mil.attention), and
+                                        centre lies in a ROI of that class (histolight.mil.attention), roi_share_all
+                                        = the same for all tiles (the chance level), and
                                         top_evidence_share = the same for the top 10% by evidence for
                                         evidence_class (the predicted class unless set)
     <dest>/slides.csv                   the runner's per-slide summary
@@ -147,8 +148,8 @@ def predict_slide(
     evidence_class: str | None = None,
 ) -> dict:
     """Predict slide ``name`` from its bag (see the module docstring); returns ``n_tiles``, ``prob_<class>``, ``pred``
-    (+ ``top_roi_share``, ``top_evidence_share``, ``evidence_class`` when ``roi_label`` is set and the slide has a
-    ROI file in ``roi_paths``). ``evidence_class``: the class whose evidence is drawn and measured (None = the
+    (+ ``top_roi_share``, ``roi_share_all``, ``top_evidence_share``, ``evidence_class`` when ``roi_label`` is set and
+    the slide has a ROI file in ``roi_paths``). ``evidence_class``: the class whose evidence is drawn and measured (None = the
     predicted class)."""
     from histolight.io.images import write_png
     from histolight.io.tables import write_parquet
@@ -207,6 +208,7 @@ def predict_slide(
 
         rois = read_rois(roi)
         res["top_roi_share"] = roi_share(locs, scores, rois, roi_label)
+        res["roi_share_all"] = roi_share(locs, scores, rois, roi_label, 1.0)
         if ev is not None:
             res.update(top_evidence_share=roi_share(locs, ev, rois, roi_label), evidence_class=ev_class)
     return res

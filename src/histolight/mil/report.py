@@ -116,10 +116,7 @@ def roi_focus(
     ``oof/roi_share_all`` (the share of all tiles: the chance level), also added to ``<run_dir>/metrics.json``."""
     from histolight.errors import HistolightError
     from histolight.io.atomic import atomic_write_json, atomic_write_text
-    from histolight.mil.attention import roi_share
-    from histolight.mil.data import read_bag
     from histolight.mil.predict import predict_slide
-    from histolight.roi import read_rois
 
     run, rows = Path(run_dir), []
     for r in out_of_fold(run).itertuples():
@@ -130,8 +127,6 @@ def roi_focus(
         opts = {"roi_paths": {r.id: str(roi)}, "roi_label": roi_label, "evidence_class": evidence_class}
         try:
             res = predict_slide(r.id, model=str(model), bags=str(bags), dest=str(run / "oof_attention"), **opts)
-            locs = read_bag(bags, r.id)[1]
-            res["roi_share_all"] = roi_share(locs, np.ones(len(locs)), read_rois(roi), roi_label, 1.0)
         except (HistolightError, OSError, ValueError) as e:  # one unreadable ROI file or bag: noted, the rest measured
             log.warning("attention focus of %s not measured: %s", r.id, e)
             res = {"status": "failed", "reason": str(e)}
