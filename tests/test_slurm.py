@@ -370,13 +370,23 @@ def test_preemption_signal_saves_last_ckpt_then_calls_submitits_handler(tmp_path
         monkeypatch.setattr(trainer, "save_checkpoint", lambda p: (saved.append(p), Path(p).write_bytes(b"state")))
         cb = PreemptionCheckpoint()
         cb.on_train_start(trainer, None)
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+        assert saved == [] and calls == [], "no signal, nothing saved"
         os.kill(os.getpid(), signal.SIGUSR2)
+        assert saved == [] and calls == [], "the handler only notes the signal: the state may be mid-validation"
+        cb.on_train_batch_end(trainer, None, None, None, 1)  # the next boundary where the state is whole
         assert calls == [signal.SIGUSR2], "submitit's handler (requeue) runs after the save"
         assert (tmp_path / "last.ckpt").read_bytes() == b"state" and len(saved) == 1
         assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temp file was renamed over it
         cb.on_train_end(trainer, None)
         os.kill(os.getpid(), signal.SIGUSR2)
-        assert len(saved) == 1 and len(calls) == 2  # after training: submitit's handler alone again
+        assert len(saved) == 1 and len(calls) == 2  # after the save: submitit's handler alone again
+
+        late = PreemptionCheckpoint()  # signalled during the last validation: saved when training ends
+        late.on_train_start(trainer, None)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        late.on_train_end(trainer, None)
+        assert len(saved) == 2 and len(calls) == 3
     finally:
         signal.signal(signal.SIGUSR2, before)
 

@@ -4,9 +4,9 @@ and its requeued run continues from that checkpoint.
 Under ``launcher=slurm`` (submitit) the scheduler sends submitit's signal (``SIGUSR2`` unless
 ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise) ``hydra.launcher.signal_delay_s`` seconds before the time limit, or
 when the job is preempted (``scancel --signal=USR2 <job>`` simulates both). submitit's handler requeues the job
-(``scontrol requeue``) and exits. :class:`PreemptionCheckpoint` runs first: every rank saves the run's latest state
-to ``<checkpoints>/last.ckpt`` (written beside it, then renamed over it: a kill while saving keeps the earlier
-one). The requeued job runs the same Hydra job again; :func:`requeued` tells the training tasks to continue from
+(``scontrol requeue``) and exits. :class:`PreemptionCheckpoint` runs first: at the next step boundary every rank
+saves the run's latest state to ``<checkpoints>/last.ckpt`` (written beside it, then renamed over it: a kill while
+saving keeps the earlier one). The requeued job runs the same Hydra job again; :func:`requeued` tells the training tasks to continue from
 ``last.ckpt`` as ``resume=auto`` would (:func:`histolight.training.trainer.resume_checkpoint`).
 
 Without submitit (a plain ``sbatch``/``srun`` job), Lightning's own SLURM auto-requeue handles ``SIGUSR1``.
@@ -59,15 +59,20 @@ class PreemptionCheckpoint(Callback):
     """Save ``last.ckpt`` on submitit's preemption / pre-timeout signal, then let submitit requeue the job.
 
     Installed at the start of training in front of the handler submitit set (chained, not replaced); inert
-    outside submitit jobs. The checkpoint folder is that of the trainer's ``ModelCheckpoint`` writing
-    ``last.ckpt`` (``callbacks=default`` / ``last_checkpoint``); without one, nothing is saved and the requeued job
-    starts over.
+    outside submitit jobs. The signal handler only notes the signal: the state is saved at the next boundary where
+    it is whole (the end of a training step, of a training epoch after its validation, or of training), because a
+    checkpoint taken mid-validation resumes into a validation that never logs its metrics. Under DDP the ranks
+    agree at each boundary (any rank signalled) so that they save together. The checkpoint folder is that of the
+    trainer's ``ModelCheckpoint`` writing ``last.ckpt`` (``callbacks=default`` / ``last_checkpoint``); without one,
+    nothing is saved and the requeued job starts over.
     """
 
     def __init__(self, last: str = "last") -> None:
         self.last = last  # file name of the latest-epoch checkpoint, without .ckpt
         self._previous: Any = None
         self._signal: signal.Signals | None = None
+        self._target: Path | None = None
+        self._received = False
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not under_submitit():
@@ -76,27 +81,46 @@ class PreemptionCheckpoint(Callback):
         previous = signal.getsignal(sig)
         if not callable(previous):  # submitit always installs one; anything else is not ours to chain
             return
-        target = _last_checkpoint(trainer, self.last)
-        if target is None:
+        self._target = _last_checkpoint(trainer, self.last)
+        if self._target is None:
             log.warning("no checkpoint callback writes last.ckpt: a preempted job will start over when requeued")
             return
-        self._previous, self._signal = previous, sig
+        self._previous, self._signal, self._received = previous, sig, False
 
         def handler(signum: int, frame: Any) -> None:
-            log.warning("signal %s: saving %s before the job is requeued", signal.Signals(signum).name, target)
-            tmp = target.with_name(f".{target.name}.preempt-{os.getpid()}")
-            try:
-                trainer.save_checkpoint(str(tmp))  # every rank calls it (a barrier); rank 0 writes
-                if trainer.is_global_zero:
-                    os.replace(tmp, target)
-            finally:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            previous(signum, frame)  # submitit: requeue (rank 0) and exit
+            log.warning("signal %s: saving %s at the next step boundary", signal.Signals(signum).name, self._target)
+            self._received = True
 
         signal.signal(sig, handler)
 
+    def _save_and_requeue(self, trainer: Any) -> None:
+        """At a boundary: when any rank was signalled, every rank saves (a barrier; rank 0 writes ``last.ckpt``
+        beside it, then renames it over it) and submitit's handler requeues the job and exits."""
+        if self._signal is None or not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+            return
+        target = self._target
+        log.warning("saving %s before the job is requeued", target)
+        tmp = target.with_name(f".{target.name}.preempt-{os.getpid()}")
+        try:
+            trainer.save_checkpoint(str(tmp))
+            if trainer.is_global_zero:
+                os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        sig, previous = self._signal, self._previous
+        signal.signal(sig, previous)
+        self._previous, self._signal = None, None
+        previous(sig, None)  # submitit: requeue (rank 0) and exit
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._save_and_requeue(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._save_and_requeue(trainer)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._save_and_requeue(trainer)  # signalled during the last validation: the requeued job finishes the run
         if self._signal is not None:
             signal.signal(self._signal, self._previous)
             self._previous, self._signal = None, None
