@@ -60,8 +60,9 @@ class PreemptionCheckpoint(Callback):
 
     Installed at the start of training in front of the handler submitit set (chained, not replaced); inert
     outside submitit jobs. The signal handler only notes the signal: the state is saved at the next boundary where
-    it is whole (the end of a training step, of a training epoch after its validation, or of training), because a
-    checkpoint taken mid-validation resumes into a validation that never logs its metrics. Under DDP the ranks
+    it is whole (the end of a training step, or of training), because a checkpoint taken mid-validation resumes
+    into a validation that never logs its metrics; not at the end of an epoch, where the save would come before
+    the epoch's own checkpoint and early-stopping callbacks (a best epoch would go unsaved). Under DDP the ranks
     agree at each boundary (any rank signalled) so that they save together. The checkpoint folder is that of the
     trainer's ``ModelCheckpoint`` writing ``last.ckpt`` (``callbacks=default`` / ``last_checkpoint``); without one,
     nothing is saved and the requeued job starts over.
@@ -114,9 +115,6 @@ class PreemptionCheckpoint(Callback):
         previous(sig, None)  # submitit: requeue (rank 0) and exit
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._save_and_requeue(trainer)
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._save_and_requeue(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
