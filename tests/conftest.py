@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_SLIDES = ROOT.parent / "shared" / "data" / "slides"
 os.environ.setdefault("HISTOLIGHT_ROOT", str(ROOT))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on 2 cores: one thread per worker, not two workers x all cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 TINY_DEMO = dict(n_slides=3, seed=0, width=1024, height=768, mpp=0.5)
 
 
